@@ -1,0 +1,121 @@
+"""What every check shares: model context, token formatting, tolerant score comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..tolerances import Tolerance, tolerance_for
+
+DEFAULT_TEXTS: tuple[str, ...] = (
+    "Hi dog how are you?",
+    "Text generation is sequence classification in a for-loop.",
+    "The quick brown fox jumps over the lazy dog.",
+)
+
+
+def context(model: Any) -> str:
+    """``checkpoint X (device cpu, dtype float32)``: the first line of every failure's details."""
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    dtype = str(getattr(model, "dtype", "?")).removeprefix("torch.")
+    return f"{name} (device {getattr(model, 'device', '?')}, dtype {dtype})"
+
+
+def resolve_tolerance(model: Any, tolerance: Tolerance | None) -> Tolerance:
+    return tolerance if tolerance is not None else tolerance_for(getattr(model, "dtype", "float32"))
+
+
+def token(tokenizer: Any, token_id: int) -> str:
+    """``' dog' (id 5)``: a token decoded, with its id."""
+    try:
+        text = tokenizer.decode([int(token_id)])
+    except Exception:  # ids beyond the tokenizer's vocabulary cannot be decoded
+        text = "<undecodable>"
+    return f"{text!r} (id {int(token_id)})"
+
+
+def text_of(tokenizer: Any, ids: Sequence[int] | Any) -> str:
+    """The decoded text of ``ids``, shortened from the left to stay readable."""
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    text = repr(tokenizer.decode(ids))
+    return text if len(text) <= 100 else "'..." + text[-96:]
+
+
+def failure(title: str, model: Any, details: Sequence[tuple[str, object]]) -> AssertionError:
+    """An AssertionError whose message is a title and aligned ``label: value`` lines."""
+    rows = [("checkpoint", context(model)), *details]
+    width = max(len(label) for label, _ in rows)
+    body = "\n".join(f"  {label.ljust(width)} : {value}" for label, value in rows)
+    return AssertionError(f"{title}\n{body}")
+
+
+def encode(tokenizer: Any, text: str, device: Any) -> Any:
+    """``(1, seq)`` input ids of ``text`` on ``device``, with the tokenizer's usual special tokens."""
+    return tokenizer(text, return_tensors="pt")["input_ids"].to(device)
+
+
+def forward_logits(model: Any, input_ids: Any, **kwargs: Any) -> Any:
+    """Float32 logits of one forward pass without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=input_ids, **kwargs).logits.float()
+
+
+@dataclass(frozen=True)
+class ScoreMismatch:
+    """Where and by how much two score tensors of shape ``(seq, vocab)`` disagree."""
+
+    first_position: int
+    worst_position: int
+    worst_token_id: int
+    expected: float
+    actual: float
+    greatest_difference: float
+    mismatched: int
+    total: int
+
+    def describe(self, tokenizer: Any, tolerance: Tolerance, *, position_label: str = "position") -> list[tuple[str, object]]:
+        share = 100.0 * self.mismatched / max(self.total, 1)
+        return [
+            (f"first {position_label}", self.first_position),
+            ("greatest |difference|", f"{self.greatest_difference:.6g} at {position_label} {self.worst_position}, "
+             f"score of {token(tokenizer, self.worst_token_id)}: expected {self.expected:.6g}, got {self.actual:.6g}"),
+            ("tolerance", str(tolerance)),
+            ("mismatched elements", f"{self.mismatched} / {self.total} ({share:.2f}%)"),
+        ]
+
+
+def compare_scores(expected: Any, actual: Any, tolerance: Tolerance) -> ScoreMismatch | None:
+    """Compare ``(seq, vocab)`` scores elementwise; None when all are within tolerance.
+
+    Non-finite values count as mismatches unless both sides hold the same infinity.
+    """
+    import torch
+
+    expected = expected.detach().float().cpu()
+    actual = actual.detach().float().cpu()
+    if expected.shape != actual.shape:
+        raise ValueError(f"score shapes differ: expected {tuple(expected.shape)}, got {tuple(actual.shape)}")
+    same_inf = torch.isinf(expected) & (expected == actual)
+    difference = (actual - expected).abs()
+    difference = torch.where(same_inf, torch.zeros_like(difference), difference)
+    difference = torch.nan_to_num(difference, nan=float("inf"))
+    bound = tolerance.atol + tolerance.rtol * expected.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    bad = difference > bound
+    if not bool(bad.any()):
+        return None
+    bad_positions = bad.reshape(bad.shape[0], -1).any(dim=-1).nonzero().flatten()
+    flat_worst = int(torch.argmax(torch.where(bad, difference, torch.zeros_like(difference))))
+    worst_position, worst_token = divmod(flat_worst, expected.shape[-1])
+    return ScoreMismatch(
+        first_position=int(bad_positions[0]),
+        worst_position=worst_position,
+        worst_token_id=worst_token,
+        expected=float(expected.reshape(-1)[flat_worst]),
+        actual=float(actual.reshape(-1)[flat_worst]),
+        greatest_difference=float(difference.reshape(-1)[flat_worst]),
+        mismatched=int(bad.sum()),
+        total=bad.numel(),
+    )

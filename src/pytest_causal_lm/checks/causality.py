@@ -1,0 +1,102 @@
+"""Prefix causality: the scores at positions < k depend only on tokens 0..k-1.
+
+The tutorial's example: the scores of ' dog' in "Hi dog" equal those in
+"Hi dog how are you?". Generalised here to natural text and random ids,
+appending one or several tokens, and changing single tokens or whole tails.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..tolerances import Tolerance
+from ._common import compare_scores, encode, failure, forward_logits, resolve_tolerance, text_of, token
+
+__all__ = ["assert_prefix_causal"]
+
+
+def _random_ids(generator: Any, count: int, low: int, high: int, device: Any) -> Any:
+    import torch
+
+    return torch.randint(low, high, (1, count), generator=generator).to(device)
+
+
+def _different_token(generator: Any, original: int, high: int) -> int:
+    import torch
+
+    candidate = int(torch.randint(0, high - 1, (1,), generator=generator))
+    return candidate + 1 if candidate >= original else candidate
+
+
+def assert_prefix_causal(
+    model: Any,
+    tokenizer: Any,
+    *,
+    prefix: str = "Hi dog",
+    continuation: str = " how are you?",
+    random_length: int = 16,
+    tolerance: Tolerance | None = None,
+    seed: int = 0,
+) -> None:
+    """Scores at every position before a change are unchanged by that change.
+
+    Checked on ``prefix + continuation`` (natural text) and on ``random_length``
+    random ids: appending 1 and 4 tokens, changing one token at the start,
+    middle and end, and replacing the second half.
+    """
+    __tracebackhide__ = True
+    import torch
+
+    tolerance = resolve_tolerance(model, tolerance)
+    device = model.device
+    generator = torch.Generator().manual_seed(seed)
+    high = min(len(tokenizer), model.config.get_text_config().vocab_size)
+    natural = torch.cat(
+        [
+            encode(tokenizer, prefix, device),
+            tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device),
+        ],
+        dim=1,
+    )
+    random_ids = _random_ids(generator, random_length, 0, high, device)
+    for label, base in (("natural text", natural), ("random ids", random_ids)):
+        base_scores = forward_logits(model, base)[0]
+        length = base.shape[1]
+        cases: list[tuple[str, Any, int]] = []
+        # the tutorial's "Hi dog" -> "Hi dog how are you?": a prefix's scores survive appending
+        prefix_length = encode(tokenizer, prefix, device).shape[1] if label == "natural text" else length // 2
+        cases.append((f"appending {length - prefix_length} tokens to the first {prefix_length}", base[:, :prefix_length], prefix_length))
+        for extra in (1, 4):
+            appended = torch.cat([base, _random_ids(generator, extra, 0, high, device)], dim=1)
+            cases.append((f"appending {extra} token(s)", appended, length))
+        for position in sorted({1, length // 2, length - 1}):
+            changed = base.clone()
+            old = int(changed[0, position])
+            changed[0, position] = _different_token(generator, old, high)
+            change = f"changing position {position}: {token(tokenizer, old)} -> {token(tokenizer, int(changed[0, position]))}"
+            cases.append((change, changed, position))
+        tail = base.clone()
+        tail[0, length // 2 :] = _random_ids(generator, length - length // 2, 0, high, device)
+        cases.append((f"replacing positions {length // 2}..{length - 1} with random ids", tail, length // 2))
+
+        for change, variant, kept in cases:
+            if kept == 0:
+                continue
+            if variant.shape[1] == kept:  # the variant is the prefix itself: compare against the longer base
+                expected, actual = base_scores[:kept], forward_logits(model, variant)[0]
+            else:
+                expected, actual = base_scores[:kept], forward_logits(model, variant)[0, :kept]
+            mismatch = compare_scores(expected, actual, tolerance)
+            if mismatch:
+                moved = mismatch.first_position
+                raise failure(
+                    f"prefix causality violated: scores at position {moved} changed after {change} "
+                    f"(a position may only see tokens at or before it)",
+                    model,
+                    [
+                        ("input", f"{label}: {text_of(tokenizer, base[0])}"),
+                        ("change", change),
+                        ("prefix of moved position", text_of(tokenizer, base[0, : moved + 1])),
+                        *mismatch.describe(tokenizer, tolerance),
+                    ],
+                )

@@ -1,0 +1,40 @@
+"""Determinism: the same input twice gives the same scores (catches dropout left on at inference)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..tolerances import Tolerance
+from ._common import DEFAULT_TEXTS, compare_scores, encode, failure, forward_logits, resolve_tolerance, text_of
+
+__all__ = ["assert_deterministic"]
+
+
+def assert_deterministic(
+    model: Any, tokenizer: Any, *, texts: Sequence[str] = DEFAULT_TEXTS, tolerance: Tolerance | None = None
+) -> None:
+    """Two forward passes of each text give scores equal within the tolerance."""
+    __tracebackhide__ = True
+    tolerance = resolve_tolerance(model, tolerance)
+    for text in texts:
+        input_ids = encode(tokenizer, text, model.device)
+        first = forward_logits(model, input_ids)[0]
+        second = forward_logits(model, input_ids)[0]
+        mismatch = compare_scores(first, second, tolerance)
+        if mismatch:
+            hint = (
+                "the model is in training mode: call model.eval()"
+                if getattr(model, "training", False)
+                else "something random runs at inference (dropout applied regardless of eval(), random sampling in forward)"
+            )
+            raise failure(
+                f"non-deterministic scores: the same input gave different scores at position {mismatch.first_position}",
+                model,
+                [
+                    ("input", repr(text)),
+                    ("prefix", text_of(tokenizer, input_ids[0, : mismatch.first_position + 1])),
+                    *mismatch.describe(tokenizer, tolerance),
+                    ("likely cause", hint),
+                ],
+            )

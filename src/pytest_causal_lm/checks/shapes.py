@@ -1,0 +1,136 @@
+"""Output shapes: logits, hidden states, KV cache, ``logits_to_keep``, finiteness."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from ..tolerances import Tolerance
+from ._common import DEFAULT_TEXTS, compare_scores, encode, failure, resolve_tolerance, text_of, token
+
+__all__ = ["assert_finite_logits", "assert_logits_to_keep", "assert_output_shapes"]
+
+
+def text_config(model: Any) -> Any:
+    """The decoder's config (multimodal configs nest it)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _padded_batch(tokenizer: Any, texts: Sequence[str], device: Any) -> dict[str, Any]:
+    pad_restore = tokenizer.pad_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # shapes only; padding content is irrelevant here
+    try:
+        batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.pad_token = pad_restore
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def assert_finite_logits(model: Any, tokenizer: Any, logits: Any, input_ids: Any) -> None:
+    """Every score is finite (no NaN, no infinity); names the first bad position and token."""
+    __tracebackhide__ = True
+    import torch
+
+    bad = ~torch.isfinite(logits)
+    if not bool(bad.any()):
+        return
+    row, position, token_id = (int(i) for i in bad.nonzero()[0])
+    value = float(logits[row, position, token_id])
+    raise failure(
+        f"non-finite logits: {int(bad.sum())} of {bad.numel()} scores are NaN or infinite",
+        model,
+        [
+            ("first at", f"batch row {row}, position {position}, score of {token(tokenizer, token_id)} = {value}"),
+            ("prefix", text_of(tokenizer, input_ids[row, : position + 1])),
+            ("positions affected", sorted({int(p) for p in bad[row].any(-1).nonzero().flatten()})[:20]),
+        ],
+    )
+
+
+def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = DEFAULT_TEXTS) -> None:
+    """Logits are (batch, seq, vocab) for batch 1 and a padded batch; hidden states and cache match the config."""
+    __tracebackhide__ = True
+    import torch
+    from transformers import DynamicCache
+
+    config = text_config(model)
+    device = model.device
+    input_ids = encode(tokenizer, texts[0], device)
+    seq = input_ids.shape[1]
+    with torch.no_grad():
+        out = model(input_ids=input_ids, output_hidden_states=True, use_cache=True)
+    problems: list[tuple[str, object]] = []
+    expected_logits = (1, seq, config.vocab_size)
+    if tuple(out.logits.shape) != expected_logits:
+        problems.append(("logits (batch 1)", f"shape {tuple(out.logits.shape)}, expected {expected_logits}"))
+    hidden = out.hidden_states
+    layers = config.num_hidden_layers
+    if hidden is None or len(hidden) != layers + 1:
+        problems.append(
+            ("hidden_states", f"{None if hidden is None else len(hidden)} tensors, expected num_hidden_layers + 1 = {layers + 1}")
+        )
+    else:
+        for index, state in enumerate(hidden):
+            if tuple(state.shape) != (1, seq, config.hidden_size):
+                problems.append((f"hidden_states[{index}]", f"shape {tuple(state.shape)}, expected {(1, seq, config.hidden_size)}"))
+                break
+    cache = out.past_key_values
+    if isinstance(cache, DynamicCache) and all(hasattr(layer, "keys") for layer in cache.layers):
+        if len(cache.layers) != layers:
+            problems.append(("past_key_values", f"{len(cache.layers)} layers, expected {layers}"))
+        else:
+            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            for index, layer in enumerate(cache.layers):
+                for name in ("keys", "values"):
+                    tensor = getattr(layer, name)
+                    if tensor is None:
+                        continue
+                    shape = tuple(tensor.shape)
+                    # sliding-window layers may keep fewer positions than the input
+                    if shape[:2] != (1, kv_heads) or shape[3] != head_dim or shape[2] > seq:
+                        problems.append(
+                            (f"cache layer {index} {name}", f"shape {shape}, expected (1, {kv_heads}, {seq}, {head_dim})")
+                        )
+    batch = _padded_batch(tokenizer, texts, device)
+    with torch.no_grad():
+        batched = model(**batch).logits
+    expected_batched = (*tuple(batch["input_ids"].shape), config.vocab_size)
+    if tuple(batched.shape) != expected_batched:
+        problems.append((f"logits (batch {len(texts)})", f"shape {tuple(batched.shape)}, expected {expected_batched}"))
+    if problems:
+        raise failure("output shapes do not match the config", model, [("input", repr(texts[0])), *problems])
+    assert_finite_logits(model, tokenizer, out.logits, input_ids)
+    assert_finite_logits(model, tokenizer, batched.masked_fill(batch["attention_mask"][..., None] == 0, 0.0), batch["input_ids"])
+
+
+def assert_logits_to_keep(model: Any, tokenizer: Any, *, text: str = DEFAULT_TEXTS[1], tolerance: Tolerance | None = None) -> None:
+    """``logits_to_keep=1`` returns only the last row, equal to the full forward's last row."""
+    __tracebackhide__ = True
+    import torch
+
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        pytest.skip(f"{type(model).__name__}.forward has no logits_to_keep argument")
+    tolerance = resolve_tolerance(model, tolerance)
+    input_ids = encode(tokenizer, text, model.device)
+    with torch.no_grad():
+        full = model(input_ids=input_ids).logits
+        kept = model(input_ids=input_ids, logits_to_keep=1).logits
+    if tuple(kept.shape) != (1, 1, full.shape[-1]):
+        raise failure(
+            "logits_to_keep=1 did not return the last position only",
+            model,
+            [("input", repr(text)), ("shape", f"{tuple(kept.shape)}, expected {(1, 1, full.shape[-1])}")],
+        )
+    mismatch = compare_scores(full[0, -1:], kept[0], tolerance)
+    if mismatch:
+        raise failure(
+            "logits_to_keep=1 scores differ from the full forward's last row",
+            model,
+            [("input", repr(text)), *mismatch.describe(tokenizer, tolerance, position_label="row")],
+        )

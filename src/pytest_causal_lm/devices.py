@@ -1,0 +1,45 @@
+"""Device and dtype resolution, and the reason a device cannot be used here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["resolve_device", "torch_dtype", "unavailable_reason"]
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is usable, else ``cpu``; other names pass through."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def unavailable_reason(device: str) -> str | None:
+    """Why ``device`` cannot run on this machine, or None when it can."""
+    import torch
+
+    if device == "cpu":
+        return None
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return f"device {device} unavailable: torch {torch.__version__} sees no CUDA GPU"
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            return f"device {device} unavailable: only {torch.cuda.device_count()} CUDA device(s) visible"
+        return None
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            return "device mps unavailable: this torch build or machine has no Apple MPS backend"
+        return None
+    return f"device {device} is not supported (use auto, cpu, cuda, cuda:N or mps)"
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype for a dtype name, or the string ``"auto"`` (the checkpoint's own dtype)."""
+    if name == "auto":
+        return "auto"
+    import torch
+
+    return getattr(torch, name)

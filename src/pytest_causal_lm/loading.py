@@ -1,0 +1,242 @@
+"""Loading checkpoints through ``from_pretrained``, once per session, with short load errors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .tiny import TINY_PREFIX, is_tiny, materialize
+from .tolerances import Tolerance
+
+__all__ = ["CausalLM", "CheckpointLoadError", "ModelCache", "Target", "load"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to load: one checkpoint on one device in one dtype. Hashable; the cache key."""
+
+    checkpoint: str
+    device: str
+    dtype: str
+    revision: str | None = None
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def id(self) -> str:
+        """Readable test id: ``SmolLM2-135M-Instruct-cpu-float32``."""
+        return f"{short_name(self.checkpoint)}-{self.device}-{self.dtype}"
+
+
+def short_name(checkpoint: str) -> str:
+    """The last component of a Hub id or path (``tiny:qwen3`` becomes ``tiny-qwen3``)."""
+    if is_tiny(checkpoint):
+        return "tiny-" + checkpoint.removeprefix(TINY_PREFIX)
+    name = checkpoint.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return name.removesuffix(".gguf") or checkpoint
+
+
+@dataclass
+class CausalLM:
+    """A loaded checkpoint with everything a check needs, as the ``causal_lm`` fixture gives it."""
+
+    target: Target
+    model: Any
+    tokenizer: Any
+    tolerance: Tolerance
+    seed: int = 0
+    source: str = ""
+
+    @property
+    def checkpoint(self) -> str:
+        return self.target.checkpoint
+
+    @property
+    def revision(self) -> str | None:
+        return self.target.revision
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+class CheckpointLoadError(Exception):
+    """A checkpoint could not be loaded; the message says why and what to do."""
+
+
+def _gguf_location(checkpoint: str) -> tuple[str, str | None]:
+    """(directory or Hub id, gguf file name or None) for ``checkpoint``."""
+    path = Path(checkpoint).expanduser()
+    if checkpoint.endswith(".gguf"):
+        return str(path.parent), path.name
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0]
+    return checkpoint, None
+
+
+def _looks_local(checkpoint: str) -> bool:
+    return (
+        checkpoint.startswith((".", "/", "~", "\\"))
+        or os.path.isabs(checkpoint)
+        or checkpoint.count("/") > 1
+        or checkpoint.endswith(".gguf")
+    )
+
+
+def _check_local(checkpoint: str, location: str, gguf_file: str | None) -> None:
+    path = Path(location).expanduser()
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise CheckpointLoadError(f"GGUF file {path / gguf_file} does not exist. Fix: check the path.")
+        return
+    if not path.exists():
+        if _looks_local(checkpoint):
+            raise CheckpointLoadError(f"checkpoint path {checkpoint} does not exist. Fix: check the path.")
+        return  # a Hub id
+    if not path.is_dir():
+        raise CheckpointLoadError(
+            f"checkpoint {checkpoint} is a file, not a checkpoint directory or .gguf file. "
+            "Fix: pass the directory that holds config.json."
+        )
+    if not (path / "config.json").exists():
+        ggufs = list(path.glob("*.gguf"))
+        hint = (
+            f" It holds {len(ggufs)} .gguf files: pass one of them as the checkpoint."
+            if ggufs
+            else " Fix: pass the directory written by save_pretrained (config.json + weights)."
+        )
+        raise CheckpointLoadError(f"checkpoint directory {checkpoint} has no config.json.{hint}")
+
+
+def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
+    """One short, actionable message for a failed ``from_pretrained`` of ``what`` (model/tokenizer)."""
+    name = type(exc).__name__
+    text = str(exc).strip()
+    first_line = text.splitlines()[0] if text else name
+    lowered = text.lower()
+    if "trust_remote_code" in lowered or "custom code" in lowered:
+        return (
+            f"{checkpoint} needs its own modeling code (trust_remote_code). "
+            "Fix: review the code, then pass --causal-lm-trust-remote-code."
+        )
+    if name == "GatedRepoError" or "gated repo" in lowered:
+        return (
+            f"{checkpoint} is a gated Hub repository. Fix: accept its licence on the Hub, "
+            "then `hf auth login` (or set HF_TOKEN)."
+        )
+    if name == "RepositoryNotFoundError":
+        return (
+            f"{checkpoint} was not found on the Hub (misspelt, private, or a local path that does not "
+            "exist). Fix: check the id, or log in for a private repository."
+        )
+    if name == "RevisionNotFoundError":
+        return f"revision of {checkpoint} not found on the Hub. Fix: check --causal-lm-revision."
+    if (
+        name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+        or "offline" in lowered
+        or "couldn't connect" in lowered
+        or "connection" in lowered
+    ):
+        return (
+            f"{checkpoint} is not in the local Hugging Face cache and the Hub cannot be reached "
+            f"(offline, HF_HUB_OFFLINE=1 or no network). Fix: download it first (`hf download {checkpoint}`) "
+            "or pass a local directory."
+        )
+    if "gguf" in lowered and isinstance(exc, ImportError | ModuleNotFoundError):
+        return f"{checkpoint} is a GGUF file and needs the gguf package. Fix: pip install gguf accelerate."
+    if isinstance(exc, ImportError) and "accelerate" in lowered:
+        return f"{checkpoint} needs the accelerate package to load. Fix: pip install accelerate."
+    if what == "tokenizer":
+        return (
+            f"no usable tokenizer in {checkpoint} ({name}: {first_line}). "
+            "Fix: save the tokenizer next to the weights (tokenizer.save_pretrained)."
+        )
+    if "safetensors" in lowered or "header" in lowered or "deserializ" in lowered:
+        return f"weights of {checkpoint} could not be read ({name}: {first_line}). Fix: re-save or re-download them."
+    return f"could not load the {what} of {checkpoint}: {name}: {first_line}"
+
+
+def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | None = None) -> CausalLM:
+    """Load ``target`` through the Auto classes, in eval mode with gradients off.
+
+    Raises ``CheckpointLoadError`` with a one-paragraph explanation on any failure.
+    """
+    from .devices import torch_dtype
+    from .tolerances import tolerance_for
+
+    source = str(materialize(target.checkpoint)) if is_tiny(target.checkpoint) else target.checkpoint
+    location, gguf_file = _gguf_location(source)
+    _check_local(target.checkpoint, location, gguf_file)
+    common: dict[str, Any] = {"trust_remote_code": target.trust_remote_code}
+    if target.revision:
+        common["revision"] = target.revision
+    if gguf_file:
+        common["gguf_file"] = gguf_file
+        if not _module_available("gguf"):
+            raise CheckpointLoadError(
+                f"{target.checkpoint} is a GGUF file and needs the gguf package. Fix: pip install gguf accelerate."
+            )
+
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **common)
+    except Exception as exc:
+        raise CheckpointLoadError(explain_load_error(exc, target.checkpoint, "tokenizer")) from exc
+    model_kwargs = dict(common, dtype=torch_dtype(target.dtype))
+    if target.attn_implementation:
+        model_kwargs["attn_implementation"] = target.attn_implementation
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
+        model.to(target.device)
+    except Exception as exc:
+        raise CheckpointLoadError(explain_load_error(exc, target.checkpoint, "model")) from exc
+    model.eval()
+    model.requires_grad_(False)
+    tolerance = tolerance_for(model.dtype, atol=atol, rtol=rtol)
+    return CausalLM(target=target, model=model, tokenizer=tokenizer, tolerance=tolerance, seed=seed, source=source)
+
+
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@dataclass
+class ModelCache:
+    """Each target is loaded at most once per session; failures are remembered too."""
+
+    seed: int = 0
+    atol: float | None = None
+    rtol: float | None = None
+    loaded: dict[Target, CausalLM | CheckpointLoadError] = field(default_factory=dict)
+    load_count: int = 0
+
+    def get(self, target: Target) -> CausalLM:
+        if target not in self.loaded:
+            self.load_count += 1
+            try:
+                self.loaded[target] = load(target, seed=self.seed, atol=self.atol, rtol=self.rtol)
+            except CheckpointLoadError as exc:
+                self.loaded[target] = exc
+        entry = self.loaded[target]
+        if isinstance(entry, CheckpointLoadError):
+            raise entry
+        return entry
+
+    def release(self, target: Target) -> None:
+        """Forget a loaded model so its memory can be freed."""
+        self.loaded.pop(target, None)

@@ -1,0 +1,131 @@
+"""The pytest11 entry point: options, ini keys, markers, report header, fixtures, built-in suite.
+
+Imports neither torch nor transformers: projects that have the plugin
+installed but never configure a checkpoint pay nothing for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .loading import CausalLM, CheckpointLoadError, ModelCache, Target
+from .settings import OPTIONS, Settings, resolve_settings
+
+SETTINGS_KEY = pytest.StashKey[Settings]()
+CACHE_KEY = pytest.StashKey[ModelCache]()
+SUITE_DIR = Path(__file__).parent / "suite"
+
+# Markers of the built-in suite, for -m selection of invariant families.
+MARKERS = {
+    "causal_lm": "a test of the built-in causal LM invariant suite",
+    "causal_lm_shapes": "causal LM invariant: output shapes and finite logits",
+    "causal_lm_vocab": "causal LM invariant: logits/vocab alignment and special token ids",
+    "causal_lm_causality": "causal LM invariant: prefix causality",
+    "causal_lm_determinism": "causal LM invariant: determinism",
+}
+
+NO_CHECKPOINT_REASON = (
+    "no causal LM checkpoint configured: pass --causal-lm-checkpoint=CKPT (e.g. tiny:qwen3), "
+    "set CAUSAL_LM_CHECKPOINT, or add causal_lm_checkpoint to [tool.pytest.ini_options]"
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("causal-lm", "causal language model invariants (pytest-causal-lm)")
+    for spec in OPTIONS:
+        env_note = f" [env {spec.env}, ini {spec.ini}]"
+        if spec.flag:
+            group.addoption(spec.option, action="store_true", default=None, dest=spec.dest, help=spec.help + env_note)
+        elif spec.multiple:
+            group.addoption(
+                spec.option, action="append", default=None, dest=spec.dest, metavar=spec.metavar, help=spec.help + env_note
+            )
+        else:
+            group.addoption(spec.option, default=None, dest=spec.dest, choices=spec.choices, help=spec.help + env_note)
+        parser.addini(spec.ini, help=spec.help, type=spec.ini_type, default=[] if spec.multiple else None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+    settings = resolve_settings(config)
+    config.stash[SETTINGS_KEY] = settings
+    config.stash[CACHE_KEY] = ModelCache(seed=settings.seed, atol=settings.atol, rtol=settings.rtol)
+    if settings.checkpoint and settings.suite == "on" and str(SUITE_DIR) not in config.args:
+        config.args.append(str(SUITE_DIR))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    settings = config.stash.get(SETTINGS_KEY, None)
+    if settings is None:
+        return []
+    return ["causal-lm: " + ", ".join(settings.describe())]
+
+
+def targets_of(settings: Settings) -> list[Target]:
+    """Every checkpoint x device combination to test, with ``auto`` devices resolved."""
+    from .devices import resolve_device
+
+    devices = list(dict.fromkeys(resolve_device(d) for d in settings.device))
+    return [
+        Target(
+            checkpoint=checkpoint,
+            device=device,
+            dtype=settings.dtype,
+            revision=settings.revision,
+            attn_implementation=settings.attn_implementation,
+            trust_remote_code=settings.trust_remote_code,
+        )
+        for checkpoint in settings.checkpoint
+        for device in devices
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "causal_lm_target" not in metafunc.fixturenames:
+        return
+    settings = metafunc.config.stash[SETTINGS_KEY]
+    if not settings.checkpoint:
+        return  # the fixture skips with NO_CHECKPOINT_REASON
+    targets = targets_of(settings)
+    metafunc.parametrize("causal_lm_target", targets, ids=[t.id for t in targets], indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def causal_lm_target(request: pytest.FixtureRequest) -> Target:
+    """The checkpoint/device/dtype under test; parametrised from the settings. Override in a conftest."""
+    from .devices import unavailable_reason
+
+    target = getattr(request, "param", None)
+    if target is None:
+        pytest.skip(NO_CHECKPOINT_REASON)
+    reason = unavailable_reason(target.device)
+    if reason:
+        pytest.skip(reason)
+    return target
+
+
+@pytest.fixture(scope="session")
+def causal_lm(request: pytest.FixtureRequest, causal_lm_target: Target) -> Iterator[CausalLM]:
+    """The loaded checkpoint: model, tokenizer, tolerance, target. Loaded once per session."""
+    cache = request.config.stash[CACHE_KEY]
+    try:
+        handle = cache.get(causal_lm_target)
+    except CheckpointLoadError as exc:
+        pytest.fail(f"cannot load {causal_lm_target.checkpoint}: {exc}", pytrace=False)
+    yield handle
+
+
+@pytest.fixture(scope="session")
+def causal_lm_model(causal_lm: CausalLM) -> object:
+    """The model under test (``AutoModelForCausalLM``), in eval mode with gradients off."""
+    return causal_lm.model
+
+
+@pytest.fixture(scope="session")
+def causal_lm_tokenizer(causal_lm: CausalLM) -> object:
+    """The tokenizer of the checkpoint under test."""
+    return causal_lm.tokenizer

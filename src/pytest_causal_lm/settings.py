@@ -1,0 +1,210 @@
+"""Resolved plugin settings: command-line option > environment variable > ini key > default.
+
+Every value remembers where it came from so the report header can show it.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+__all__ = ["DTYPE_CHOICES", "OPTIONS", "OptionSpec", "Setting", "Settings", "resolve_settings"]
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
+SUITE_CHOICES = ("on", "off")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _parse_float(text: str) -> float:
+    return float(text)
+
+
+def _parse_int(text: str) -> int:
+    return int(text)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One setting: its option, environment variable, ini key, default and help."""
+
+    name: str
+    help: str
+    default: Any
+    multiple: bool = False
+    flag: bool = False
+    choices: tuple[str, ...] | None = None
+    parse: Callable[[str], Any] = str
+    metavar: str | None = None
+
+    @property
+    def option(self) -> str:
+        return "--causal-lm-" + self.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return "causal_lm_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "CAUSAL_LM_" + self.name.upper()
+
+    @property
+    def ini(self) -> str:
+        return "causal_lm_" + self.name
+
+    @property
+    def ini_type(self) -> str:
+        if self.multiple:
+            return "linelist"
+        return "bool" if self.flag else "string"
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec(
+        "checkpoint",
+        "Hub id, local directory, .gguf file or built-in tiny checkpoint (tiny:qwen3, tiny:llama) "
+        "to test; repeat to test several. Default: none (fixtures skip, built-in suite not collected).",
+        default=(),
+        multiple=True,
+        metavar="CKPT",
+    ),
+    OptionSpec("revision", "Hub revision (branch, tag or commit). Default: the Hub's default branch.", None),
+    OptionSpec(
+        "device",
+        "Device to test on: auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps; repeat to test "
+        "several. An unavailable device skips its tests. Default: auto.",
+        default=("auto",),
+        multiple=True,
+    ),
+    OptionSpec(
+        "dtype",
+        "Weights dtype: float32, bfloat16, float16, or auto (the checkpoint's own). Default: float32.",
+        default="float32",
+        choices=DTYPE_CHOICES,
+    ),
+    OptionSpec(
+        "trust_remote_code",
+        "Allow checkpoints to run their own modeling code. Default: off.",
+        default=False,
+        flag=True,
+        parse=_parse_bool,
+    ),
+    OptionSpec(
+        "attn_implementation",
+        "Attention implementation passed to from_pretrained (eager, sdpa, ...). Default: transformers' choice.",
+        None,
+    ),
+    OptionSpec(
+        "suite",
+        "Collect the built-in invariant suite when a checkpoint is configured: on or off "
+        "(off keeps the fixtures for your own tests). Default: on.",
+        default="on",
+        choices=SUITE_CHOICES,
+    ),
+    OptionSpec(
+        "atol", "Absolute tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float
+    ),
+    OptionSpec(
+        "rtol", "Relative tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float
+    ),
+    OptionSpec("seed", "Seed for random test inputs. Default: 0.", default=0, parse=_parse_int),
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A resolved value and where it came from (option, env, ini or default)."""
+
+    value: Any
+    source: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All resolved settings of a session."""
+
+    values: dict[str, Setting]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name].value
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def describe(self) -> list[str]:
+        """``name=value (source)`` for every setting, for the report header."""
+        parts = []
+        for name, setting in self.values.items():
+            value = setting.value
+            shown = ",".join(value) if isinstance(value, (tuple, list)) else value
+            parts.append(f"{name}={shown} ({setting.source})")
+        return parts
+
+
+def _from_text(spec: OptionSpec, text: str, source: str) -> Any:
+    if spec.multiple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        return spec.parse(text)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{source}: invalid value for {spec.name}: {exc}") from None
+
+
+def _resolve_one(spec: OptionSpec, config: pytest.Config, environ: dict[str, str]) -> Setting:
+    option_value = config.getoption(spec.dest, default=None)
+    if spec.flag and option_value is False:
+        option_value = None  # store_true leaves False when the flag is absent
+    if option_value not in (None, []):
+        value = tuple(option_value) if spec.multiple else option_value
+        return Setting(value, "option")
+    if environ.get(spec.env, "").strip():
+        return Setting(_from_text(spec, environ[spec.env], f"environment variable {spec.env}"), "env")
+    ini_value = config.getini(spec.ini)
+    if spec.multiple and ini_value:
+        return Setting(tuple(v.strip() for v in ini_value if v.strip()), "ini")
+    if spec.flag and ini_value is True:
+        return Setting(True, "ini")
+    if not spec.multiple and not spec.flag and ini_value not in (None, ""):
+        return Setting(_from_text(spec, str(ini_value), f"ini key {spec.ini}"), "ini")
+    return Setting(spec.default, "default")
+
+
+def _validate(spec: OptionSpec, setting: Setting) -> None:
+    values = setting.value if spec.multiple else (setting.value,)
+    for value in values:
+        if spec.choices and value not in spec.choices:
+            raise pytest.UsageError(
+                f"{spec.option}: invalid choice {value!r} (from {setting.source}); "
+                f"choose from {', '.join(spec.choices)}"
+            )
+        if spec.name == "device" and not _DEVICE_PATTERN.match(value):
+            raise pytest.UsageError(
+                f"{spec.option}: invalid device {value!r} (from {setting.source}); "
+                "choose from auto, cpu, cuda, cuda:N, mps"
+            )
+
+
+def resolve_settings(config: pytest.Config, environ: dict[str, str] | None = None) -> Settings:
+    """Resolve every setting; raises ``pytest.UsageError`` on an invalid value."""
+    environ = dict(os.environ if environ is None else environ)
+    values = {}
+    for spec in OPTIONS:
+        setting = _resolve_one(spec, config, environ)
+        _validate(spec, setting)
+        values[spec.name] = setting
+    return Settings(values)
