@@ -41,7 +41,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             group.addoption(spec.option, action="store_true", default=None, dest=spec.dest, help=spec.help + env_note)
         elif spec.multiple:
             group.addoption(
-                spec.option, action="append", default=None, dest=spec.dest, metavar=spec.metavar, help=spec.help + env_note
+                spec.option,
+                action="append",
+                default=None,
+                dest=spec.dest,
+                metavar=spec.metavar,
+                help=spec.help + env_note,
             )
         else:
             group.addoption(spec.option, default=None, dest=spec.dest, choices=spec.choices, help=spec.help + env_note)

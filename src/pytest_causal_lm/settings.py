@@ -116,12 +116,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
         default="on",
         choices=SUITE_CHOICES,
     ),
-    OptionSpec(
-        "atol", "Absolute tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float
-    ),
-    OptionSpec(
-        "rtol", "Relative tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float
-    ),
+    OptionSpec("atol", "Absolute tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
+    OptionSpec("rtol", "Relative tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("seed", "Seed for random test inputs. Default: 0.", default=0, parse=_parse_int),
 )
 

@@ -76,12 +76,17 @@ class ScoreMismatch:
     mismatched: int
     total: int
 
-    def describe(self, tokenizer: Any, tolerance: Tolerance, *, position_label: str = "position") -> list[tuple[str, object]]:
+    def describe(
+        self, tokenizer: Any, tolerance: Tolerance, *, position_label: str = "position"
+    ) -> list[tuple[str, object]]:
         share = 100.0 * self.mismatched / max(self.total, 1)
         return [
             (f"first {position_label}", self.first_position),
-            ("greatest |difference|", f"{self.greatest_difference:.6g} at {position_label} {self.worst_position}, "
-             f"score of {token(tokenizer, self.worst_token_id)}: expected {self.expected:.6g}, got {self.actual:.6g}"),
+            (
+                "greatest |difference|",
+                f"{self.greatest_difference:.6g} at {position_label} {self.worst_position}, "
+                f"score of {token(tokenizer, self.worst_token_id)}: expected {self.expected:.6g}, got {self.actual:.6g}",
+            ),
             ("tolerance", str(tolerance)),
             ("mismatched elements", f"{self.mismatched} / {self.total} ({share:.2f}%)"),
         ]

@@ -65,7 +65,13 @@ def assert_prefix_causal(
         cases: list[tuple[str, Any, int]] = []
         # the tutorial's "Hi dog" -> "Hi dog how are you?": a prefix's scores survive appending
         prefix_length = encode(tokenizer, prefix, device).shape[1] if label == "natural text" else length // 2
-        cases.append((f"appending {length - prefix_length} tokens to the first {prefix_length}", base[:, :prefix_length], prefix_length))
+        cases.append(
+            (
+                f"appending {length - prefix_length} tokens to the first {prefix_length}",
+                base[:, :prefix_length],
+                prefix_length,
+            )
+        )
         for extra in (1, 4):
             appended = torch.cat([base, _random_ids(generator, extra, 0, high, device)], dim=1)
             cases.append((f"appending {extra} token(s)", appended, length))

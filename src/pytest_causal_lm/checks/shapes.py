@@ -72,12 +72,17 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
     layers = config.num_hidden_layers
     if hidden is None or len(hidden) != layers + 1:
         problems.append(
-            ("hidden_states", f"{None if hidden is None else len(hidden)} tensors, expected num_hidden_layers + 1 = {layers + 1}")
+            (
+                "hidden_states",
+                f"{None if hidden is None else len(hidden)} tensors, expected num_hidden_layers + 1 = {layers + 1}",
+            )
         )
     else:
         for index, state in enumerate(hidden):
             if tuple(state.shape) != (1, seq, config.hidden_size):
-                problems.append((f"hidden_states[{index}]", f"shape {tuple(state.shape)}, expected {(1, seq, config.hidden_size)}"))
+                problems.append(
+                    (f"hidden_states[{index}]", f"shape {tuple(state.shape)}, expected {(1, seq, config.hidden_size)}")
+                )
                 break
     cache = out.past_key_values
     if isinstance(cache, DynamicCache) and all(hasattr(layer, "keys") for layer in cache.layers):
@@ -95,7 +100,10 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
                     # sliding-window layers may keep fewer positions than the input
                     if shape[:2] != (1, kv_heads) or shape[3] != head_dim or shape[2] > seq:
                         problems.append(
-                            (f"cache layer {index} {name}", f"shape {shape}, expected (1, {kv_heads}, {seq}, {head_dim})")
+                            (
+                                f"cache layer {index} {name}",
+                                f"shape {shape}, expected (1, {kv_heads}, {seq}, {head_dim})",
+                            )
                         )
     batch = _padded_batch(tokenizer, texts, device)
     with torch.no_grad():
@@ -106,10 +114,14 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
     if problems:
         raise failure("output shapes do not match the config", model, [("input", repr(texts[0])), *problems])
     assert_finite_logits(model, tokenizer, out.logits, input_ids)
-    assert_finite_logits(model, tokenizer, batched.masked_fill(batch["attention_mask"][..., None] == 0, 0.0), batch["input_ids"])
+    assert_finite_logits(
+        model, tokenizer, batched.masked_fill(batch["attention_mask"][..., None] == 0, 0.0), batch["input_ids"]
+    )
 
 
-def assert_logits_to_keep(model: Any, tokenizer: Any, *, text: str = DEFAULT_TEXTS[1], tolerance: Tolerance | None = None) -> None:
+def assert_logits_to_keep(
+    model: Any, tokenizer: Any, *, text: str = DEFAULT_TEXTS[1], tolerance: Tolerance | None = None
+) -> None:
     """``logits_to_keep=1`` returns only the last row, equal to the full forward's last row."""
     __tracebackhide__ = True
     import torch

@@ -38,7 +38,11 @@ def assert_vocab_alignment(model: Any, tokenizer: Any, *, text: str = DEFAULT_TE
         if token_id >= vocab_size
     }
     overruns.update(
-        {token_id: name for name, token_id in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids) if token_id >= vocab_size}
+        {
+            token_id: name
+            for name, token_id in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids, strict=False)
+            if token_id >= vocab_size
+        }
     )
     if overruns:
         shown = ", ".join(f"{name!r} (id {token_id})" for token_id, name in sorted(overruns.items())[:8])
@@ -102,14 +106,10 @@ def assert_special_tokens_agree(model: Any, tokenizer: Any) -> None:
     if stop_ids:
         missing = [name for name, ids in eos.items() if not ids & stop_ids]
         if missing:
-            problems.append(
-                ("eos", f"{' and '.join(missing)} eos not among the ids generation stops at: {shown(eos)}")
-            )
+            problems.append(("eos", f"{' and '.join(missing)} eos not among the ids generation stops at: {shown(eos)}"))
     for kind in ("bos", "pad"):
         found = ids_of(kind)
         if len({frozenset(ids) for ids in found.values()}) > 1:
             problems.append((kind, f"ids differ: {shown(found)}"))
     if problems:
-        raise failure(
-            "special token ids disagree between tokenizer, config and generation_config", model, problems
-        )
+        raise failure("special token ids disagree between tokenizer, config and generation_config", model, problems)
