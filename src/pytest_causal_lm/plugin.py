@@ -59,7 +59,9 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = resolve_settings(config)
     config.stash[SETTINGS_KEY] = settings
     config.stash[CACHE_KEY] = ModelCache(seed=settings.seed, atol=settings.atol, rtol=settings.rtol)
-    if settings.checkpoint and settings.suite == "on" and str(SUITE_DIR) not in config.args:
+    if settings.checkpoint and settings.suite == "only":
+        config.args[:] = [str(SUITE_DIR)]
+    elif settings.checkpoint and settings.suite == "on" and str(SUITE_DIR) not in config.args:
         config.args.append(str(SUITE_DIR))
 
 

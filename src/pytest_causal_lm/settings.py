@@ -17,7 +17,7 @@ import pytest
 __all__ = ["DTYPE_CHOICES", "OPTIONS", "OptionSpec", "Setting", "Settings", "resolve_settings"]
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
-SUITE_CHOICES = ("on", "off")
+SUITE_CHOICES = ("on", "off", "only")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -111,8 +111,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "suite",
-        "Collect the built-in invariant suite when a checkpoint is configured: on or off "
-        "(off keeps the fixtures for your own tests). Default: on.",
+        "Collect the built-in invariant suite when a checkpoint is configured: on (besides your tests), "
+        "off (fixtures only, for your own tests) or only (the suite alone). Default: on.",
         default="on",
         choices=SUITE_CHOICES,
     ),

@@ -67,7 +67,7 @@ def assert_prefix_causal(
         prefix_length = encode(tokenizer, prefix, device).shape[1] if label == "natural text" else length // 2
         cases.append(
             (
-                f"appending {length - prefix_length} tokens to the first {prefix_length}",
+                f"extending the first {prefix_length} tokens to all {length}",
                 base[:, :prefix_length],
                 prefix_length,
             )

@@ -1,0 +1,270 @@
+"""The plugin seen from the command line: options, header, ids, skips, loading, suite collection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+USER_TEST = """
+def test_uses_fixtures(causal_lm, causal_lm_model, causal_lm_tokenizer):
+    assert causal_lm.model is causal_lm_model
+    assert causal_lm.tokenizer is causal_lm_tokenizer
+    assert causal_lm.tolerance.atol > 0
+"""
+
+
+def test_help_lists_every_option_with_its_ini_key(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    out = result.stdout.str()
+    assert "causal language model invariants (pytest-causal-lm)" in out
+    for option in (
+        "checkpoint",
+        "revision",
+        "device",
+        "dtype",
+        "trust-remote-code",
+        "attn-implementation",
+        "suite",
+        "atol",
+        "rtol",
+        "seed",
+    ):
+        assert f"--causal-lm-{option}" in out
+        assert f"causal_lm_{option.replace('-', '_')} " in out  # the ini key, in the [pytest] ini-options list
+
+
+def test_plugin_import_and_help_leave_torch_unimported(tmp_path: Path) -> None:
+    code = (
+        "import sys, pytest, pytest_causal_lm, pytest_causal_lm.plugin\n"
+        "assert pytest.main(['--help', '-p', 'no:cacheprovider']) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    # from an empty directory: this project's own conftest imports torch on purpose
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert "HEAVY []" in result.stdout
+
+
+def test_without_a_checkpoint_fixture_tests_skip_with_a_reason_and_no_suite_is_collected(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_user=USER_TEST)
+    result = pytester.runpytest("-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*no causal LM checkpoint configured: pass --causal-lm-checkpoint=CKPT*"])
+
+
+def test_ids_are_checkpoint_x_device_and_an_unavailable_device_skips(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user=USER_TEST)
+    result = pytester.runpytest(
+        "--causal-lm-checkpoint=tiny:qwen3",
+        "--causal-lm-checkpoint=tiny:llama",
+        "--causal-lm-device=cpu",
+        "--causal-lm-device=cuda:7",
+        "--causal-lm-suite=off",
+        "-v",
+        "-rs",
+    )
+    result.assert_outcomes(passed=2, skipped=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*test_uses_fixtures?tiny-qwen3-cpu-float32? PASSED*",
+            "*test_uses_fixtures?tiny-llama-cpu-float32? PASSED*",
+            "*test_uses_fixtures?tiny-qwen3-cuda:7-float32? SKIPPED*",
+            "*device cuda:7 unavailable*",
+        ]
+    )
+
+
+def test_settings_come_from_option_env_and_ini_and_the_header_says_which(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyprojecttoml(
+        """
+        [tool.pytest.ini_options]
+        causal_lm_checkpoint = ["tiny:llama"]
+        causal_lm_device = ["cpu"]
+        causal_lm_atol = "0.001"
+        """
+    )
+    pytester.makepyfile(
+        test_user="""
+        def test_settings(causal_lm):
+            assert causal_lm.target.dtype == "bfloat16"
+            assert causal_lm.dtype == "bfloat16"
+            assert causal_lm.tolerance.atol == 0.001
+            assert causal_lm.tolerance.rtol == 0.02  # bfloat16 row of the table
+        """
+    )
+    monkeypatch.setenv("CAUSAL_LM_DTYPE", "bfloat16")
+    result = pytester.runpytest("--causal-lm-suite=off", "--causal-lm-seed=3")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "causal-lm: checkpoint=tiny:llama (ini), revision=None (default), device=cpu (ini), "
+            "dtype=bfloat16 (env), *suite=off (option), atol=0.001 (ini), rtol=None (default), seed=3 (option)"
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--causal-lm-dtype=float8"], {}, "*argument --causal-lm-dtype: invalid choice: 'float8'*"),
+        (
+            [],
+            {"CAUSAL_LM_DTYPE": "half"},
+            "*invalid choice 'half' (from env); choose from float32, bfloat16, float16, auto*",
+        ),
+        (
+            ["--causal-lm-device=gpu"],
+            {},
+            "*invalid device 'gpu' (from option); choose from auto, cpu, cuda, cuda:N, mps*",
+        ),
+        ([], {"CAUSAL_LM_SEED": "x"}, "*environment variable CAUSAL_LM_SEED: invalid value for seed*"),
+    ],
+)
+def test_invalid_values_are_usage_errors_listing_the_choices(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([expected])
+
+
+def test_each_checkpoint_is_loaded_once_however_many_tests_use_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    loads: list[str] = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, path, *args, **kwargs):
+        loads.append(str(path))
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    pytester.makepyfile(test_user=USER_TEST + "\n\ndef test_again(causal_lm_model):\n    pass\n")
+    result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-checkpoint=tiny:llama", "-q")
+    result.assert_outcomes(passed=2 * (2 + 6))
+    assert len(loads) == 2, loads
+
+
+def test_a_checkpoint_that_cannot_load_gets_one_short_message_and_the_others_still_run(
+    pytester: pytest.Pytester,
+) -> None:
+    result = pytester.runpytest("--causal-lm-checkpoint=./no/such/model", "--causal-lm-checkpoint=tiny:qwen3")
+    result.assert_outcomes(passed=6, errors=6)
+    out = result.stdout.str()
+    assert (
+        out.count("cannot load ./no/such/model: checkpoint path ./no/such/model does not exist. Fix: check the path.")
+        == 6
+    )
+    assert "Traceback" not in out and "raise " not in out
+
+
+def test_a_directory_without_config_json_is_named(pytester: pytest.Pytester) -> None:
+    (pytester.path / "weights").mkdir()
+    result = pytester.runpytest("--causal-lm-checkpoint=weights", "-k", "shapes and not keep")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*checkpoint directory weights has no config.json. Fix: pass the directory written by*"]
+    )
+
+
+def test_suite_off_keeps_the_fixtures_and_markers_select_invariants(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user=USER_TEST)
+    off = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-suite=off")
+    off.assert_outcomes(passed=1)
+    selected = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "-m", "causal_lm_causality", "-v")
+    selected.assert_outcomes(passed=1)
+    selected.stdout.fnmatch_lines(["*test_prefix_causality?tiny-qwen3-cpu-float32? PASSED*"])
+    by_name = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "-k", "determinism", "--co", "-q")
+    by_name.stdout.fnmatch_lines(["*test_causal_lm_invariants.py::test_determinism?tiny-qwen3-cpu-float32?"])
+
+
+LEAKY_MODELING = '''
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+
+class LeakyQwen3Config(Qwen3Config):
+    model_type = "leaky_qwen3"
+
+
+class LeakyQwen3ForCausalLM(Qwen3ForCausalLM):
+    """Custom modeling code with an off-by-one causal mask: position i also sees i + 1."""
+
+    config_class = LeakyQwen3Config
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+        if input_ids is not None and past_key_values is None:
+            n = input_ids.shape[1]
+            allowed = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril(diagonal=1)
+            attention_mask = {"full_attention": allowed[None, None].expand(input_ids.shape[0], 1, n, n)}
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+'''
+
+
+@pytest.fixture
+def leaky_checkpoint(pytester: pytest.Pytester, qwen3_path: Path) -> Path:
+    target = pytester.path / "leaky-qwen3"
+    shutil.copytree(qwen3_path, target)
+    (target / "modeling_leaky.py").write_text(LEAKY_MODELING)
+    config = json.loads((target / "config.json").read_text())
+    config["model_type"] = "leaky_qwen3"
+    config["auto_map"] = {
+        "AutoConfig": "modeling_leaky.LeakyQwen3Config",
+        "AutoModelForCausalLM": "modeling_leaky.LeakyQwen3ForCausalLM",
+    }
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_built_in_suite_fails_a_custom_code_checkpoint_with_a_leaky_mask(
+    pytester: pytest.Pytester, leaky_checkpoint: Path
+) -> None:
+    result = pytester.runpytest(f"--causal-lm-checkpoint={leaky_checkpoint}", "--causal-lm-trust-remote-code")
+    # its forward(**kwargs) hides logits_to_keep, so that one invariant skips with a reason
+    result.assert_outcomes(passed=4, failed=1, skipped=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_prefix_causality?leaky-qwen3-cpu-float32?*",
+            "E * prefix causality violated: scores at position * changed after *",
+            "E *checkpoint * : *leaky-qwen3 (device cpu, dtype float32)",
+        ]
+    )
+
+
+def test_custom_code_without_the_flag_says_how_to_allow_it(pytester: pytest.Pytester, leaky_checkpoint: Path) -> None:
+    result = pytester.runpytest(f"--causal-lm-checkpoint={leaky_checkpoint}", "-k", "determinism")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*needs its own modeling code (trust_remote_code). Fix: review the code, then pass --causal-lm-trust-remote-code.*"
+        ]
+    )
+
+
+def test_example_in_readme_runs(pytester: pytest.Pytester) -> None:
+    """The README's model-repo example, verbatim, on a tiny checkpoint."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```python\n# tests/test_my_model.py\n", 1)[1].split("```", 1)[0]
+    pytester.makepyfile(test_my_model=textwrap.dedent(block))
+    result = pytester.runpytest("--causal-lm-checkpoint=tiny:llama", "--causal-lm-suite=off", "-q")
+    result.assert_outcomes(passed=2)
+
+
+def test_suite_only_runs_the_built_in_suite_without_the_projects_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user="def test_mine():\n    raise AssertionError('must not run')\n")
+    result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-suite=only")
+    result.assert_outcomes(passed=6)
