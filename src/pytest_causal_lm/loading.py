@@ -69,6 +69,10 @@ class CausalLM:
     def config(self) -> Any:
         return self.model.config
 
+    def pretrained_location(self) -> tuple[str, dict[str, Any]]:
+        """``(path or Hub id, from_pretrained kwargs)`` that loaded this checkpoint, to load siblings alike."""
+        return pretrained_location(self.target, self.source)
+
 
 class CheckpointLoadError(Exception):
     """A checkpoint could not be loaded; the message says why and what to do."""
@@ -168,6 +172,19 @@ def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
     return f"could not load the {what} of {checkpoint}: {name}: {first_line}"
 
 
+def pretrained_location(target: Target, source: str) -> tuple[str, dict[str, Any]]:
+    """Where ``from_pretrained`` reads ``target`` from, and the kwargs every Auto class needs for it."""
+    location, gguf_file = _gguf_location(source)
+    kwargs: dict[str, Any] = {"trust_remote_code": target.trust_remote_code}
+    if target.revision:
+        kwargs["revision"] = target.revision
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if target.attn_implementation:
+        kwargs["attn_implementation"] = target.attn_implementation
+    return location, kwargs
+
+
 def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | None = None) -> CausalLM:
     """Load ``target`` through the Auto classes, in eval mode with gradients off.
 
@@ -177,13 +194,11 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
     from .tolerances import tolerance_for
 
     source = str(materialize(target.checkpoint)) if is_tiny(target.checkpoint) else target.checkpoint
-    location, gguf_file = _gguf_location(source)
+    location, model_kwargs = pretrained_location(target, source)
+    gguf_file = model_kwargs.get("gguf_file")
     _check_local(target.checkpoint, location, gguf_file)
-    common: dict[str, Any] = {"trust_remote_code": target.trust_remote_code}
-    if target.revision:
-        common["revision"] = target.revision
+    common = {k: v for k, v in model_kwargs.items() if k != "attn_implementation"}
     if gguf_file:
-        common["gguf_file"] = gguf_file
         if not _module_available("gguf"):
             raise CheckpointLoadError(
                 f"{target.checkpoint} is a GGUF file and needs the gguf package. Fix: pip install gguf accelerate."
@@ -195,9 +210,7 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, **common)
     except Exception as exc:
         raise CheckpointLoadError(explain_load_error(exc, target.checkpoint, "tokenizer")) from exc
-    model_kwargs = dict(common, dtype=torch_dtype(target.dtype))
-    if target.attn_implementation:
-        model_kwargs["attn_implementation"] = target.attn_implementation
+    model_kwargs["dtype"] = torch_dtype(target.dtype)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
         model.to(target.device)

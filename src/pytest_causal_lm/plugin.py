@@ -25,6 +25,11 @@ MARKERS = {
     "causal_lm_vocab": "causal LM invariant: logits/vocab alignment and special token ids",
     "causal_lm_causality": "causal LM invariant: prefix causality",
     "causal_lm_determinism": "causal LM invariant: determinism",
+    "causal_lm_cache": "causal LM invariant: KV-cache parity and effectiveness",
+    "causal_lm_generation": "causal LM invariant: greedy-loop parity with generate",
+    "causal_lm_classification": "causal LM invariant: classification-head equivalence",
+    "causal_lm_padding": "causal LM invariant: padding and batch invariance",
+    "causal_lm_chat": "causal LM invariant: chat template",
 }
 
 NO_CHECKPOINT_REASON = (

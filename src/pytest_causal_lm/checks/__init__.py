@@ -1,16 +1,35 @@
 """Families of invariants; each helper raises AssertionError with a full message."""
 
+from ._common import CheckResult
+from .cache import assert_cache_effective, assert_kv_cache_parity
 from .causality import assert_prefix_causal
+from .chat import ChatTemplateWarning, assert_chat_template_consistent
+from .classification import assert_classification_head_equivalent, load_score_head_classifier
 from .determinism import assert_deterministic
+from .greedy import GenerationConfigWarning, NearTieWarning, assert_greedy_parity, greedy_loop
+from .padding import assert_batch_independent, assert_padding_invariant
 from .shapes import assert_finite_logits, assert_logits_to_keep, assert_output_shapes
 from .vocab import assert_special_tokens_agree, assert_vocab_alignment
 
 __all__ = [
+    "ChatTemplateWarning",
+    "CheckResult",
+    "GenerationConfigWarning",
+    "NearTieWarning",
+    "assert_batch_independent",
+    "assert_cache_effective",
+    "assert_chat_template_consistent",
+    "assert_classification_head_equivalent",
     "assert_deterministic",
     "assert_finite_logits",
+    "assert_greedy_parity",
+    "assert_kv_cache_parity",
     "assert_logits_to_keep",
     "assert_output_shapes",
+    "assert_padding_invariant",
     "assert_prefix_causal",
     "assert_special_tokens_agree",
     "assert_vocab_alignment",
+    "greedy_loop",
+    "load_score_head_classifier",
 ]

@@ -124,3 +124,75 @@ def compare_scores(expected: Any, actual: Any, tolerance: Tolerance) -> ScoreMis
         mismatched=int(bad.sum()),
         total=bad.numel(),
     )
+
+
+@dataclass
+class CheckResult:
+    """What a passing check measured: the greatest score difference it saw, and notes worth reporting."""
+
+    invariant: str
+    greatest_difference: float = 0.0
+    tolerance: Tolerance | None = None
+    notes: list[str] | None = None
+
+    def observe(self, expected: Any, actual: Any) -> None:
+        """Fold the greatest |expected - actual| of one comparison into the result."""
+        difference = (actual.detach().float().cpu() - expected.detach().float().cpu()).abs()
+        finite = difference[difference.isfinite()]
+        if finite.numel():
+            self.greatest_difference = max(self.greatest_difference, float(finite.max()))
+
+    def note(self, text: str) -> None:
+        self.notes = [*(self.notes or []), text]
+
+    def __str__(self) -> str:
+        text = f"{self.invariant}: greatest |difference| {self.greatest_difference:.3g}"
+        if self.tolerance is not None:
+            text += f" ({self.tolerance})"
+        return text + "".join(f"; {note}" for note in self.notes or [])
+
+
+def check_scores(
+    result: CheckResult,
+    expected: Any,
+    actual: Any,
+    tolerance: Tolerance,
+) -> ScoreMismatch | None:
+    """compare_scores that also records the greatest difference in ``result``."""
+    result.observe(expected, actual)
+    return compare_scores(expected, actual, tolerance)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id generation stops at: generation_config's (may be a list), else config's, else the tokenizer's."""
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            return {int(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
+    return set()
+
+
+def pad_id(model: Any, tokenizer: Any) -> int:
+    """The id used to pad batches: the tokenizer's pad, else its eos, else 0."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, *sorted(eos_ids(model, tokenizer))):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def left_padded(tokenizer: Any, texts: Sequence[str], device: Any, pad_token_id: int) -> tuple[Any, Any, Any]:
+    """``(input_ids, attention_mask, position_ids)`` of ``texts`` left-padded, positions counted from the mask.
+
+    Built by hand so the tokenizer's own padding side and pad token do not matter.
+    """
+    import torch
+
+    rows = [tokenizer(text)["input_ids"] for text in texts]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, width - len(row) :] = torch.tensor(row)
+        attention_mask[index, width - len(row) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)

@@ -39,3 +39,43 @@ def test_prefix_causality(causal_lm: clm.CausalLM) -> None:
 @pytest.mark.causal_lm_determinism
 def test_determinism(causal_lm: clm.CausalLM) -> None:
     clm.assert_deterministic(causal_lm.model, causal_lm.tokenizer, tolerance=causal_lm.tolerance)
+
+
+@pytest.mark.causal_lm_cache
+def test_kv_cache_parity(causal_lm: clm.CausalLM) -> None:
+    clm.assert_kv_cache_parity(causal_lm.model, causal_lm.tokenizer, tolerance=causal_lm.tolerance, seed=causal_lm.seed)
+
+
+@pytest.mark.causal_lm_cache
+def test_cache_effectiveness(causal_lm: clm.CausalLM) -> None:
+    clm.assert_cache_effective(causal_lm.model, causal_lm.tokenizer)
+
+
+@pytest.mark.causal_lm_generation
+def test_greedy_loop_parity(causal_lm: clm.CausalLM) -> None:
+    clm.assert_greedy_parity(causal_lm.model, causal_lm.tokenizer, tolerance=causal_lm.tolerance)
+
+
+@pytest.mark.causal_lm_classification
+def test_classification_head(causal_lm: clm.CausalLM) -> None:
+    source, kwargs = causal_lm.pretrained_location()
+    clm.assert_classification_head_equivalent(
+        causal_lm.model, causal_lm.tokenizer, source=source, tolerance=causal_lm.tolerance, **kwargs
+    )
+
+
+@pytest.mark.causal_lm_padding
+def test_padding_invariance(causal_lm: clm.CausalLM) -> None:
+    clm.assert_padding_invariant(causal_lm.model, causal_lm.tokenizer, tolerance=causal_lm.tolerance)
+
+
+@pytest.mark.causal_lm_padding
+def test_batch_independence(causal_lm: clm.CausalLM) -> None:
+    clm.assert_batch_independent(
+        causal_lm.model, causal_lm.tokenizer, tolerance=causal_lm.tolerance, seed=causal_lm.seed
+    )
+
+
+@pytest.mark.causal_lm_chat
+def test_chat_template(causal_lm: clm.CausalLM) -> None:
+    clm.assert_chat_template_consistent(causal_lm.model, causal_lm.tokenizer)

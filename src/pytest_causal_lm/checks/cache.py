@@ -1,0 +1,203 @@
+"""KV-cache parity (cached scores equal the full forward's) and cache effectiveness (one new token per step)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from ..tolerances import Tolerance
+from ._common import (
+    DEFAULT_TEXTS,
+    CheckResult,
+    check_scores,
+    encode,
+    failure,
+    forward_logits,
+    left_padded,
+    pad_id,
+    resolve_tolerance,
+    text_of,
+    token,
+)
+from .greedy import greedy_generate
+
+__all__ = ["assert_cache_effective", "assert_kv_cache_parity"]
+
+
+def _require_standard_cache(model: Any, input_ids: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=input_ids[:, :2], use_cache=True)
+    if getattr(out, "past_key_values", None) is None:
+        kind = "a recurrent/state-space cache (cache_params)" if hasattr(out, "cache_params") else "no past_key_values"
+        pytest.skip(f"{type(model).__name__} returns {kind}; KV-cache parity needs a key/value cache")
+
+
+def assert_kv_cache_parity(
+    model: Any,
+    tokenizer: Any,
+    *,
+    text: str = DEFAULT_TEXTS[1],
+    padded_texts: Sequence[str] = DEFAULT_TEXTS,
+    appended_tokens: int = 4,
+    tolerance: Tolerance | None = None,
+    seed: int = 0,
+) -> CheckResult:
+    """Scores from incremental decoding with ``past_key_values`` equal the full forward's, at every position.
+
+    Three ways: prefill then one token per step; prefill in 2 and in 3 chunks;
+    a left-padded batch prefilled, then extended token by token.
+    """
+    __tracebackhide__ = True
+    import torch
+
+    tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("KV-cache parity", tolerance=tolerance)
+    input_ids = encode(tokenizer, text, model.device)
+    _require_standard_cache(model, input_ids)
+    length = input_ids.shape[1]
+    full = forward_logits(model, input_ids)[0]
+
+    def fail(title: str, mismatch: Any, where: list[tuple[str, object]], ids: Any) -> AssertionError:
+        return failure(
+            f"KV-cache parity violated: {title}",
+            model,
+            [("input", text_of(tokenizer, ids)), *where, *mismatch.describe(tokenizer, tolerance)],
+        )
+
+    prefill = max(1, length // 3)
+    with torch.no_grad():
+        out = model(input_ids=input_ids[:, :prefill], use_cache=True)
+        cache = out.past_key_values
+        for position in range(prefill, length):
+            out = model(input_ids=input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            mismatch = check_scores(result, full[position : position + 1], out.logits[0].float(), tolerance)
+            if mismatch:
+                step = position - prefill + 1
+                raise fail(
+                    f"decoding step {step} (position {position}, token {token(tokenizer, int(input_ids[0, position]))}) "
+                    f"differs from the full forward",
+                    mismatch,
+                    [("prefill", f"{prefill} tokens, then one token per step")],
+                    input_ids[0],
+                )
+
+    for chunks in (2, 3):
+        bounds = torch.linspace(0, length, chunks + 1).round().long().tolist()
+        cache = None
+        with torch.no_grad():
+            for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
+                if stop <= start:
+                    continue
+                out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                mismatch = check_scores(result, full[start:stop], out.logits[0].float(), tolerance)
+                if mismatch:
+                    raise fail(
+                        f"chunk {index + 1} of {chunks} (positions {start}..{stop - 1}) differs from the full forward "
+                        f"at position {start + mismatch.first_position}",
+                        mismatch,
+                        [("chunked prefill", f"boundaries {bounds}")],
+                        input_ids[0],
+                    )
+
+    ids, mask, positions = left_padded(tokenizer, padded_texts, model.device, pad_id(model, tokenizer))
+    generator = torch.Generator().manual_seed(seed)
+    extra = torch.randint(
+        0,
+        min(len(tokenizer), model.config.get_text_config().vocab_size),
+        (ids.shape[0], appended_tokens),
+        generator=generator,
+    ).to(model.device)
+    all_ids = torch.cat([ids, extra], dim=1)
+    all_mask = torch.cat([mask, torch.ones_like(extra)], dim=1)
+    all_positions = (all_mask.cumsum(-1) - 1).clamp(min=0)
+    width = ids.shape[1]
+    batch_full = forward_logits(model, all_ids, attention_mask=all_mask, position_ids=all_positions)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = out.past_key_values
+        for step in range(appended_tokens):
+            at = width + step
+            out = model(
+                input_ids=all_ids[:, at : at + 1],
+                attention_mask=all_mask[:, : at + 1],
+                position_ids=all_positions[:, at : at + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            for row in range(ids.shape[0]):
+                mismatch = check_scores(result, batch_full[row, at : at + 1], out.logits[row].float(), tolerance)
+                if mismatch:
+                    padding = int((mask[row] == 0).sum())
+                    raise fail(
+                        f"left-padded batch, row {row} ({padding} pad tokens), decoding step {step + 1} "
+                        f"(position {at}) differs from the full forward",
+                        mismatch,
+                        [
+                            (
+                                "batch",
+                                f"{len(padded_texts)} prompts left-padded to {width}, then {appended_tokens} tokens",
+                            )
+                        ],
+                        all_ids[row][all_mask[row] == 1],
+                    )
+    return result
+
+
+def assert_cache_effective(
+    model: Any, tokenizer: Any, *, texts: Sequence[str] = DEFAULT_TEXTS[:2], max_new_tokens: int = 6
+) -> CheckResult:
+    """During cached ``generate``, every step after the prefill feeds exactly one new token per sequence.
+
+    Counted with a forward pre-hook, not timed: a "cache" that recomputes the
+    whole sequence gives the same tokens, only slower, and fails here.
+    """
+    __tracebackhide__ = True
+    ids, mask, _ = left_padded(tokenizer, texts, model.device, pad_id(model, tokenizer))
+    fed: list[tuple[int, ...]] = []
+
+    def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        tensor = kwargs.get("input_ids")
+        if tensor is None:
+            tensor = kwargs.get("inputs_embeds")
+        if tensor is None and args:
+            tensor = args[0]
+        fed.append(tuple(tensor.shape[:2]))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        greedy_generate(
+            model, tokenizer, ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens
+        )
+    finally:
+        handle.remove()
+    result = CheckResult("cache effectiveness")
+    steps = fed[1:]
+    result.note(
+        f"prefill fed {fed[0][1] if fed else 0} tokens/sequence; {len(steps)} decoding steps fed {sorted({s[1] for s in steps})} tokens/sequence"
+    )
+    wrong = [(index + 1, shape) for index, shape in enumerate(steps) if shape != (ids.shape[0], 1)]
+    if not fed or wrong:
+        step, shape = wrong[0] if wrong else (0, None)
+        raise failure(
+            "cache not effective: decoding steps re-feed the sequence instead of one new token per sequence",
+            model,
+            [
+                ("prompts", f"{len(texts)} prompts, left-padded to {ids.shape[1]} tokens"),
+                ("forward calls", f"{len(fed)} for {max_new_tokens} new tokens"),
+                ("first bad step", f"step {step} fed input of shape {shape}, expected ({ids.shape[0]}, 1)"),
+                ("tokens per step", [shape[1] for shape in steps]),
+                (
+                    "likely cause",
+                    "past_key_values ignored or not returned, or prepare_inputs_for_generation does not slice the input",
+                ),
+            ],
+        )
+    return result

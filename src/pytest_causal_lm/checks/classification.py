@@ -1,0 +1,207 @@
+"""Classification-head equivalence: a sequence classifier whose ``score`` is the ``lm_head`` is the causal LM.
+
+The tutorial loads ``AutoModelForSequenceClassification`` with
+``num_labels=vocab_size`` and ``key_mapping={"lm_head.weight": "score.weight"}``,
+then generates text with it. Its scores must equal the causal LM's scores at
+the last (non-padding) position, and its argmax loop must reproduce ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from ..tolerances import Tolerance
+from ._common import (
+    DEFAULT_TEXTS,
+    CheckResult,
+    check_scores,
+    encode,
+    failure,
+    forward_logits,
+    left_padded,
+    pad_id,
+    resolve_tolerance,
+)
+from .greedy import _stop_ids, compare_continuations, greedy_generate, greedy_loop
+
+__all__ = ["assert_classification_head_equivalent", "load_score_head_classifier"]
+
+# Config attributes of architectures whose causal head transforms scores after lm_head.
+HEAD_TRANSFORMS = {
+    "final_logit_softcapping": "final logit soft-capping",
+    "logit_scale": "logit scaling",
+    "logits_scaling": "logit scaling",
+    "output_multiplier": "output multiplier",
+    "lm_head_multiplier": "lm_head multiplier",
+}
+
+
+def head_transforms(model: Any) -> dict[str, Any]:
+    """Non-trivial score transforms that the causal head applies and a plain score head does not."""
+    config = model.config.get_text_config()
+    found = {}
+    for name in HEAD_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value is not None and value is not False and value != 1 and value != 1.0:
+            found[name] = value
+    return found
+
+
+def load_score_head_classifier(
+    model: Any, source: str | None = None, **from_pretrained_kwargs: Any
+) -> tuple[Any, list[str]]:
+    """Load the tutorial's classifier for ``model``'s checkpoint: ``score.weight`` is ``lm_head.weight``.
+
+    With tied embeddings ``lm_head.weight`` is not stored and the mapping finds
+    nothing; the score head is then copied from the tied embedding instead of
+    being left random (the loading info is checked, never assumed).
+    Returns (classifier, notes). Skips when the architecture has no classifier class.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    config = model.config
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not getattr(
+        config, "auto_map", {}
+    ).get("AutoModelForSequenceClassification"):
+        pytest.skip(f"{config.model_type} has no sequence-classification class in transformers")
+    vocab_size = config.get_text_config().vocab_size
+    classifier, info = AutoModelForSequenceClassification.from_pretrained(
+        source or model.name_or_path,
+        num_labels=vocab_size,
+        key_mapping={r"^lm_head\.weight$": "score.weight"},
+        output_loading_info=True,
+        dtype=model.dtype,
+        **from_pretrained_kwargs,
+    )
+    notes = []
+    if any(key.endswith("score.weight") for key in info.get("missing_keys", ())):
+        lm_head = model.get_output_embeddings().weight
+        if lm_head.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            raise failure(
+                "classification head would be random: lm_head.weight is not stored in the checkpoint and the "
+                "embeddings are not tied",
+                model,
+                [("missing keys", sorted(info["missing_keys"])[:8])],
+            )
+        with torch.no_grad():
+            classifier.score.weight.copy_(lm_head.to(classifier.score.weight.device))
+        notes.append("lm_head.weight is not stored (tied embeddings): score.weight was copied from the tied embedding")
+    classifier.to(model.device).eval()
+    classifier.requires_grad_(False)
+    return classifier, notes
+
+
+def _right_padded(tokenizer: Any, texts: Sequence[str], device: Any, pad_token_id: int) -> tuple[Any, Any]:
+    import torch
+
+    rows = [tokenizer(text)["input_ids"] for text in texts]
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row)
+        mask[index, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def assert_classification_head_equivalent(
+    model: Any,
+    tokenizer: Any,
+    classifier: Any = None,
+    *,
+    source: str | None = None,
+    prompts: Sequence[str] = DEFAULT_TEXTS,
+    max_new_tokens: int = 8,
+    tolerance: Tolerance | None = None,
+    **from_pretrained_kwargs: Any,
+) -> CheckResult:
+    """The score-head classifier gives the causal LM's last-position scores, and its argmax loop equals ``generate``.
+
+    Checked per prompt, in a left-padded and a right-padded batch (the classifier
+    pools the last non-padding token), then generation by classification.
+    ``classifier`` defaults to ``load_score_head_classifier(model, source, **from_pretrained_kwargs)``.
+    """
+    __tracebackhide__ = True
+    import torch
+
+    tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("classification-head equivalence", tolerance=tolerance)
+    if classifier is None:
+        classifier, notes = load_score_head_classifier(model, source, **from_pretrained_kwargs)
+        for note in notes:
+            result.note(note)
+    pad = pad_id(model, tokenizer)
+    classifier.config.pad_token_id = pad
+    transforms = head_transforms(model)
+
+    def mismatch_failure(title: str, mismatch: Any, details: list[tuple[str, object]]) -> BaseException:
+        if transforms:
+            named = ", ".join(f"{HEAD_TRANSFORMS[name]} ({name}={value})" for name, value in transforms.items())
+            return pytest.skip.Exception(
+                f"{type(model).__name__} applies {named} to its scores after lm_head; a plain score head does not, "
+                f"so the two differ by design (greatest difference {mismatch.greatest_difference:.3g})"
+            )
+        return failure(
+            f"classification head is not equivalent to the causal LM: {title}",
+            model,
+            [*details, *mismatch.describe(tokenizer, tolerance, position_label="row")],
+        )
+
+    alone = []
+    for text in prompts:
+        ids = encode(tokenizer, text, model.device)
+        expected = forward_logits(model, ids)[0, -1:]
+        alone.append(expected)
+        with torch.no_grad():
+            actual = classifier(input_ids=ids).logits.float()
+        mismatch = check_scores(result, expected, actual, tolerance)
+        if mismatch:
+            raise mismatch_failure(
+                f"scores for {text!r} differ from the last-position scores", mismatch, [("prompt", repr(text))]
+            )
+
+    left_ids, left_mask, left_positions = left_padded(tokenizer, prompts, model.device, pad)
+    right_ids, right_mask = _right_padded(tokenizer, prompts, model.device, pad)
+    for side, ids, mask, extra in (
+        ("left", left_ids, left_mask, {"position_ids": left_positions}),
+        ("right", right_ids, right_mask, {}),
+    ):
+        with torch.no_grad():
+            batch_scores = classifier(input_ids=ids, attention_mask=mask, **extra).logits.float()
+        for row, expected in enumerate(alone):
+            mismatch = check_scores(result, expected, batch_scores[row : row + 1], tolerance)
+            if mismatch:
+                raise mismatch_failure(
+                    f"{side}-padded batch row {row} ({prompts[row]!r}) differs from the prompt's last-position scores "
+                    "(the classifier must pool the last non-padding token)",
+                    mismatch,
+                    [("batch", f"{len(prompts)} prompts, {side}-padded with id {pad}")],
+                )
+
+    stop = _stop_ids(model, tokenizer)
+
+    def classify(ids: Any) -> Any:
+        return classifier(input_ids=ids).logits[0]
+
+    for text in prompts[:2]:
+        ids = encode(tokenizer, text, model.device)
+        by_classification = greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop, scorer=classify)
+        generated = greedy_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)[0]
+        compare_continuations(
+            model,
+            tokenizer,
+            ids,
+            by_classification,
+            generated,
+            reference_label="classification loop",
+            other_label="model.generate",
+            tolerance=tolerance,
+            result=result,
+            title=f"generation by classification differs from generate ({text!r})",
+        )
+    return result

@@ -1,0 +1,328 @@
+"""Greedy-loop parity: "forward, argmax of the last position, append" equals ``model.generate``.
+
+The tutorial's claim made testable: text generation is next-token
+classification in a for-loop. Divergences at near-ties are reported, not failed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..tolerances import Tolerance
+from ._common import DEFAULT_TEXTS, CheckResult, eos_ids, failure, pad_id, resolve_tolerance, text_of, token
+
+__all__ = [
+    "GenerationConfigWarning",
+    "NearTieWarning",
+    "assert_greedy_parity",
+    "compare_continuations",
+    "generation_config_deviations",
+    "greedy_generate",
+    "greedy_loop",
+]
+
+CHAT_MESSAGES: tuple[dict[str, str], ...] = ({"role": "user", "content": "How are you?"},)
+
+# Settings of generation_config.json that change what greedy decoding returns, with their neutral values.
+GREEDY_NEUTRAL: dict[str, Any] = {
+    "do_sample": False,
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "penalty_alpha": None,
+    "dola_layers": None,
+}
+
+
+class NearTieWarning(UserWarning):
+    """Two greedy sequences diverged where the top two scores were within the tolerance."""
+
+
+class GenerationConfigWarning(UserWarning):
+    """The checkpoint's generation_config.json changes what greedy generation returns."""
+
+
+@dataclass
+class GreedyRun:
+    """Generated ids (prompt excluded) and the scores each step chose from."""
+
+    tokens: list[int]
+    step_scores: list[Any] = field(default_factory=list)
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    return eos_ids(model, tokenizer)
+
+
+def greedy_loop(
+    model: Any, input_ids: Any, *, max_new_tokens: int, stop_ids: set[int], use_cache: bool = False, scorer: Any = None
+) -> GreedyRun:
+    """The tutorial's loop on one sequence: forward, argmax of the last position, append, stop at eos.
+
+    Without the cache every step re-reads the whole sequence; with it, every step
+    after the first feeds only the newest token. ``scorer(ids) -> (vocab,) scores``
+    replaces the model's forward (the classification-head loop uses it).
+    """
+    import torch
+
+    ids = input_ids
+    cache = None
+    run = GreedyRun(tokens=[])
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            if scorer is not None:
+                scores = scorer(ids)
+            elif use_cache:
+                out = model(input_ids=ids if cache is None else ids[:, -1:], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                scores = out.logits[0, -1]
+            else:
+                scores = model(input_ids=ids, use_cache=False).logits[0, -1]
+            scores = scores.float().cpu()
+            next_id = int(scores.argmax())
+            run.tokens.append(next_id)
+            run.step_scores.append(scores)
+            ids = torch.cat([ids, torch.tensor([[next_id]], device=ids.device)], dim=1)
+            if next_id in stop_ids:
+                break
+    return run
+
+
+@contextmanager
+def _clean_generation_config(model: Any, tokenizer: Any) -> Iterator[Any]:
+    """Swap in a generation config with only the special tokens, so no checkpoint setting leaks in.
+
+    transformers 5 fills every unset field of an explicit GenerationConfig from
+    ``model.generation_config``; swapping it out is the only way to get plain greedy.
+    """
+    from transformers import GenerationConfig
+
+    original = model.generation_config
+    stop = sorted(_stop_ids(model, tokenizer))
+    clean = GenerationConfig(
+        eos_token_id=stop or None,
+        pad_token_id=pad_id(model, tokenizer),
+        bos_token_id=getattr(original, "bos_token_id", None),
+    )
+    model.generation_config = clean
+    try:
+        yield clean
+    finally:
+        model.generation_config = original
+
+
+def greedy_generate(
+    model: Any,
+    tokenizer: Any,
+    input_ids: Any,
+    *,
+    max_new_tokens: int,
+    attention_mask: Any = None,
+    min_new_tokens: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """``model.generate`` with an explicit greedy configuration; each row cut after its first eos."""
+    import torch
+    from transformers import GenerationConfig
+
+    stop = _stop_ids(model, tokenizer)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    with _clean_generation_config(model, tokenizer) as clean, torch.no_grad():
+        config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            use_cache=use_cache,
+            eos_token_id=clean.eos_token_id,
+            pad_token_id=clean.pad_token_id,
+        )
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    rows = []
+    for row in out[:, input_ids.shape[1] :].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def compare_continuations(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Any,
+    reference: GreedyRun,
+    other: Sequence[int],
+    *,
+    reference_label: str,
+    other_label: str,
+    tolerance: Tolerance,
+    result: CheckResult | None = None,
+    title: str = "greedy outputs diverge",
+) -> None:
+    """Fail unless ``other`` equals ``reference.tokens``, or first differs at a near-tie (then warn)."""
+    __tracebackhide__ = True
+    ref = reference.tokens
+    other = list(other)
+    if ref == other:
+        return
+    step = next((i for i, (a, b) in enumerate(zip(ref, other, strict=False)) if a != b), min(len(ref), len(other)))
+    shared = text_of(tokenizer, list(prompt_ids[0].tolist()) + ref[:step])
+    side_by_side = [
+        (reference_label, text_of(tokenizer, ref[step:])),
+        (other_label, text_of(tokenizer, other[step:])),
+    ]
+    if step < len(ref) and step < len(other) and step < len(reference.step_scores):
+        scores = reference.step_scores[step]
+        chosen, rival = float(scores[ref[step]]), float(scores[other[step]])
+        margin = chosen - rival
+        bound = tolerance.bound(chosen)
+        tie_text = (
+            f"{token(tokenizer, ref[step])} scores {chosen:.6g}, {token(tokenizer, other[step])} scores {rival:.6g}: "
+            f"margin {margin:.3g} vs tolerance {bound:.3g} ({tolerance})"
+        )
+        if abs(margin) <= bound:
+            message = (
+                f"{title} at a near-tie (accepted): step {step} after {shared}: {reference_label} chose "
+                f"{token(tokenizer, ref[step])}, {other_label} chose {token(tokenizer, other[step])}; {tie_text}"
+            )
+            warnings.warn(NearTieWarning(message), stacklevel=2)
+            if result is not None:
+                result.note(message)
+            return
+    else:
+        tie_text = f"one sequence ends at step {step} ({'eos' if step < len(ref) or step < len(other) else 'length'})"
+    raise failure(
+        f"{title} at step {step} with a clear score margin",
+        model,
+        [
+            ("prompt", text_of(tokenizer, prompt_ids[0])),
+            ("shared prefix", shared),
+            ("first divergence", f"step {step}"),
+            *side_by_side,
+            ("scores at divergence", tie_text),
+        ],
+    )
+
+
+def generation_config_deviations(model: Any) -> dict[str, Any]:
+    """Settings of ``model.generation_config`` that make ``generate()`` differ from plain greedy."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    found = {}
+    for name, neutral in GREEDY_NEUTRAL.items():
+        value = getattr(config, name, neutral)
+        if value in (None, [], {}) and neutral is None:
+            continue
+        if value is not None and value != neutral:
+            found[name] = value
+    return found
+
+
+def default_prompts(tokenizer: Any, device: Any, texts: Sequence[str] = DEFAULT_TEXTS[:2]) -> list[tuple[str, Any]]:
+    """Plain prompts, plus the chat-formatted one when the tokenizer has a chat template."""
+    prompts = [(f"plain {text!r}", tokenizer(text, return_tensors="pt")["input_ids"].to(device)) for text in texts]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(list(CHAT_MESSAGES), add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        import torch
+
+        prompts.append((f"chat {CHAT_MESSAGES[0]['content']!r}", torch.tensor([list(ids)], device=device)))
+    return prompts
+
+
+def _report_generation_config(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[tuple[str, Any]],
+    greedy: list[list[int]],
+    max_new_tokens: int,
+    result: CheckResult,
+) -> None:
+    """Say, separately from parity, whether the checkpoint's own generation_config changes greedy output."""
+    import torch
+
+    deviations = generation_config_deviations(model)
+    if not deviations:
+        return
+    settings = ", ".join(f"{name}={value!r}" for name, value in deviations.items())
+    if deviations.get("do_sample"):
+        message = f"checkpoint generation_config sets {settings}: model.generate() samples by default, so its output is random; parity was checked against explicit greedy"
+    else:
+        changed = []
+        for (label, ids), expected in zip(prompts, greedy, strict=True):
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens)
+            own = out[0, ids.shape[1] :].tolist()[: len(expected)]
+            if own != expected[: len(own)]:
+                step = next(i for i, (a, b) in enumerate(zip(own, expected, strict=False)) if a != b)
+                changed.append(
+                    f"{label} from step {step}: greedy {token(tokenizer, expected[step])}, own config {token(tokenizer, own[step])}"
+                )
+        effect = (
+            "changes greedy output: " + "; ".join(changed)
+            if changed
+            else "does not change greedy output on these prompts"
+        )
+        message = f"checkpoint generation_config sets {settings}; it {effect}"
+    warnings.warn(GenerationConfigWarning(message), stacklevel=3)
+    result.note(message)
+
+
+def assert_greedy_parity(
+    model: Any,
+    tokenizer: Any,
+    *,
+    prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 12,
+    tolerance: Tolerance | None = None,
+) -> CheckResult:
+    """The hand-written greedy loop, without and with the cache, gives the same tokens as ``generate``.
+
+    ``generate`` runs with an explicit greedy configuration. Plain prompts, plus a
+    chat-formatted one when the tokenizer has a chat template. When the
+    checkpoint's generation_config.json would change greedy output, a
+    GenerationConfigWarning names the setting.
+    """
+    __tracebackhide__ = True
+    tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("greedy-loop parity", tolerance=tolerance)
+    cases = default_prompts(tokenizer, model.device, *(() if prompts is None else (prompts,)))
+    stop = _stop_ids(model, tokenizer)
+    greedy_rows = []
+    for label, ids in cases:
+        generated = greedy_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)[0]
+        greedy_rows.append(generated)
+        uncached = greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop)
+        cached = greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop, use_cache=True)
+        for scores_a, scores_b in zip(uncached.step_scores, cached.step_scores, strict=False):
+            result.observe(scores_a, scores_b)
+        for loop, name in ((uncached, "loop without cache"), (cached, "loop with cache")):
+            compare_continuations(
+                model,
+                tokenizer,
+                ids,
+                loop,
+                generated,
+                reference_label=name,
+                other_label="model.generate",
+                tolerance=tolerance,
+                result=result,
+                title=f"greedy-loop parity violated ({label})",
+            )
+    _report_generation_config(model, tokenizer, cases, greedy_rows, max_new_tokens, result)
+    return result

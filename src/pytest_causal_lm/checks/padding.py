@@ -1,0 +1,110 @@
+"""Padding and batch invariance: a row's scores and greedy continuation do not depend on padding or other rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..tolerances import Tolerance
+from ._common import (
+    DEFAULT_TEXTS,
+    CheckResult,
+    check_scores,
+    encode,
+    failure,
+    forward_logits,
+    left_padded,
+    pad_id,
+    resolve_tolerance,
+    text_of,
+    token,
+)
+from .greedy import _stop_ids, compare_continuations, greedy_generate, greedy_loop
+
+__all__ = ["assert_batch_independent", "assert_padding_invariant"]
+
+
+def assert_padding_invariant(
+    model: Any,
+    tokenizer: Any,
+    *,
+    prompts: Sequence[str] = DEFAULT_TEXTS,
+    max_new_tokens: int = 8,
+    tolerance: Tolerance | None = None,
+) -> CheckResult:
+    """Prompts of different lengths, left-padded into one batch, give each prompt's own last-token scores
+    and greedy continuation (positions counted from the attention mask, as ``generate`` does)."""
+    __tracebackhide__ = True
+    tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("padding invariance", tolerance=tolerance)
+    pad = pad_id(model, tokenizer)
+    ids, mask, positions = left_padded(tokenizer, prompts, model.device, pad)
+    batch_last = forward_logits(model, ids, attention_mask=mask, position_ids=positions)[:, -1]
+    batch_generated = greedy_generate(model, tokenizer, ids, attention_mask=mask, max_new_tokens=max_new_tokens)
+    stop = _stop_ids(model, tokenizer)
+    for row, text in enumerate(prompts):
+        alone_ids = encode(tokenizer, text, model.device)
+        padding = int((mask[row] == 0).sum())
+        mismatch = check_scores(result, forward_logits(model, alone_ids)[0, -1:], batch_last[row : row + 1], tolerance)
+        if mismatch:
+            raise failure(
+                f"padding changes scores: row {row} of a left-padded batch ({padding} pad tokens, id {pad}) "
+                "gives different last-token scores than the prompt alone",
+                model,
+                [
+                    ("prompt", repr(text)),
+                    ("batch", f"{len(prompts)} prompts left-padded to {ids.shape[1]} tokens"),
+                    *mismatch.describe(tokenizer, tolerance, position_label="row"),
+                ],
+            )
+        alone = greedy_loop(model, alone_ids, max_new_tokens=max_new_tokens, stop_ids=stop)
+        compare_continuations(
+            model,
+            tokenizer,
+            alone_ids,
+            alone,
+            batch_generated[row],
+            reference_label="prompt alone",
+            other_label=f"row {row} of padded batch",
+            tolerance=tolerance,
+            result=result,
+            title=f"padding changes the greedy continuation of {text!r} ({padding} pad tokens)",
+        )
+    return result
+
+
+def assert_batch_independent(
+    model: Any,
+    tokenizer: Any,
+    *,
+    text: str = DEFAULT_TEXTS[0],
+    tolerance: Tolerance | None = None,
+    seed: int = 0,
+) -> CheckResult:
+    """A row's scores do not depend on the other rows: [A, B] and [A, C] give row A the same scores."""
+    __tracebackhide__ = True
+    import torch
+
+    tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("batch independence", tolerance=tolerance)
+    row = encode(tokenizer, text, model.device)
+    generator = torch.Generator().manual_seed(seed)
+    high = min(len(tokenizer), model.config.get_text_config().vocab_size)
+    others = [torch.randint(0, high, row.shape, generator=generator).to(model.device) for _ in range(2)]
+    alone = forward_logits(model, row)[0]
+    for index, other in enumerate(others):
+        batch = forward_logits(model, torch.cat([row, other], dim=0))
+        mismatch = check_scores(result, alone, batch[0], tolerance)
+        if mismatch:
+            raise failure(
+                f"rows are coupled: row 0's scores at position {mismatch.first_position} change with the other row of the batch",
+                model,
+                [
+                    ("row 0", text_of(tokenizer, row[0])),
+                    (f"other row ({index + 1})", text_of(tokenizer, other[0])),
+                    ("prefix of moved position", text_of(tokenizer, row[0, : mismatch.first_position + 1])),
+                    ("token there", token(tokenizer, int(row[0, mismatch.first_position]))),
+                    *mismatch.describe(tokenizer, tolerance),
+                ],
+            )
+    return result
