@@ -198,11 +198,10 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
     gguf_file = model_kwargs.get("gguf_file")
     _check_local(target.checkpoint, location, gguf_file)
     common = {k: v for k, v in model_kwargs.items() if k != "attn_implementation"}
-    if gguf_file:
-        if not _module_available("gguf"):
-            raise CheckpointLoadError(
-                f"{target.checkpoint} is a GGUF file and needs the gguf package. Fix: pip install gguf accelerate."
-            )
+    if gguf_file and not _module_available("gguf"):
+        raise CheckpointLoadError(
+            f"{target.checkpoint} is a GGUF file and needs the gguf package. Fix: pip install gguf accelerate."
+        )
 
     import transformers
 
