@@ -115,3 +115,139 @@ def mismatched_eos(path: Any) -> tuple[Any, Any]:
     model.generation_config.eos_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _no_padding_mask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A custom kernel that is causal but ignores the padding mask it is given."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    q_len, k_len = query.shape[2], key.shape[2]
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(diagonal=k_len - q_len)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _decode_ignores_padding_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A fast decode path that assumes no padding: the mask is honoured in prefill, dropped for cached steps."""
+    if query.shape[2] < key.shape[2]:
+        return _no_padding_mask_attention(module, query, key, value, None, scaling=scaling)
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    causal = attention_mask is None and query.shape[2] > 1  # transformers drops the mask when causal suffices
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+for _name, _function in (
+    ("no_padding_mask", _no_padding_mask_attention),
+    ("decode_ignores_padding", _decode_ignores_padding_attention),
+):
+    AttentionInterface.register(_name, _function)
+    AttentionMaskInterface.register(_name, sdpa_mask)
+
+
+def padding_mask_ignored(path: Any) -> tuple[Any, Any]:
+    return load_healthy(path, attn_implementation="no_padding_mask")
+
+
+def decode_ignores_padding(path: Any) -> tuple[Any, Any]:
+    return load_healthy(path, attn_implementation="decode_ignores_padding")
+
+
+def cache_drops_newest_key(path: Any, layer: int = 1) -> tuple[Any, Any]:
+    """A cache update that loses the newest key/value of one layer after every forward."""
+    model, tokenizer = load_healthy(path)
+
+    def drop(module, args, kwargs, output):
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and cache.layers[layer].keys is not None and cache.layers[layer].keys.shape[2] > 1:
+            cache.layers[layer].keys = cache.layers[layer].keys[:, :, :-1]
+            cache.layers[layer].values = cache.layers[layer].values[:, :, :-1]
+        return output
+
+    model.register_forward_hook(drop, with_kwargs=True)
+    return model, tokenizer
+
+
+def positions_restart_with_cache(path: Any) -> tuple[Any, Any]:
+    """Positions counted from 0 for the new tokens instead of from the cache length."""
+    model, tokenizer = load_healthy(path)
+    original = model.forward
+
+    def forward(input_ids=None, past_key_values=None, position_ids=None, **kwargs):
+        if past_key_values is not None and past_key_values.get_seq_length() > 0 and input_ids is not None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(
+                input_ids.shape[0], -1
+            )
+        return original(input_ids=input_ids, past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+
+    model.forward = forward
+    return model, tokenizer
+
+
+def cache_ignored_in_generate(path: Any) -> tuple[Any, Any]:
+    """prepare_inputs_for_generation that neither slices the input nor passes the cache: every step recomputes."""
+    model, tokenizer = load_healthy(path)
+    original = model.prepare_inputs_for_generation
+
+    def prepare(input_ids, next_sequence_length=None, past_key_values=None, **kwargs):
+        kwargs.pop("position_ids", None)
+        return original(input_ids, next_sequence_length=None, past_key_values=None, **kwargs)
+
+    model.prepare_inputs_for_generation = prepare
+    return model, tokenizer
+
+
+def generate_feeds_previous_token(path: Any) -> tuple[Any, Any]:
+    """An off-by-one slice in prepare_inputs_for_generation: decoding steps feed the previous token."""
+    model, tokenizer = load_healthy(path)
+    original = model.prepare_inputs_for_generation
+
+    def prepare(input_ids, next_sequence_length=None, **kwargs):
+        inputs = original(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+        if next_sequence_length == 1:
+            inputs["input_ids"] = input_ids[:, -2:-1].clone()
+        return inputs
+
+    model.prepare_inputs_for_generation = prepare
+    return model, tokenizer
+
+
+def lm_head_with_bias(path: Any) -> tuple[Any, Any]:
+    """A causal head with a bias the score head (which maps lm_head.weight only) lacks."""
+    model, tokenizer = load_healthy(path)
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(torch.linspace(-1.0, 1.0, head.out_features))
+    model.lm_head = biased
+    return model, tokenizer
+
+
+def soft_capped_head(path: Any, cap: float = 0.5) -> tuple[Any, Any]:
+    """A head that soft-caps its scores, declared in the config as Gemma 2 does."""
+    model, tokenizer = load_healthy(path)
+    model.config.final_logit_softcapping = cap
+    model.get_output_embeddings().register_forward_hook(lambda module, args, output: torch.tanh(output / cap) * cap)
+    return model, tokenizer
+
+
+def rows_coupled(path: Any) -> tuple[Any, Any]:
+    """A normalisation that uses batch statistics at inference, so rows leak into each other."""
+    model, tokenizer = load_healthy(path)
+
+    def couple(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        coupled = hidden - hidden.mean(dim=0, keepdim=True) + hidden
+        return (coupled, *output[1:]) if isinstance(output, tuple) else coupled
+
+    model.model.layers[0].register_forward_hook(couple)
+    return model, tokenizer
+
+
+def with_chat_template(path: Any, edit) -> tuple[Any, Any]:
+    """The healthy model with its tokenizer's chat template rewritten by ``edit``."""
+    model, tokenizer = load_healthy(path)
+    tokenizer.chat_template = edit(tokenizer.chat_template)
+    return model, tokenizer

@@ -146,10 +146,8 @@ class CheckResult:
         self.notes = [*(self.notes or []), text]
 
     def __str__(self) -> str:
-        text = f"{self.invariant}: greatest |difference| {self.greatest_difference:.3g}"
-        if self.tolerance is not None:
-            text += f" ({self.tolerance})"
-        return text + "".join(f"; {note}" for note in self.notes or [])
+        parts = [f"greatest |difference| {self.greatest_difference:.3g} ({self.tolerance})"] if self.tolerance else []
+        return f"{self.invariant}: " + "; ".join([*parts, *(self.notes or [])])
 
 
 def check_scores(

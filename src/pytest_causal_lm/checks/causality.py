@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..tolerances import Tolerance
-from ._common import compare_scores, encode, failure, forward_logits, resolve_tolerance, text_of, token
+from ._common import CheckResult, check_scores, encode, failure, forward_logits, resolve_tolerance, text_of, token
 
 __all__ = ["assert_prefix_causal"]
 
@@ -37,7 +37,7 @@ def assert_prefix_causal(
     random_length: int = 16,
     tolerance: Tolerance | None = None,
     seed: int = 0,
-) -> None:
+) -> CheckResult:
     """Scores at every position before a change are unchanged by that change.
 
     Checked on ``prefix + continuation`` (natural text) and on ``random_length``
@@ -48,6 +48,7 @@ def assert_prefix_causal(
     import torch
 
     tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("prefix causality", tolerance=tolerance)
     device = model.device
     generator = torch.Generator().manual_seed(seed)
     high = min(len(tokenizer), model.config.get_text_config().vocab_size)
@@ -92,7 +93,7 @@ def assert_prefix_causal(
                 expected, actual = base_scores[:kept], forward_logits(model, variant)[0]
             else:
                 expected, actual = base_scores[:kept], forward_logits(model, variant)[0, :kept]
-            mismatch = compare_scores(expected, actual, tolerance)
+            mismatch = check_scores(result, expected, actual, tolerance)
             if mismatch:
                 moved = mismatch.first_position
                 raise failure(
@@ -106,3 +107,4 @@ def assert_prefix_causal(
                         *mismatch.describe(tokenizer, tolerance),
                     ],
                 )
+    return result

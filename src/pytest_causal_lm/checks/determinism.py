@@ -6,22 +6,32 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..tolerances import Tolerance
-from ._common import DEFAULT_TEXTS, compare_scores, encode, failure, forward_logits, resolve_tolerance, text_of
+from ._common import (
+    DEFAULT_TEXTS,
+    CheckResult,
+    check_scores,
+    encode,
+    failure,
+    forward_logits,
+    resolve_tolerance,
+    text_of,
+)
 
 __all__ = ["assert_deterministic"]
 
 
 def assert_deterministic(
     model: Any, tokenizer: Any, *, texts: Sequence[str] = DEFAULT_TEXTS, tolerance: Tolerance | None = None
-) -> None:
+) -> CheckResult:
     """Two forward passes of each text give scores equal within the tolerance."""
     __tracebackhide__ = True
     tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("determinism", tolerance=tolerance)
     for text in texts:
         input_ids = encode(tokenizer, text, model.device)
         first = forward_logits(model, input_ids)[0]
         second = forward_logits(model, input_ids)[0]
-        mismatch = compare_scores(first, second, tolerance)
+        mismatch = check_scores(result, first, second, tolerance)
         if mismatch:
             hint = (
                 "the model is in training mode: call model.eval()"
@@ -38,3 +48,4 @@ def assert_deterministic(
                     ("likely cause", hint),
                 ],
             )
+    return result

