@@ -147,7 +147,7 @@ class Settings:
         parts = []
         for name, setting in self.values.items():
             value = setting.value
-            shown = ",".join(value) if isinstance(value, (tuple, list)) else value
+            shown = (",".join(value) or "none") if isinstance(value, (tuple, list)) else value
             parts.append(f"{name}={shown} ({setting.source})")
         return parts
 
