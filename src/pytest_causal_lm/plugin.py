@@ -127,7 +127,11 @@ def causal_lm(request: pytest.FixtureRequest, causal_lm_target: Target) -> Itera
     try:
         handle = cache.get(causal_lm_target)
     except CheckpointLoadError as exc:
-        pytest.fail(f"cannot load {causal_lm_target.checkpoint}: {exc}", pytrace=False)
+        problem = str(exc)
+    else:
+        problem = None
+    if problem is not None:  # failed outside the except block so no chained exception is printed
+        pytest.fail(f"cannot load {causal_lm_target.checkpoint}: {problem}", pytrace=False)
     yield handle
 
 
