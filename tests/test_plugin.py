@@ -271,3 +271,30 @@ def test_suite_only_runs_the_built_in_suite_without_the_projects_tests(pytester:
     pytester.makepyfile(test_user="def test_mine():\n    raise AssertionError('must not run')\n")
     result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-suite=only")
     result.assert_outcomes(passed=SUITE_SIZE)
+
+
+def test_a_hub_id_while_offline_says_so_and_how_to_fix_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import time: needs a fresh process
+    monkeypatch.setenv("HF_HOME", str(pytester.path / "hf-home"))
+    result = pytester.runpytest_subprocess("--causal-lm-checkpoint=Qwen/Qwen3-0.6B", "-k", "determinism")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*cannot load Qwen/Qwen3-0.6B: Qwen/Qwen3-0.6B is not in the local Hugging Face cache and the Hub "
+            "cannot be reached (offline, HF_HUB_OFFLINE=1 or no network). Fix: download it first*"
+        ]
+    )
+
+
+def test_a_checkpoint_without_tokenizer_files_names_the_tokenizer(pytester: pytest.Pytester, qwen3_path: Path) -> None:
+    target = pytester.path / "no-tokenizer"
+    target.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(qwen3_path / name, target / name)
+    result = pytester.runpytest(f"--causal-lm-checkpoint={target}", "-k", "determinism")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*cannot load *no-tokenizer: no usable tokenizer in *no-tokenizer (*). Fix: save the tokenizer*"]
+    )

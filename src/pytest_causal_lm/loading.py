@@ -172,6 +172,12 @@ def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
     return f"could not load the {what} of {checkpoint}: {name}: {first_line}"
 
 
+_MIN_TOKENIZER_SIZE = 16
+
+
+_MIN_TOKENIZER_SIZE = 16
+
+
 def pretrained_location(target: Target, source: str) -> tuple[str, dict[str, Any]]:
     """Where ``from_pretrained`` reads ``target`` from, and the kwargs every Auto class needs for it."""
     location, gguf_file = _gguf_location(source)
@@ -209,6 +215,11 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, **common)
     except Exception as exc:
         raise CheckpointLoadError(explain_load_error(exc, target.checkpoint, "tokenizer")) from exc
+    if len(tokenizer) < _MIN_TOKENIZER_SIZE:  # transformers 5 builds an empty tokenizer when the files are missing
+        raise CheckpointLoadError(
+            f"no usable tokenizer in {target.checkpoint} ({type(tokenizer).__name__} with {len(tokenizer)} tokens: "
+            "the tokenizer files are missing). Fix: save the tokenizer next to the weights (tokenizer.save_pretrained)."
+        )
     model_kwargs["dtype"] = torch_dtype(target.dtype)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
