@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,9 @@ MARKERS = {
     "causal_lm_classification": "causal LM invariant: classification-head equivalence",
     "causal_lm_padding": "causal LM invariant: padding and batch invariance",
     "causal_lm_chat": "causal LM invariant: chat template",
+    "causal_lm_snapshot": "causal LM behaviour snapshot (syrupy)",
 }
+DEFAULT_SNAPSHOT_DIR = "causal_lm_snapshots"
 
 NO_CHECKPOINT_REASON = (
     "no causal LM checkpoint configured: pass --causal-lm-checkpoint=CKPT (e.g. tiny:qwen3), "
@@ -133,6 +136,29 @@ def causal_lm(request: pytest.FixtureRequest, causal_lm_target: Target) -> Itera
     if problem is not None:  # failed outside the except block so no chained exception is printed
         pytest.fail(f"cannot load {causal_lm_target.checkpoint}: {problem}", pytrace=False)
     yield handle
+
+
+def snapshot_root(config: pytest.Config) -> Path:
+    """Where behaviour snapshots live: the configured directory, relative to the rootdir."""
+    configured = config.stash[SETTINGS_KEY].snapshot_dir or DEFAULT_SNAPSHOT_DIR
+    return config.rootpath / Path(configured).expanduser()
+
+
+def snapshots_enabled(config: pytest.Config) -> bool:
+    """The built-in snapshot test runs when a snapshot directory is configured or exists, or on --snapshot-update."""
+    return (
+        config.stash[SETTINGS_KEY].snapshot_dir is not None
+        or bool(config.getoption("update_snapshots", False))
+        or snapshot_root(config).is_dir()
+    )
+
+
+@pytest.fixture
+def causal_lm_snapshot(request: pytest.FixtureRequest, snapshot: Any) -> Any:
+    """syrupy's ``snapshot`` with the causal-lm extension: ``assert causal_lm_snapshot == behaviour_record(...)``."""
+    from .snapshot import snapshot_extension
+
+    return snapshot.use_extension(snapshot_extension(snapshot_root(request.config)))
 
 
 @pytest.fixture(scope="session")

@@ -119,6 +119,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("atol", "Absolute tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("rtol", "Relative tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("seed", "Seed for random test inputs. Default: 0.", default=0, parse=_parse_int),
+    OptionSpec(
+        "snapshot_dir",
+        "Directory for behaviour snapshots (syrupy), relative to the rootdir. Setting it (or passing "
+        "--snapshot-update) turns the built-in snapshot test on. Default: causal_lm_snapshots.",
+        None,
+        metavar="DIR",
+    ),
 )
 
 

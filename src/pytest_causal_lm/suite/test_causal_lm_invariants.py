@@ -10,6 +10,8 @@ from collections.abc import Callable
 import pytest
 
 import pytest_causal_lm as clm
+from pytest_causal_lm.plugin import snapshot_root, snapshots_enabled
+from pytest_causal_lm.snapshot import behaviour_record
 
 pytestmark = pytest.mark.causal_lm
 
@@ -104,3 +106,14 @@ def test_batch_independence(causal_lm: clm.CausalLM, record_property: Record) ->
 @pytest.mark.causal_lm_chat
 def test_chat_template(causal_lm: clm.CausalLM, record_property: Record) -> None:
     _record(record_property, clm.assert_chat_template_consistent(causal_lm.model, causal_lm.tokenizer))
+
+
+@pytest.mark.causal_lm_snapshot
+def test_behaviour_snapshot(causal_lm: clm.CausalLM, request: pytest.FixtureRequest) -> None:
+    if not snapshots_enabled(request.config):
+        pytest.skip(
+            "behaviour snapshots are opt-in: pass --snapshot-update once (writes them under "
+            f"{snapshot_root(request.config)}), or set --causal-lm-snapshot-dir / causal_lm_snapshot_dir"
+        )
+    snapshot = request.getfixturevalue("causal_lm_snapshot")
+    assert snapshot == behaviour_record(causal_lm.model, causal_lm.tokenizer, name=causal_lm.target.id)
