@@ -138,6 +138,7 @@ def test_compare_records_names_logprob_drift_beyond_the_stored_tolerance() -> No
     new = json.loads(json.dumps(old))
     new["prompts"][0]["next_tokens"][0]["top"][1][2] = -2.01
     problems, notes = compare_records(old, new)
+    assert notes == []
     assert problems == [
         "prompt p, position 0 after 'Hi': log-probability of 'b' (id 2) was -2.0, now -2.01 (difference 0.01 > tolerance 0.001)"
     ]
