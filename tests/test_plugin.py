@@ -111,7 +111,7 @@ def test_settings_come_from_option_env_and_ini_and_the_header_says_which(
     result.stdout.fnmatch_lines(
         [
             "causal-lm: checkpoint=tiny:llama (ini), revision=None (default), device=cpu (ini), "
-            "dtype=bfloat16 (env), *suite=off (option), atol=0.001 (ini), rtol=None (default), seed=3 (option)"
+            "dtype=bfloat16 (env), *suite=off (option), atol=0.001 (ini), rtol=None (default), seed=3 (option), *"
         ]
     )
 
