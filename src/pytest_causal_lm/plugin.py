@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
+from .benchmark import BenchmarkCollector
 from .loading import CausalLM, CheckpointLoadError, ModelCache, Target
 from .settings import OPTIONS, Settings, resolve_settings
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 CACHE_KEY = pytest.StashKey[ModelCache]()
+BENCHMARK_KEY = pytest.StashKey[BenchmarkCollector]()
 SUITE_DIR = Path(__file__).parent / "suite"
 
 # Markers of the built-in suite, for -m selection of invariant families.
@@ -32,6 +34,7 @@ MARKERS = {
     "causal_lm_padding": "causal LM invariant: padding and batch invariance",
     "causal_lm_chat": "causal LM invariant: chat template",
     "causal_lm_snapshot": "causal LM behaviour snapshot (syrupy)",
+    "causal_lm_benchmark": "cached vs uncached generation benchmark (opt-in: --causal-lm-benchmark)",
 }
 DEFAULT_SNAPSHOT_DIR = "causal_lm_snapshots"
 
@@ -67,10 +70,40 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = resolve_settings(config)
     config.stash[SETTINGS_KEY] = settings
     config.stash[CACHE_KEY] = ModelCache(seed=settings.seed, atol=settings.atol, rtol=settings.rtol)
+    config.stash[BENCHMARK_KEY] = BenchmarkCollector()
     if settings.checkpoint and settings.suite == "only":
         config.args[:] = [str(SUITE_DIR)]
     elif settings.checkpoint and settings.suite == "on" and str(SUITE_DIR) not in config.args:
         config.args.append(str(SUITE_DIR))
+
+
+def benchmarks_enabled(config: pytest.Config) -> bool:
+    return bool(config.stash[SETTINGS_KEY].benchmark or config.getoption("benchmark_only", False))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if benchmarks_enabled(config):
+        return
+    skip = pytest.mark.skip(reason="benchmarks are opt-in: pass --causal-lm-benchmark (or --benchmark-only)")
+    for item in items:
+        if item.get_closest_marker("causal_lm_benchmark"):
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    collector = config.stash.get(BENCHMARK_KEY, None)
+    if not collector or not collector.measurements:
+        return
+    terminalreporter.section("causal-lm benchmark: greedy generation, cached vs uncached")
+    for target_id in collector.targets():
+        terminalreporter.write_line(target_id)
+        for line in collector.table(target_id):
+            terminalreporter.write_line("  " + line)
+    plot = collector.plot(config.rootpath / config.stash[SETTINGS_KEY].benchmark_plot)
+    if plot is None:
+        terminalreporter.write_line("plot skipped: pip install matplotlib to draw time vs new tokens")
+    else:
+        terminalreporter.write_line(f"plot of time vs new tokens: {plot}")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -100,9 +133,16 @@ def targets_of(settings: Settings) -> list[Target]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    settings = metafunc.config.stash[SETTINGS_KEY]
+    if "causal_lm_new_tokens" in metafunc.fixturenames:
+        sweep = [(use_cache, n) for n in settings.benchmark_new_tokens for use_cache in (False, True)]
+        metafunc.parametrize(
+            ("causal_lm_use_cache", "causal_lm_new_tokens"),
+            sweep,
+            ids=[f"{'cached' if use_cache else 'uncached'}-{n}" for use_cache, n in sweep],
+        )
     if "causal_lm_target" not in metafunc.fixturenames:
         return
-    settings = metafunc.config.stash[SETTINGS_KEY]
     if not settings.checkpoint:
         return  # the fixture skips with NO_CHECKPOINT_REASON
     targets = targets_of(settings)

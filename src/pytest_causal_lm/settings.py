@@ -126,6 +126,42 @@ OPTIONS: tuple[OptionSpec, ...] = (
         None,
         metavar="DIR",
     ),
+    OptionSpec(
+        "benchmark",
+        "Run the cached vs uncached generation benchmarks (pytest-benchmark); otherwise they skip. "
+        "--benchmark-only also turns them on. Default: off.",
+        default=False,
+        flag=True,
+        parse=_parse_bool,
+    ),
+    OptionSpec(
+        "benchmark_new_tokens",
+        "New-token counts of the benchmark sweep; repeat or comma-separate. Default: 8,32,128.",
+        default=(8, 32, 128),
+        multiple=True,
+        parse=_parse_int,
+        metavar="N",
+    ),
+    OptionSpec(
+        "benchmark_prompt_length", "Prompt length of the benchmark, in tokens. Default: 32.", 32, parse=_parse_int
+    ),
+    OptionSpec(
+        "benchmark_rounds", "Timed rounds per benchmark, after 1 warm-up round. Default: 3.", 3, parse=_parse_int
+    ),
+    OptionSpec(
+        "benchmark_plot",
+        "Where the benchmark's time-vs-new-tokens PNG goes, relative to the rootdir. Default: causal_lm_benchmark.png.",
+        "causal_lm_benchmark.png",
+        metavar="PATH",
+    ),
+    OptionSpec(
+        "peak_bandwidth",
+        "Peak memory bandwidth of the device in GB/s, for the bandwidth fraction of cached decoding on CUDA. "
+        "Default: from a table of known GPUs.",
+        None,
+        parse=_parse_float,
+        metavar="GBPS",
+    ),
 )
 
 
@@ -154,14 +190,20 @@ class Settings:
         parts = []
         for name, setting in self.values.items():
             value = setting.value
-            shown = (",".join(value) or "none") if isinstance(value, (tuple, list)) else value
+            shown = (",".join(map(str, value)) or "none") if isinstance(value, (tuple, list)) else value
             parts.append(f"{name}={shown} ({setting.source})")
         return parts
 
 
 def _from_text(spec: OptionSpec, text: str, source: str) -> Any:
     if spec.multiple:
-        return tuple(part.strip() for part in text.split(",") if part.strip())
+        return tuple(_parsed(spec, part.strip(), source) for part in text.split(",") if part.strip())
+    return _parsed(spec, text, source)
+
+
+def _parsed(spec: OptionSpec, text: Any, source: str) -> Any:
+    if not isinstance(text, str):
+        return text
     try:
         return spec.parse(text)
     except ValueError as exc:
@@ -173,13 +215,15 @@ def _resolve_one(spec: OptionSpec, config: pytest.Config, environ: dict[str, str
     if spec.flag and option_value is False:
         option_value = None  # store_true leaves False when the flag is absent
     if option_value not in (None, []):
-        value = tuple(option_value) if spec.multiple else option_value
-        return Setting(value, "option")
+        if spec.multiple:
+            parts = [part.strip() for value in option_value for part in str(value).split(",") if part.strip()]
+            return Setting(tuple(_parsed(spec, part, spec.option) for part in parts), "option")
+        return Setting(_parsed(spec, option_value, spec.option), "option")
     if environ.get(spec.env, "").strip():
         return Setting(_from_text(spec, environ[spec.env], f"environment variable {spec.env}"), "env")
     ini_value = config.getini(spec.ini)
     if spec.multiple and ini_value:
-        return Setting(tuple(v.strip() for v in ini_value if v.strip()), "ini")
+        return Setting(tuple(_parsed(spec, v.strip(), f"ini key {spec.ini}") for v in ini_value if v.strip()), "ini")
     if spec.flag and ini_value is True:
         return Setting(True, "ini")
     if not spec.multiple and not spec.flag and ini_value not in (None, ""):
