@@ -155,6 +155,15 @@ class BenchmarkCollector:
     def targets(self) -> list[str]:
         return list(dict.fromkeys(key[0] for key in self.measurements))
 
+    def speedup_summary(self, target_id: str) -> str:
+        """``3.77x@128, ...``: cached/uncached speedup per new-token count."""
+        parts = []
+        for n in sorted({key[2] for key in self.measurements if key[0] == target_id}):
+            uncached, cached = (self.measurements.get((target_id, c, n)) for c in (False, True))
+            if uncached and cached:
+                parts.append(f"{uncached.seconds / cached.seconds:.2f}x@{n}")
+        return ", ".join(parts)
+
     def table(self, target_id: str) -> list[str]:
         """Rows: new tokens, uncached and cached tokens/s, speedup."""
         lines = [f"{'new tokens':>10} {'uncached tok/s':>15} {'cached tok/s':>13} {'speedup':>8}"]

@@ -14,11 +14,13 @@ import pytest
 
 from .benchmark import BenchmarkCollector
 from .loading import CausalLM, CheckpointLoadError, ModelCache, Target
+from .report import VerdictTable
 from .settings import OPTIONS, Settings, resolve_settings
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 CACHE_KEY = pytest.StashKey[ModelCache]()
 BENCHMARK_KEY = pytest.StashKey[BenchmarkCollector]()
+VERDICT_KEY = pytest.StashKey[VerdictTable]()
 SUITE_DIR = Path(__file__).parent / "suite"
 
 # Markers of the built-in suite, for -m selection of invariant families.
@@ -71,6 +73,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = settings
     config.stash[CACHE_KEY] = ModelCache(seed=settings.seed, atol=settings.atol, rtol=settings.rtol)
     config.stash[BENCHMARK_KEY] = BenchmarkCollector()
+    config.stash[VERDICT_KEY] = VerdictTable()
+    config.pluginmanager.register(_VerdictListener(config.stash[VERDICT_KEY]), "causal-lm-verdict")
+    if settings.report and not settings.report.endswith((".md", ".json")):
+        raise pytest.UsageError(f"--causal-lm-report: {settings.report!r} must end in .md or .json")
     if settings.checkpoint and settings.suite == "only":
         config.args[:] = [str(SUITE_DIR)]
     elif settings.checkpoint and settings.suite == "on" and str(SUITE_DIR) not in config.args:
@@ -81,16 +87,104 @@ def benchmarks_enabled(config: pytest.Config) -> bool:
     return bool(config.stash[SETTINGS_KEY].benchmark or config.getoption("benchmark_only", False))
 
 
+def _target_of(item: pytest.Item) -> Target | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("causal_lm_target") if callspec is not None else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if benchmarks_enabled(config):
-        return
     skip = pytest.mark.skip(reason="benchmarks are opt-in: pass --causal-lm-benchmark (or --benchmark-only)")
     for item in items:
-        if item.get_closest_marker("causal_lm_benchmark"):
+        target = _target_of(item)
+        if target is not None:  # tags the reports so the verdict table can be built from them alone
+            test = getattr(item, "originalname", item.name)
+            item.user_properties.append(
+                ("causal_lm_cell", {"target": target.id, "test": test, "device": target.device})
+            )
+        if item.get_closest_marker("causal_lm_benchmark") and not benchmarks_enabled(config):
             item.add_marker(skip)
 
 
+class _VerdictListener:
+    """Feeds every test report to the session's verdict table (on the xdist controller too)."""
+
+    def __init__(self, table: VerdictTable) -> None:
+        self.table = table
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.table.add_report(report)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    report = yield
+    target = _target_of(item)
+    if report.failed and target is not None:
+        report.sections.append(("causal-lm", _failure_context(item.config, target)))
+    return report
+
+
+def _failure_context(config: pytest.Config, target: Target) -> str:
+    import sys
+
+    settings = config.stash[SETTINGS_KEY]
+    versions = {
+        name: getattr(sys.modules.get(name), "__version__", "not imported") for name in ("torch", "transformers")
+    }
+    return "\n".join(
+        [
+            f"checkpoint: {target.checkpoint}",
+            f"revision: {target.revision or 'default'}",
+            f"device: {target.device}",
+            f"dtype: {target.dtype}",
+            f"seed: {settings.seed}",
+            f"torch: {versions['torch']}",
+            f"transformers: {versions['transformers']}",
+        ]
+    )
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    _benchmark_summary(terminalreporter, config)
+    _verdict_summary(terminalreporter, config)
+
+
+def _verdict_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    from .report import device_name, library_versions
+
+    table = config.stash.get(VERDICT_KEY, None)
+    if table is None or not table.cells:
+        return
+    settings = config.stash[SETTINGS_KEY]
+    collector = config.stash[BENCHMARK_KEY]
+    for target_id in collector.targets():
+        table.speedups[target_id] = collector.speedup_summary(target_id)
+    terminalreporter.section("causal-lm verdict")
+    for line in table.terminal_lines(config.get_verbosity()):
+        terminalreporter.write_line(line)
+    if not settings.report and not settings.github_summary:
+        return
+    table.devices = {target: device_name(device) for target, device in table.devices.items()}
+    versions, described = library_versions(), settings.describe()
+    if settings.report:
+        path = config.rootpath / settings.report
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = table.to_json(versions, described) if path.suffix == ".json" else table.to_markdown(versions, described)
+        path.write_text(text, encoding="utf-8")
+        terminalreporter.write_line(f"causal-lm report written to {path}")
+    if settings.github_summary:
+        import os
+
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as handle:
+                handle.write(table.to_markdown(versions, described) + "\n")
+            terminalreporter.write_line(f"causal-lm verdict appended to {summary}")
+        else:
+            terminalreporter.write_line("causal-lm: GITHUB_STEP_SUMMARY is not set; no job summary written")
+
+
+def _benchmark_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     collector = config.stash.get(BENCHMARK_KEY, None)
     if not collector or not collector.measurements:
         return

@@ -127,6 +127,19 @@ OPTIONS: tuple[OptionSpec, ...] = (
         metavar="DIR",
     ),
     OptionSpec(
+        "report",
+        "Also write the verdict table to PATH: .md (Markdown, for CI job summaries) or .json. Default: none.",
+        None,
+        metavar="PATH",
+    ),
+    OptionSpec(
+        "github_summary",
+        "Append the Markdown verdict to $GITHUB_STEP_SUMMARY when that variable is set. Default: off.",
+        default=False,
+        flag=True,
+        parse=_parse_bool,
+    ),
+    OptionSpec(
         "benchmark",
         "Run the cached vs uncached generation benchmarks (pytest-benchmark); otherwise they skip. "
         "--benchmark-only also turns them on. Default: off.",

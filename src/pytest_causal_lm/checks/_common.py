@@ -142,6 +142,15 @@ class CheckResult:
         if finite.numel():
             self.greatest_difference = max(self.greatest_difference, float(finite.max()))
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for reports (survives pytest-xdist and junitxml)."""
+        return {
+            "invariant": self.invariant,
+            "greatest_difference": self.greatest_difference if self.tolerance is not None else None,
+            "tolerance": str(self.tolerance) if self.tolerance is not None else None,
+            "notes": list(self.notes or []),
+        }
+
     def note(self, text: str) -> None:
         self.notes = [*(self.notes or []), text]
 

@@ -1,7 +1,7 @@
 """The built-in invariant suite, collected when a checkpoint is configured.
 
 Each test calls one public helper and records what it measured as the
-``causal_lm`` user property (it lands in --junitxml). Select families with
+``causal_lm`` user property (a dict; it feeds the verdict table and --junitxml). Select families with
 -m (causal_lm_shapes, causal_lm_cache, ...) or single tests with -k.
 """
 
@@ -20,7 +20,7 @@ Record = Callable[[str, object], None]
 
 def _record(record_property: Record, result: clm.CheckResult | None) -> None:
     if result is not None:
-        record_property("causal_lm", str(result))
+        record_property("causal_lm", result.as_dict())
 
 
 @pytest.mark.causal_lm_shapes

@@ -1,0 +1,142 @@
+"""The verdict table, the Markdown/JSON reports, the failure context, and the examples that use them."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+# Scores that change from run to run: a model whose kernels ignore eval() and stay random.
+NOISY_CONFTEST = """
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def causal_lm(causal_lm):
+    causal_lm.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: output + 0.1 * torch.randn_like(output)
+    )
+    return causal_lm
+"""
+
+ARGS = (
+    "--causal-lm-checkpoint=tiny:qwen3",
+    "--causal-lm-suite=only",
+    "-m",
+    "causal_lm_shapes or causal_lm_determinism or causal_lm_snapshot or causal_lm_chat",
+)
+
+
+@pytest.fixture
+def noisy(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(NOISY_CONFTEST)
+    return pytester
+
+
+def test_terminal_table_shows_pass_fail_and_skip_cells_with_figures(noisy: pytest.Pytester) -> None:
+    result = noisy.runpytest(*ARGS)
+    result.assert_outcomes(passed=2, failed=2, skipped=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*= causal-lm verdict =*",
+            "checkpoint-device-dtype shap keep det  chat snap",
+            "tiny-qwen3-cpu-float32  ok   FAIL FAIL ok   skip",
+            "legend: shap=output shapes, keep=logits_to_keep, det=determinism, chat=chat template, snap=*",
+            "  tiny-qwen3-cpu-float32 logits_to_keep FAIL Δ * logits_to_keep=1 scores differ from the full forward's last row",
+            "  tiny-qwen3-cpu-float32 determinism FAIL Δ *: non-deterministic scores: the same input gave different scores at position 0",
+        ]
+    )
+
+
+def test_quiet_gives_one_line_per_target_and_verbose_every_figure(noisy: pytest.Pytester) -> None:
+    quiet = noisy.runpytest(*ARGS, "-q")
+    quiet.stdout.fnmatch_lines(["tiny-qwen3-cpu-float32: 2 FAIL, 2 ok, 1 skip"])
+    verbose = noisy.runpytest(*ARGS, "-v")
+    verbose.stdout.fnmatch_lines(["  tiny-qwen3-cpu-float32 behaviour snapshot skip: behaviour snapshots are opt-in*"])
+
+
+def test_failing_reports_carry_a_causal_lm_section(noisy: pytest.Pytester) -> None:
+    result = noisy.runpytest(*ARGS)
+    result.stdout.fnmatch_lines(
+        [
+            "*- causal-lm -*",
+            "checkpoint: tiny:qwen3",
+            "revision: default",
+            "device: cpu",
+            "dtype: float32",
+            "seed: 0",
+            "torch: 2.*",
+            "transformers: 5.*",
+        ]
+    )
+
+
+def test_markdown_and_json_reports_are_complete(noisy: pytest.Pytester) -> None:
+    noisy.runpytest(*ARGS, "--causal-lm-report=reports/verdict.md")
+    markdown = (noisy.path / "reports" / "verdict.md").read_text()
+    assert (
+        "| checkpoint-device-dtype | output shapes | logits_to_keep | determinism | chat template | behaviour snapshot |"
+        in markdown
+    )
+    assert "| `tiny-qwen3-cpu-float32` | ✅ pass | ❌ FAIL Δ " in markdown
+    assert "⏭ skip |" in markdown
+    for line in ("- torch: 2.", "- transformers: 5.", "- python: 3.", "- checkpoint=tiny:qwen3 (option)"):
+        assert line in markdown, line
+    noisy.runpytest(*ARGS, "--causal-lm-report=verdict.json")
+    report = json.loads((noisy.path / "verdict.json").read_text())
+    assert set(report) == {"versions", "settings", "targets"}
+    assert set(report["versions"]) == {"python", "torch", "transformers", "pytest-causal-lm"}
+    cells = report["targets"]["tiny-qwen3-cpu-float32"]["invariants"]
+    assert {name: cell["outcome"] for name, cell in cells.items()} == {
+        "output shapes": "ok",
+        "logits_to_keep": "FAIL",
+        "determinism": "FAIL",
+        "chat template": "ok",
+        "behaviour snapshot": "skip",
+    }
+    assert cells["determinism"]["figure"].startswith("Δ ")
+    assert report["targets"]["tiny-qwen3-cpu-float32"]["device_name"]
+
+
+def test_report_path_must_be_markdown_or_json(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--causal-lm-report=verdict.txt")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--causal-lm-report: 'verdict.txt' must end in .md or .json*"])
+
+
+def test_github_job_summary_is_appended_when_asked(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    summary = pytester.path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    pytester.runpytest(*ARGS).assert_outcomes(passed=4, skipped=1)
+    assert summary.read_text() == "earlier step\n"  # not asked: untouched
+    pytester.runpytest(*ARGS, "--causal-lm-github-summary").assert_outcomes(passed=4, skipped=1)
+    text = summary.read_text()
+    assert text.startswith("earlier step\n## causal-lm verdict\n") and "| `tiny-qwen3-cpu-float32` | ✅ pass" in text
+
+
+def test_model_repo_example_runs_suite_custom_prompts_and_benchmark(pytester: pytest.Pytester) -> None:
+    shutil.copytree(EXAMPLES / "model-repo", pytester.path, dirs_exist_ok=True)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0
+    # 4 custom-prompt tests + the benchmark example + the built-in invariants
+    assert outcomes["passed"] >= 5 + 13
+    assert (pytester.path / "causal-lm-report.md").read_text().startswith("## causal-lm verdict")
+
+
+def test_github_actions_example_uses_only_options_that_exist() -> None:
+    from pytest_causal_lm.settings import OPTIONS
+
+    workflow = (EXAMPLES / "github-actions" / "causal-lm.yml").read_text()
+    used = set(re.findall(r"--causal-lm-[a-z-]+", workflow))
+    assert used <= {spec.option for spec in OPTIONS}, used - {spec.option for spec in OPTIONS}
+    assert {"--causal-lm-report", "--causal-lm-github-summary", "--causal-lm-benchmark"} <= used
+    for fragment in ("actions/cache@", "--benchmark-json=benchmark.json", "causal_lm_snapshots/", "upload-artifact"):
+        assert fragment in workflow, fragment
