@@ -11,6 +11,7 @@ checkpoint. They need no network and build in about a second.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "1"
+_RECIPE_VERSION = "2"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -155,13 +156,95 @@ def _build_model(recipe: dict[str, Any], tokenizer: Any) -> Any:
     return model
 
 
+# Sizes every architecture is asked for; each config maps the standard names to its own.
+_TINY_SIZES: dict[str, Any] = {
+    "vocab_size": _VOCAB_SIZE,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 512,
+    "initializer_range": _INITIALIZER_RANGE,
+    # mixture-of-experts, multi-latent attention, state-space and hybrid models
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "state_size": 8,
+    "ssm_state_size": 8,
+    "conv_kernel": 4,
+    "expand": 2,
+    "is_decoder": True,
+}
+MAX_TINY_PARAMETERS = 5_000_000
+
+
+class TinyBuildError(Exception):
+    """An architecture could not be built as a tiny model on CPU; the message says why."""
+
+
+def _build_any_architecture(model_type: str, tokenizer: Any) -> Any:
+    """A tiny random causal LM of any architecture transformers maps in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    specials = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    try:
+        config_class = type(AutoConfig.for_model(model_type))
+        accepted = set(inspect.signature(config_class.__init__).parameters) | set(config_class.attribute_map)
+        # only what this architecture understands: a stray attribute (num_key_value_heads on GPT-2)
+        # would describe a model that does not exist
+        sizes = {key: value for key, value in _TINY_SIZES.items() if key in accepted or key == "is_decoder"}
+        config = config_class(**sizes, **specials)
+        text = config.get_text_config()
+        if text is not config:  # multimodal wrapper: shrink its decoder the same way
+            for key, value in {**_TINY_SIZES, **specials}.items():
+                if hasattr(text, key):
+                    setattr(text, key, value)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as exc:
+        raise TinyBuildError(f"{model_type}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_TINY_PARAMETERS:
+        raise TinyBuildError(f"{model_type}: {count:,} parameters after shrinking (limit {MAX_TINY_PARAMETERS:,})")
+    model.generation_config.do_sample = False
+    return model
+
+
 def write_tiny_checkpoint(name: str, directory: str | os.PathLike[str]) -> Path:
-    """Build the tiny checkpoint ``name`` (``qwen3`` or ``llama``) into ``directory``."""
-    if name not in TINY_VARIANTS:
-        raise ValueError(f"unknown tiny checkpoint {name!r}; choose from {', '.join(TINY_VARIANTS)}")
-    recipe = TINY_VARIANTS[name]
-    tokenizer = _train_tokenizer(recipe)
-    model = _build_model(recipe, tokenizer)
+    """Build the tiny checkpoint ``name`` into ``directory``.
+
+    ``qwen3`` and ``llama`` have their own recipes; any other name is a
+    transformers ``model_type`` built small with the qwen3 tokenizer.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if name in TINY_VARIANTS:
+        recipe = TINY_VARIANTS[name]
+        tokenizer = _train_tokenizer(recipe)
+        model = _build_model(recipe, tokenizer)
+    elif name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        tokenizer = _train_tokenizer(TINY_VARIANTS["qwen3"])
+        model = _build_any_architecture(name, tokenizer)
+    else:
+        raise ValueError(
+            f"unknown tiny checkpoint {name!r}; choose from {', '.join(TINY_VARIANTS)} "
+            "or a model_type of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
+        )
     target = Path(directory)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -182,11 +265,6 @@ def materialize(checkpoint: str) -> Path:
     concurrent workers (pytest-xdist) never see a half-written checkpoint.
     """
     name = checkpoint.removeprefix(TINY_PREFIX)
-    if name not in TINY_VARIANTS:
-        raise ValueError(
-            f"unknown built-in checkpoint {checkpoint!r}; choose from "
-            + ", ".join(TINY_PREFIX + n for n in TINY_VARIANTS)
-        )
     root = tiny_cache_dir()
     final = root / _versioned_name(name)
     if (final / "config.json").exists():

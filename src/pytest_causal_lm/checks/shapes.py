@@ -84,7 +84,7 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
                     (f"hidden_states[{index}]", f"shape {tuple(state.shape)}, expected {(1, seq, config.hidden_size)}")
                 )
                 break
-    cache = out.past_key_values
+    cache = getattr(out, "past_key_values", None)
     if isinstance(cache, DynamicCache) and all(hasattr(layer, "keys") for layer in cache.layers):
         if len(cache.layers) != layers:
             problems.append(("past_key_values", f"{len(cache.layers)} layers, expected {layers}"))
