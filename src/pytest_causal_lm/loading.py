@@ -23,11 +23,14 @@ class Target:
     revision: str | None = None
     attn_implementation: str | None = None
     trust_remote_code: bool = False
+    device_map: str | None = None
 
     @property
     def id(self) -> str:
-        """Readable test id: ``SmolLM2-135M-Instruct-cpu-float32``."""
-        return f"{short_name(self.checkpoint)}-{self.device}-{self.dtype}"
+        """Readable test id: ``SmolLM2-135M-Instruct-cpu-float32`` (``@rev`` and ``map-auto`` when set)."""
+        name = short_name(self.checkpoint) + (f"@{self.revision}" if self.revision else "")
+        device = f"map-{self.device_map}" if self.device_map else self.device
+        return f"{name}-{device}-{self.dtype}"
 
 
 def short_name(checkpoint: str) -> str:
@@ -221,9 +224,12 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
             "the tokenizer files are missing). Fix: save the tokenizer next to the weights (tokenizer.save_pretrained)."
         )
     model_kwargs["dtype"] = torch_dtype(target.dtype)
+    if target.device_map:
+        model_kwargs["device_map"] = target.device_map  # accelerate spreads the weights; no .to() afterwards
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
-        model.to(target.device)
+        if not target.device_map:
+            model.to(target.device)
     except Exception as exc:
         raise CheckpointLoadError(explain_load_error(exc, target.checkpoint, "model")) from exc
     model.eval()
@@ -247,6 +253,7 @@ class ModelCache:
     rtol: float | None = None
     loaded: dict[Target, CausalLM | CheckpointLoadError] = field(default_factory=dict)
     load_count: int = 0
+    peak_held: int = 0  # most models held at once: with release after the last test, 1 for a serial run
 
     def get(self, target: Target) -> CausalLM:
         if target not in self.loaded:
@@ -255,11 +262,21 @@ class ModelCache:
                 self.loaded[target] = load(target, seed=self.seed, atol=self.atol, rtol=self.rtol)
             except CheckpointLoadError as exc:
                 self.loaded[target] = exc
+            self.peak_held = max(self.peak_held, sum(isinstance(e, CausalLM) for e in self.loaded.values()))
         entry = self.loaded[target]
         if isinstance(entry, CheckpointLoadError):
             raise entry
         return entry
 
     def release(self, target: Target) -> None:
-        """Forget a loaded model so its memory can be freed."""
-        self.loaded.pop(target, None)
+        """Forget a loaded model so its memory can be freed once no fixture holds it."""
+        entry = self.loaded.pop(target, None)
+        if isinstance(entry, CausalLM):
+            import gc
+
+            import torch
+
+            del entry
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

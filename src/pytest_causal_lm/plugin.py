@@ -92,6 +92,27 @@ def _target_of(item: pytest.Item) -> Target | None:
     return callspec.params.get("causal_lm_target") if callspec is not None else None
 
 
+LAST_ITEM_KEY = pytest.StashKey[dict[str, Target]]()  # nodeid of the last test of each target
+
+
+@pytest.hookimpl(trylast=True)  # after other plugins have reordered: this is the order tests run in
+def pytest_collection_finish(session: pytest.Session) -> None:
+    last: dict[Target, str] = {}
+    for item in session.items:
+        target = _target_of(item)
+        if target is not None:
+            last[target] = item.nodeid
+    session.config.stash[LAST_ITEM_KEY] = {nodeid: target for target, nodeid in last.items()}
+
+
+@pytest.hookimpl(trylast=True)  # after the runner's teardown, so only the cache still holds the model
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Release a model after the last test that uses it, so a run over many checkpoints holds one at a time."""
+    target = item.config.stash.get(LAST_ITEM_KEY, {}).get(item.nodeid)
+    if target is not None and (nextitem is None or _target_of(nextitem) != target):
+        item.config.stash[CACHE_KEY].release(target)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip = pytest.mark.skip(reason="benchmarks are opt-in: pass --causal-lm-benchmark (or --benchmark-only)")
     for item in items:
@@ -211,7 +232,7 @@ def targets_of(settings: Settings) -> list[Target]:
     """Every checkpoint x device combination to test, with ``auto`` devices resolved."""
     from .devices import resolve_device
 
-    devices = list(dict.fromkeys(resolve_device(d) for d in settings.device))
+    devices = ["cpu"] if settings.device_map else list(dict.fromkeys(resolve_device(d) for d in settings.device))
     return [
         Target(
             checkpoint=checkpoint,
@@ -220,6 +241,7 @@ def targets_of(settings: Settings) -> list[Target]:
             revision=settings.revision,
             attn_implementation=settings.attn_implementation,
             trust_remote_code=settings.trust_remote_code,
+            device_map=settings.device_map,
         )
         for checkpoint in settings.checkpoint
         for device in devices

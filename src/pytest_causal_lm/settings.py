@@ -92,6 +92,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
         multiple=True,
     ),
     OptionSpec(
+        "device_map",
+        "Spread each model over the available devices with accelerate, as from_pretrained(device_map=...) "
+        "does for checkpoints larger than one GPU (e.g. auto). Replaces --causal-lm-device. Default: none.",
+        None,
+    ),
+    OptionSpec(
         "dtype",
         "Weights dtype: float32, bfloat16, float16, or auto (the checkpoint's own). Default: float32.",
         default="float32",

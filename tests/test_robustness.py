@@ -1,0 +1,161 @@
+"""Bad input, GGUF errors, device_map, pytest-xdist and memory: one short message per cause, no crashes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_plugin import RUN_BY_DEFAULT, SKIPPED_BY_DEFAULT
+
+QUICK = ("-m", "causal_lm_shapes or causal_lm_vocab or causal_lm_generation or causal_lm_padding or causal_lm_chat")
+
+
+def _copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def test_corrupt_safetensors_get_one_message_and_other_checkpoints_run(
+    pytester: pytest.Pytester, qwen3_path: Path
+) -> None:
+    broken = _copy(qwen3_path, pytester.path / "corrupt")
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    result = pytester.runpytest(
+        f"--causal-lm-checkpoint={broken}", "--causal-lm-checkpoint=tiny:llama", "-k", "determinism"
+    )
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*cannot load *corrupt: weights of *corrupt could not be read (*). Fix: re-save or re-download them.*"]
+    )
+
+
+def test_a_tokenizer_without_pad_token_uses_eos_for_padding(pytester: pytest.Pytester, qwen3_path: Path) -> None:
+    checkpoint = _copy(qwen3_path, pytester.path / "no-pad")
+    _edit_json(checkpoint / "tokenizer_config.json", pad_token=None)
+    for name in ("config.json", "generation_config.json"):
+        _edit_json(checkpoint / name, pad_token_id=None)
+    result = pytester.runpytest(f"--causal-lm-checkpoint={checkpoint}", *QUICK)
+    result.assert_outcomes(passed=8)
+
+
+def test_a_tokenizer_without_eos_still_runs_the_suite(pytester: pytest.Pytester, qwen3_path: Path) -> None:
+    checkpoint = _copy(qwen3_path, pytester.path / "no-eos")
+    _edit_json(checkpoint / "tokenizer_config.json", eos_token=None)
+    for name in ("config.json", "generation_config.json"):
+        _edit_json(checkpoint / name, eos_token_id=None)
+    result = pytester.runpytest(f"--causal-lm-checkpoint={checkpoint}", *QUICK)
+    result.assert_outcomes(passed=8)
+
+
+def test_a_tokenizer_without_chat_template_skips_the_chat_test_with_a_reason(
+    pytester: pytest.Pytester, qwen3_path: Path
+) -> None:
+    checkpoint = _copy(qwen3_path, pytester.path / "no-template")
+    (checkpoint / "chat_template.jinja").unlink()
+    result = pytester.runpytest(
+        f"--causal-lm-checkpoint={checkpoint}", "-m", "causal_lm_chat or causal_lm_generation", "-rs"
+    )
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*the tokenizer has no chat template*"])
+
+
+def test_a_missing_gguf_file_and_a_missing_gguf_package_are_named(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = pytester.runpytest("--causal-lm-checkpoint=models/absent.gguf", "-k", "determinism")
+    missing.stdout.fnmatch_lines(["*GGUF file models/absent.gguf does not exist. Fix: check the path.*"])
+    (pytester.path / "model.gguf").write_bytes(b"GGUF")
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
+    )
+    no_package = pytester.runpytest("--causal-lm-checkpoint=model.gguf", "-k", "determinism")
+    no_package.stdout.fnmatch_lines(
+        ["*model.gguf is a GGUF file and needs the gguf package. Fix: pip install gguf accelerate.*"]
+    )
+
+
+def test_a_directory_with_several_gguf_files_asks_which(pytester: pytest.Pytester) -> None:
+    (pytester.path / "quants").mkdir()
+    for name in ("q4.gguf", "q8.gguf"):
+        (pytester.path / "quants" / name).write_bytes(b"GGUF")
+    result = pytester.runpytest("--causal-lm-checkpoint=quants", "-k", "determinism")
+    result.stdout.fnmatch_lines(
+        ["*checkpoint directory quants has no config.json. It holds 2 .gguf files: pass one of them*"]
+    )
+
+
+def test_device_map_loads_through_accelerate_and_runs_the_suite(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_map="""
+        def test_placed_by_accelerate(causal_lm):
+            assert causal_lm.target.device_map == "auto"
+            # accelerate places every module; on a CPU-only machine all of them land on the CPU
+            placement = getattr(causal_lm.model, "hf_device_map", {"": str(causal_lm.model.device)})
+            assert set(map(str, placement.values())) <= {"cpu", "0", "cuda:0"}
+        """
+    )
+    marks = QUICK[1] + " or not (causal_lm or causal_lm_benchmark)"  # quick families and the test above
+    result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-device-map=auto", "-m", marks, "-v")
+    result.assert_outcomes(passed=9)
+    result.stdout.fnmatch_lines(["*test_placed_by_accelerate?tiny-qwen3-map-auto-float32? PASSED*"])
+
+
+def test_models_are_released_after_their_last_test_and_never_reloaded(pytester: pytest.Pytester) -> None:
+    from pytest_causal_lm.plugin import CACHE_KEY
+
+    checkpoints = [f"--causal-lm-checkpoint=tiny:{name}" for name in ("qwen3", "llama", "gpt2")]
+    recorder = pytester.inline_run(*checkpoints, *QUICK)
+    recorder.assertoutcome(passed=3 * 8)
+    cache = recorder.getcall("pytest_sessionfinish").session.config.stash[CACHE_KEY]
+    assert (cache.load_count, cache.peak_held, len(cache.loaded)) == (3, 1, 0)
+
+
+LOADS_PER_WORKER_PROBE = """
+import os
+from pathlib import Path
+
+from pytest_causal_lm.plugin import CACHE_KEY
+
+
+def pytest_sessionfinish(session):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "serial")
+    Path(f"loads-{worker}.txt").write_text(str(session.config.stash[CACHE_KEY].load_count))
+"""
+
+
+def test_xdist_gives_the_serial_results_with_one_load_per_worker(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(load_probe=LOADS_PER_WORKER_PROBE)
+    args = (
+        "-p",
+        "load_probe",
+        "--causal-lm-checkpoint=tiny:qwen3",
+        "--causal-lm-checkpoint=tiny:llama",
+        "-p",
+        "no:cacheprovider",
+    )
+    serial = pytester.runpytest_subprocess(*args)
+    parallel = pytester.runpytest_subprocess(*args, "-n", "2")
+    expected = {"passed": 2 * RUN_BY_DEFAULT, "skipped": 2 * SKIPPED_BY_DEFAULT}
+    serial.assert_outcomes(**expected)
+    parallel.assert_outcomes(**expected)
+    parallel.stdout.fnmatch_lines(
+        ["*causal-lm verdict*", "tiny-qwen3-cpu-float32  ok   ok*", "tiny-llama-cpu-float32  ok   ok*"]
+    )
+    loads = {p.name: int(p.read_text()) for p in pytester.path.glob("loads-gw*.txt")}
+    assert sorted(loads) == ["loads-gw0.txt", "loads-gw1.txt"]
+    assert all(count <= 2 for count in loads.values()), loads  # each worker loads each checkpoint at most once
