@@ -186,7 +186,9 @@ def test_classification_head_with_tied_embeddings_copies_the_head_instead_of_com
 ) -> None:
     model, tokenizer = broken.load_healthy(qwen3_path)
     classifier, notes = clm.load_score_head_classifier(model, str(qwen3_path))
-    assert notes == ["lm_head.weight is not stored (tied embeddings): score.weight was copied from the tied embedding"]
+    assert notes == [
+        "lm_head.weight is not stored (tied embeddings): score.weight was copied from the loaded causal LM head"
+    ]
     assert torch.equal(classifier.score.weight, model.get_output_embeddings().weight)
     result = clm.assert_classification_head_equivalent(model, tokenizer, classifier)
     assert result.greatest_difference < 1e-4

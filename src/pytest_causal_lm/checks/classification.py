@@ -8,6 +8,7 @@ the last (non-padding) position, and its argmax loop must reproduce ``generate``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,9 +57,10 @@ def load_score_head_classifier(
     """Load the tutorial's classifier for ``model``'s checkpoint: ``score.weight`` is ``lm_head.weight``.
 
     With tied embeddings ``lm_head.weight`` is not stored and the mapping finds
-    nothing; the score head is then copied from the tied embedding instead of
+    nothing (likewise when a checkpoint stores its head under a legacy name);
+    the score head is then copied from the causal LM's loaded head instead of
     being left random (the loading info is checked, never assumed).
-    Returns (classifier, notes). Skips when the architecture has no classifier class.
+    Returns (classifier, notes). Skips when the architecture has no last-token classifier.
     """
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -70,27 +72,36 @@ def load_score_head_classifier(
     ).get("AutoModelForSequenceClassification"):
         pytest.skip(f"{config.model_type} has no sequence-classification class in transformers")
     vocab_size = config.get_text_config().vocab_size
+    # the tutorial maps lm_head.weight; architectures that name their head otherwise (GPT-NeoX: embed_out) too
+    head_name = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
     classifier, info = AutoModelForSequenceClassification.from_pretrained(
         source or model.name_or_path,
         num_labels=vocab_size,
-        key_mapping={r"^lm_head\.weight$": "score.weight"},
+        key_mapping={rf"^{re.escape(head_name)}\.weight$": "score.weight"},
         output_loading_info=True,
         dtype=model.dtype,
         **from_pretrained_kwargs,
     )
+    score = getattr(classifier, "score", None)
+    if not isinstance(score, torch.nn.Linear) or tuple(score.weight.shape) != (
+        vocab_size,
+        config.get_text_config().hidden_size,
+    ):
+        pytest.skip(
+            f"{type(classifier).__name__} has no last-token linear score head (it pools another way, e.g. the first "
+            "token through a pooler), so the lm_head cannot become its classifier"
+        )
     notes = []
     if any(key.endswith("score.weight") for key in info.get("missing_keys", ())):
+        # the mapping found nothing, so score.weight is random: take the head the causal LM actually loaded
         lm_head = model.get_output_embeddings().weight
-        if lm_head.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-            raise failure(
-                "classification head would be random: lm_head.weight is not stored in the checkpoint and the "
-                "embeddings are not tied",
-                model,
-                [("missing keys", sorted(info["missing_keys"])[:8])],
-            )
         with torch.no_grad():
             classifier.score.weight.copy_(lm_head.to(classifier.score.weight.device))
-        notes.append("lm_head.weight is not stored (tied embeddings): score.weight was copied from the tied embedding")
+        tied = lm_head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+        reason = (
+            "tied embeddings" if tied else f"the checkpoint stores the head under another name than {head_name}.weight"
+        )
+        notes.append(f"lm_head.weight is not stored ({reason}): score.weight was copied from the loaded causal LM head")
     classifier.to(model.device).eval()
     classifier.requires_grad_(False)
     return classifier, notes
