@@ -110,6 +110,7 @@ ALLOWED_SKIPS = re.compile(
     r"|has no logits_to_keep argument"
     r"|behaviour snapshots are opt-in"
     r"|benchmarks are opt-in"
+    r"|no reference configured"
 )
 
 

@@ -109,7 +109,7 @@ def test_device_map_loads_through_accelerate_and_runs_the_suite(pytester: pytest
             assert set(map(str, placement.values())) <= {"cpu", "0", "cuda:0"}
         """
     )
-    marks = QUICK[1] + " or not (causal_lm or causal_lm_benchmark)"  # quick families and the test above
+    marks = QUICK[1] + " or not (causal_lm or causal_lm_benchmark or causal_lm_reference)"  # and the test above
     result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-device-map=auto", "-m", marks, "-v")
     result.assert_outcomes(passed=9)
     result.stdout.fnmatch_lines(["*test_placed_by_accelerate?tiny-qwen3-map-auto-float32? PASSED*"])

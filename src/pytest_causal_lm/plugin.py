@@ -37,6 +37,7 @@ MARKERS = {
     "causal_lm_chat": "causal LM invariant: chat template",
     "causal_lm_snapshot": "causal LM behaviour snapshot (syrupy)",
     "causal_lm_benchmark": "cached vs uncached generation benchmark (opt-in: --causal-lm-benchmark)",
+    "causal_lm_reference": "drift from a reference checkpoint (opt-in: --causal-lm-reference)",
 }
 DEFAULT_SNAPSHOT_DIR = "causal_lm_snapshots"
 
@@ -225,7 +226,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = config.stash.get(SETTINGS_KEY, None)
     if settings is None:
         return []
-    return ["causal-lm: " + ", ".join(settings.describe())]
+    return ["causal-lm: " + ", ".join(settings.describe(everything=config.get_verbosity() > 0))]
 
 
 def targets_of(settings: Settings) -> list[Target]:
@@ -315,6 +316,66 @@ def causal_lm_snapshot(request: pytest.FixtureRequest, snapshot: Any) -> Any:
     from .snapshot import snapshot_extension
 
     return snapshot.use_extension(snapshot_extension(snapshot_root(request.config)))
+
+
+REFERENCE_KEY = pytest.StashKey[dict[str, Any]]()
+
+
+@pytest.fixture(scope="session")
+def causal_lm_reference(request: pytest.FixtureRequest, causal_lm_target: Target) -> Any:
+    """The reference checkpoint's outputs on the candidate's device, computed once; the reference model is freed.
+
+    Request it before ``causal_lm`` so the reference is gone before the candidate loads.
+    """
+    import gc
+
+    from .checks.reference import reference_outputs
+    from .loading import load
+
+    settings = request.config.stash[SETTINGS_KEY]
+    if not settings.reference:
+        pytest.skip("no reference configured: pass --causal-lm-reference=CKPT to compare checkpoints with it")
+    computed = request.config.stash.setdefault(REFERENCE_KEY, {})
+    key = causal_lm_target.device
+    if key not in computed:
+        target = Target(
+            checkpoint=settings.reference,
+            device=causal_lm_target.device,
+            dtype=settings.reference_dtype,
+            revision=None,
+            attn_implementation=settings.attn_implementation,
+            trust_remote_code=settings.trust_remote_code,
+        )
+        try:
+            handle = load(target, seed=settings.seed)
+        except CheckpointLoadError as exc:
+            computed[key] = f"cannot load the reference {settings.reference}: {exc}"
+        else:
+            computed[key] = reference_outputs(
+                handle.model, handle.tokenizer, prompts=_reference_prompts(request.config)
+            )
+            del handle
+            gc.collect()
+    if isinstance(computed[key], str):
+        pytest.fail(computed[key], pytrace=False)
+    return computed[key]
+
+
+def _reference_prompts(config: pytest.Config) -> list[str]:
+    import json
+
+    from .checks.reference import REFERENCE_PROMPTS
+
+    path = config.stash[SETTINGS_KEY].reference_prompts
+    if not path:
+        return list(REFERENCE_PROMPTS)
+    text = (config.rootpath / path).read_text(encoding="utf-8")
+    prompts = json.loads(text) if path.endswith(".json") else [line for line in text.splitlines() if line.strip()]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise pytest.UsageError(
+            f"--causal-lm-reference-prompts: {path} holds no prompts (one per line, or a JSON list)"
+        )
+    return prompts
 
 
 @pytest.fixture(scope="session")

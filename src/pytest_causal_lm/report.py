@@ -31,8 +31,9 @@ INVARIANTS: dict[str, tuple[str, str]] = {
     "test_batch_independence": ("bat", "batch independence"),
     "test_chat_template": ("chat", "chat template"),
     "test_behaviour_snapshot": ("snap", "behaviour snapshot"),
+    "test_reference_drift": ("ref", "reference drift"),
 }
-_DIFFERENCE = re.compile(r"greatest \|difference\|\s*:?\s*([-+0-9.e]+|nan|inf)")
+_DIFFERENCE = re.compile(r"(?:greatest \|difference\||KL mean)\s*:?\s*([-+0-9.e]+|nan|inf)")
 _TOKENS_PER_STEP = re.compile(r"decoding steps fed \[([0-9, ]+)\] tokens/sequence")
 
 
@@ -108,6 +109,8 @@ class VerdictTable:
             figure = ""
             if result.get("greatest_difference") is not None:
                 figure = f"Δ {result['greatest_difference']:.2g}"
+            if result.get("drift"):
+                figure = f"KL {result['drift']['kl_mean']:.2g}"
             per_step = _TOKENS_PER_STEP.search(" ".join(notes))
             if per_step:
                 figure = f"{per_step.group(1)} tok/step"

@@ -18,6 +18,7 @@ __all__ = ["DTYPE_CHOICES", "OPTIONS", "OptionSpec", "Setting", "Settings", "res
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 SUITE_CHOICES = ("on", "off", "only")
+MAIN_SETTINGS = ("checkpoint", "device", "dtype", "suite")  # always in the report header
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -146,6 +147,36 @@ OPTIONS: tuple[OptionSpec, ...] = (
         parse=_parse_bool,
     ),
     OptionSpec(
+        "reference",
+        "Reference checkpoint: every checkpoint is compared with it (KL divergence, top-k agreement, greedy "
+        "agreement, perplexity) on the same device. Default: none (the reference test skips).",
+        None,
+        metavar="CKPT",
+    ),
+    OptionSpec(
+        "reference_dtype",
+        "dtype the reference is loaded in. Default: float32.",
+        "float32",
+        choices=DTYPE_CHOICES,
+    ),
+    OptionSpec(
+        "reference_prompts",
+        "File of prompts for the reference comparison: one per line, or a .json list. Default: 24 built-in prompts.",
+        None,
+        metavar="FILE",
+    ),
+    OptionSpec(
+        "reference_max_kl_mean",
+        "Largest mean KL(reference || candidate) in nats. Default: 0.01.",
+        0.01,
+        parse=_parse_float,
+    ),
+    OptionSpec("reference_max_kl_p99", "Largest 99th-percentile KL in nats. Default: 0.1.", 0.1, parse=_parse_float),
+    OptionSpec("reference_min_top1", "Smallest top-1 agreement rate. Default: 0.9.", 0.9, parse=_parse_float),
+    OptionSpec(
+        "reference_max_perplexity_delta", "Largest relative perplexity change. Default: 0.05.", 0.05, parse=_parse_float
+    ),
+    OptionSpec(
         "benchmark",
         "Run the cached vs uncached generation benchmarks (pytest-benchmark); otherwise they skip. "
         "--benchmark-only also turns them on. Default: off.",
@@ -204,10 +235,12 @@ class Settings:
         except KeyError:
             raise AttributeError(name) from None
 
-    def describe(self) -> list[str]:
-        """``name=value (source)`` for every setting, for the report header."""
+    def describe(self, everything: bool = True) -> list[str]:
+        """``name=value (source)`` per setting; without ``everything``, only the main ones and those not default."""
         parts = []
         for name, setting in self.values.items():
+            if not everything and setting.source == "default" and name not in MAIN_SETTINGS:
+                continue
             value = setting.value
             shown = (",".join(map(str, value)) or "none") if isinstance(value, (tuple, list)) else value
             parts.append(f"{name}={shown} ({setting.source})")

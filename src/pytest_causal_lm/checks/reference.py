@@ -1,0 +1,311 @@
+"""Reference comparison: how far a converted, quantised or fine-tuned checkpoint drifts from its reference.
+
+The reference's outputs (next-token log-probabilities, greedy continuations,
+perplexity) are computed once and kept as CPU tensors, so the reference model
+can be freed before the candidate is compared against them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..tolerances import Tolerance
+from ._common import failure, resolve_tolerance, text_of, token
+from .greedy import greedy_generate
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "REFERENCE_PROMPTS",
+    "DriftReport",
+    "ReferenceOutputs",
+    "assert_close_to_reference",
+    "compare_to_reference",
+    "reference_outputs",
+]
+
+REFERENCE_PROMPTS: tuple[str, ...] = (
+    "Hi dog how are you?",
+    "Text generation is sequence classification in a for-loop.",
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "import numpy as np\n\nx = np.arange(10)\nprint(",
+    "1, 2, 3, 4, 5, 6,",
+    "Question: What is 12 times 7?\nAnswer:",
+    "The quick brown fox jumps over the lazy dog.",
+    "To make a cup of tea, first",
+    "Dear Sir or Madam,\n\nI am writing to",
+    "The three primary colours are",
+    "In 1969, the first humans landed on",
+    "Bonjour, je m'appelle",
+    "SELECT name, age FROM users WHERE",
+    "The weather today is sunny and",
+    "<html>\n  <body>\n    <h1>",
+    "Translate to German: Good morning ->",
+    "The mitochondria is the powerhouse of",
+    "List of fruits:\n- apple\n- banana\n-",
+    "She opened the door and saw",
+    "Water boils at 100 degrees",
+    "user: Can you help me write a poem?\nassistant:",
+    "The best way to learn a new language is",
+)
+
+PERPLEXITY_TEXT = (
+    "Language models read text one token at a time and give every token in the vocabulary a score. "
+    "The scores become probabilities, and the probability of the text is the product of the probabilities "
+    "of its tokens. Perplexity is the exponential of the average negative log-probability per token: a "
+    "model that predicts the text well has a low perplexity, and a damaged model has a high one."
+)
+
+# Defaults: a float32 vs bfloat16 copy passes comfortably; damaged weights do not.
+DEFAULT_THRESHOLDS: dict[str, float] = {
+    "kl_mean": 0.01,  # nats
+    "kl_p99": 0.1,
+    "top1_agreement": 0.9,  # minimum
+    "perplexity_delta": 0.05,  # relative, absolute value
+}
+
+
+@dataclass
+class ReferenceOutputs:
+    """What the reference said, on CPU: enough to compare any candidate without the reference model."""
+
+    checkpoint: str
+    prompts: list[str]
+    input_ids: list[list[int]]
+    logprobs: list[Any]  # per prompt: (positions, vocab) float32
+    greedy: list[list[int]]
+    greedy_logprobs: list[list[Any]]  # per prompt, per step: (vocab,)
+    perplexity: float
+    tokenizer_facts: dict[str, Any]
+
+
+@dataclass
+class DriftReport:
+    """Statistics of a candidate against a reference."""
+
+    kl_mean: float
+    kl_p95: float
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float
+    top5_overlap: float
+    greedy_agreement: float  # mean fraction of the reference continuation reproduced before the first divergence
+    divergences: list[str] = field(default_factory=list)
+    perplexity_reference: float = 0.0
+    perplexity_candidate: float = 0.0
+    worst: str = ""
+
+    @property
+    def perplexity_delta(self) -> float:
+        return (self.perplexity_candidate - self.perplexity_reference) / self.perplexity_reference
+
+    def as_dict(self, digits: int = 4) -> dict[str, Any]:
+        """Rounded figures: stable enough for reports and snapshots."""
+
+        def r(value: float) -> float:
+            return float(f"{value:.{digits}g}")
+
+        return {
+            "kl_mean": r(self.kl_mean),
+            "kl_p95": r(self.kl_p95),
+            "kl_p99": r(self.kl_p99),
+            "kl_max": r(self.kl_max),
+            "top1_agreement": r(self.top1_agreement),
+            "top5_overlap": r(self.top5_overlap),
+            "greedy_agreement": r(self.greedy_agreement),
+            "perplexity_reference": r(self.perplexity_reference),
+            "perplexity_candidate": r(self.perplexity_candidate),
+            "perplexity_delta": r(self.perplexity_delta),
+        }
+
+    def __str__(self) -> str:
+        d = self.as_dict(3)
+        return (
+            f"KL mean {d['kl_mean']} p95 {d['kl_p95']} p99 {d['kl_p99']} max {d['kl_max']}; "
+            f"top-1 agreement {d['top1_agreement']:.1%}; top-5 overlap {d['top5_overlap']:.1%}; "
+            f"greedy agreement {d['greedy_agreement']:.1%}; perplexity {d['perplexity_reference']} -> "
+            f"{d['perplexity_candidate']} ({d['perplexity_delta']:+.2%})"
+        )
+
+
+def _tokenizer_facts(tokenizer: Any) -> dict[str, Any]:
+    return {
+        "len": len(tokenizer),
+        "special": {
+            name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        },
+    }
+
+
+def _perplexity(model: Any, tokenizer: Any) -> float:
+    import torch
+
+    ids = tokenizer(PERPLEXITY_TEXT, return_tensors="pt")["input_ids"].to(model.device)
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    nll = -logprobs.gather(-1, ids[0, 1:, None]).mean()
+    return math.exp(float(nll))
+
+
+def reference_outputs(
+    model: Any, tokenizer: Any, *, prompts: Sequence[str] = REFERENCE_PROMPTS, max_new_tokens: int = 16
+) -> ReferenceOutputs:
+    """Run the reference once: log-probabilities at every prompt position, greedy continuations, perplexity."""
+    import torch
+
+    outputs = ReferenceOutputs(
+        checkpoint=str(model.name_or_path),
+        prompts=list(prompts),
+        input_ids=[],
+        logprobs=[],
+        greedy=[],
+        greedy_logprobs=[],
+        perplexity=_perplexity(model, tokenizer),
+        tokenizer_facts=_tokenizer_facts(tokenizer),
+    )
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+        generated = greedy_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)[0]
+        full = torch.cat([ids, torch.tensor([generated], dtype=ids.dtype, device=ids.device)], dim=1)
+        with torch.no_grad():
+            logprobs = model(input_ids=full).logits[0].float().log_softmax(-1).cpu()
+        outputs.input_ids.append(ids[0].tolist())
+        outputs.logprobs.append(logprobs[: ids.shape[1]])
+        outputs.greedy.append(generated)
+        outputs.greedy_logprobs.append(list(logprobs[ids.shape[1] - 1 : ids.shape[1] - 1 + len(generated)]))
+    return outputs
+
+
+def _tokenizer_differences(reference: ReferenceOutputs, tokenizer: Any) -> list[tuple[str, object]]:
+    facts = _tokenizer_facts(tokenizer)
+    problems: list[tuple[str, object]] = []
+    if facts["len"] != reference.tokenizer_facts["len"]:
+        problems.append(("vocabulary size", f"reference {reference.tokenizer_facts['len']}, candidate {facts['len']}"))
+    for name, value in reference.tokenizer_facts["special"].items():
+        if facts["special"].get(name) != value:
+            problems.append((name, f"reference {value!r}, candidate {facts['special'].get(name)!r}"))
+    differing = [
+        (prompt, ids, tokenizer(prompt)["input_ids"])
+        for prompt, ids in zip(reference.prompts, reference.input_ids, strict=True)
+        if tokenizer(prompt)["input_ids"] != ids
+    ]
+    for prompt, ids, theirs in differing[:3]:
+        problems.append((f"encoding of {prompt[:30]!r}", f"reference {ids[:12]}, candidate {theirs[:12]}"))
+    if differing:
+        problems.append(("prompts encoded differently", f"{len(differing)} of {len(reference.prompts)}"))
+    return problems
+
+
+def compare_to_reference(
+    model: Any, tokenizer: Any, reference: ReferenceOutputs, *, tolerance: Tolerance | None = None
+) -> DriftReport:
+    """Drift statistics of ``model`` against precomputed ``reference`` outputs.
+
+    Raises AssertionError, saying exactly how, when the tokenizers differ: the
+    numbers would be meaningless.
+    """
+    __tracebackhide__ = True
+    import torch
+
+    differences = _tokenizer_differences(reference, tokenizer)
+    if differences:
+        raise failure(
+            f"tokenizer differs from the reference {reference.checkpoint}: statistics would compare different tokens",
+            model,
+            differences,
+        )
+    tolerance = resolve_tolerance(model, tolerance)
+    kls, top1, top5, greedy_share, divergences = [], [], [], [], []
+    worst = (-1.0, "")
+    for index, prompt in enumerate(reference.prompts):
+        ids = torch.tensor([reference.input_ids[index]], device=model.device)
+        with torch.no_grad():
+            candidate = model(input_ids=ids).logits[0].float().log_softmax(-1).cpu()
+        ref = reference.logprobs[index]
+        kl = (ref.exp() * (ref - candidate)).sum(-1).clamp(min=0)
+        kls.append(kl)
+        top1.append((ref.argmax(-1) == candidate.argmax(-1)).float())
+        ref_top, cand_top = ref.topk(5, -1).indices, candidate.topk(5, -1).indices
+        top5.append(
+            torch.tensor([len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(ref_top, cand_top, strict=True)])
+        )
+        position = int(kl.argmax())
+        if float(kl[position]) > worst[0]:
+            r_tok, c_tok = int(ref[position].argmax()), int(candidate[position].argmax())
+            worst = (
+                float(kl[position]),
+                f"prompt {prompt!r}, position {position} after {text_of(tokenizer, ids[0, : position + 1])}: KL "
+                f"{float(kl[position]):.4g}; reference top {token(tokenizer, r_tok)} p={float(ref[position, r_tok].exp()):.3f}, "
+                f"candidate top {token(tokenizer, c_tok)} p={float(candidate[position, c_tok].exp()):.3f}",
+            )
+        generated = greedy_generate(model, tokenizer, ids, max_new_tokens=len(reference.greedy[index]) or 1)[0]
+        expected = reference.greedy[index]
+        step = next((i for i, (a, b) in enumerate(zip(expected, generated, strict=False)) if a != b), None)
+        if step is None:
+            greedy_share.append(1.0)
+            continue
+        greedy_share.append(step / max(len(expected), 1))
+        scores = reference.greedy_logprobs[index][step]
+        margin = float(scores[expected[step]] - scores[generated[step]])
+        kind = "near-tie" if abs(margin) <= tolerance.bound(float(scores[expected[step]])) else f"margin {margin:.3g}"
+        divergences.append(
+            f"{prompt!r}: step {step}, reference {token(tokenizer, expected[step])}, candidate {token(tokenizer, generated[step])} ({kind})"
+        )
+    every_kl = torch.cat(kls)
+    return DriftReport(
+        kl_mean=float(every_kl.mean()),
+        kl_p95=float(every_kl.quantile(0.95)),
+        kl_p99=float(every_kl.quantile(0.99)),
+        kl_max=float(every_kl.max()),
+        top1_agreement=float(torch.cat(top1).mean()),
+        top5_overlap=float(torch.cat(top5).mean()),
+        greedy_agreement=sum(greedy_share) / len(greedy_share),
+        divergences=divergences,
+        perplexity_reference=reference.perplexity,
+        perplexity_candidate=_perplexity(model, tokenizer),
+        worst=worst[1],
+    )
+
+
+def assert_close_to_reference(
+    model: Any,
+    tokenizer: Any,
+    reference: ReferenceOutputs,
+    *,
+    thresholds: dict[str, float] | None = None,
+    tolerance: Tolerance | None = None,
+) -> DriftReport:
+    """Fail when a drift statistic exceeds its threshold; the message names each one and the worst position."""
+    __tracebackhide__ = True
+    limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    report = compare_to_reference(model, tokenizer, reference, tolerance=tolerance)
+    exceeded = []
+    if report.kl_mean > limits["kl_mean"]:
+        exceeded.append(("KL mean", f"{report.kl_mean:.4g} > threshold {limits['kl_mean']:g}"))
+    if report.kl_p99 > limits["kl_p99"]:
+        exceeded.append(("KL p99", f"{report.kl_p99:.4g} > threshold {limits['kl_p99']:g}"))
+    if report.top1_agreement < limits["top1_agreement"]:
+        exceeded.append(("top-1 agreement", f"{report.top1_agreement:.1%} < threshold {limits['top1_agreement']:.0%}"))
+    if abs(report.perplexity_delta) > limits["perplexity_delta"]:
+        exceeded.append(
+            (
+                "perplexity delta",
+                f"{report.perplexity_delta:+.2%} (|delta| > threshold {limits['perplexity_delta']:.0%})",
+            )
+        )
+    if exceeded:
+        raise failure(
+            f"drift from the reference {reference.checkpoint} exceeds {len(exceeded)} threshold(s)",
+            model,
+            [
+                *exceeded,
+                ("statistics", str(report)),
+                ("worst position", report.worst),
+                ("first greedy divergences", "; ".join(report.divergences[:3]) or "none"),
+            ],
+        )
+    return report
