@@ -187,8 +187,10 @@ def pad_id(model: Any, tokenizer: Any) -> int:
     return 0
 
 
-def left_padded(tokenizer: Any, texts: Sequence[str], device: Any, pad_token_id: int) -> tuple[Any, Any, Any]:
-    """``(input_ids, attention_mask, position_ids)`` of ``texts`` left-padded, positions counted from the mask.
+def padded_batch(
+    tokenizer: Any, texts: Sequence[str], device: Any, pad_token_id: int, side: str = "left"
+) -> tuple[Any, Any, Any]:
+    """``(input_ids, attention_mask, position_ids)`` of ``texts`` padded on ``side``, positions counted from the mask.
 
     Built by hand so the tokenizer's own padding side and pad token do not matter.
     """
@@ -199,7 +201,8 @@ def left_padded(tokenizer: Any, texts: Sequence[str], device: Any, pad_token_id:
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for index, row in enumerate(rows):
-        input_ids[index, width - len(row) :] = torch.tensor(row)
-        attention_mask[index, width - len(row) :] = 1
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        input_ids[index, span] = torch.tensor(row)
+        attention_mask[index, span] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)

@@ -16,8 +16,8 @@ from ._common import (
     encode,
     failure,
     forward_logits,
-    left_padded,
     pad_id,
+    padded_batch,
     resolve_tolerance,
     text_of,
     token,
@@ -106,7 +106,7 @@ def assert_kv_cache_parity(
                         input_ids[0],
                     )
 
-    ids, mask, positions = left_padded(tokenizer, padded_texts, model.device, pad_id(model, tokenizer))
+    ids, mask, positions = padded_batch(tokenizer, padded_texts, model.device, pad_id(model, tokenizer))
     generator = torch.Generator().manual_seed(seed)
     extra = torch.randint(
         0,
@@ -160,7 +160,7 @@ def assert_cache_effective(
     whole sequence gives the same tokens, only slower, and fails here.
     """
     __tracebackhide__ = True
-    ids, mask, _ = left_padded(tokenizer, texts, model.device, pad_id(model, tokenizer))
+    ids, mask, _ = padded_batch(tokenizer, texts, model.device, pad_id(model, tokenizer))
     fed: list[tuple[int, ...]] = []
 
     def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

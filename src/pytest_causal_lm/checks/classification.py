@@ -22,8 +22,8 @@ from ._common import (
     encode,
     failure,
     forward_logits,
-    left_padded,
     pad_id,
+    padded_batch,
     resolve_tolerance,
 )
 from .greedy import _stop_ids, compare_continuations, greedy_generate, greedy_loop
@@ -107,19 +107,6 @@ def load_score_head_classifier(
     return classifier, notes
 
 
-def _right_padded(tokenizer: Any, texts: Sequence[str], device: Any, pad_token_id: int) -> tuple[Any, Any]:
-    import torch
-
-    rows = [tokenizer(text)["input_ids"] for text in texts]
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for index, row in enumerate(rows):
-        ids[index, : len(row)] = torch.tensor(row)
-        mask[index, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def assert_classification_head_equivalent(
     model: Any,
     tokenizer: Any,
@@ -176,8 +163,8 @@ def assert_classification_head_equivalent(
                 f"scores for {text!r} differ from the last-position scores", mismatch, [("prompt", repr(text))]
             )
 
-    left_ids, left_mask, left_positions = left_padded(tokenizer, prompts, model.device, pad)
-    right_ids, right_mask = _right_padded(tokenizer, prompts, model.device, pad)
+    left_ids, left_mask, left_positions = padded_batch(tokenizer, prompts, model.device, pad)
+    right_ids, right_mask, _ = padded_batch(tokenizer, prompts, model.device, pad, side="right")
     for side, ids, mask, extra in (
         ("left", left_ids, left_mask, {"position_ids": left_positions}),
         ("right", right_ids, right_mask, {}),

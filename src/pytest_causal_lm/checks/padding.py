@@ -13,8 +13,8 @@ from ._common import (
     encode,
     failure,
     forward_logits,
-    left_padded,
     pad_id,
+    padded_batch,
     resolve_tolerance,
     text_of,
     token,
@@ -38,7 +38,7 @@ def assert_padding_invariant(
     tolerance = resolve_tolerance(model, tolerance)
     result = CheckResult("padding invariance", tolerance=tolerance)
     pad = pad_id(model, tokenizer)
-    ids, mask, positions = left_padded(tokenizer, prompts, model.device, pad)
+    ids, mask, positions = padded_batch(tokenizer, prompts, model.device, pad)
     batch_last = forward_logits(model, ids, attention_mask=mask, position_ids=positions)[:, -1]
     batch_generated = greedy_generate(model, tokenizer, ids, attention_mask=mask, max_new_tokens=max_new_tokens)
     stop = _stop_ids(model, tokenizer)
