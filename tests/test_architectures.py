@@ -83,6 +83,7 @@ VERIFIED = [
     "olmo3",
     "olmo_hybrid",
     "olmoe",
+    "openai-gpt",
     "opt",
     "persimmon",
     "phi",
@@ -106,6 +107,7 @@ ALLOWED_SKIPS = re.compile(
     r"has no sequence-classification class"
     r"|has no last-token linear score head"
     r"|recurrent/state-space cache"
+    r"|returns no past_key_values|returns no cache"
     r"|applies (final logit soft-capping|logit scaling|output multiplier|lm_head multiplier)"
     r"|has no logits_to_keep argument"
     r"|behaviour snapshots are opt-in"

@@ -84,7 +84,7 @@ def test_perturbed_weights_fail_with_a_readable_diff_and_update_rewrites_only_wh
     _run(pytester, qwen3, llama, extra=("--snapshot-update",)).assert_outcomes(passed=2)
     before = _files(pytester.path / "snaps")
     _perturb(llama)
-    failed = _run(pytester, qwen3, llama)
+    failed = _run(pytester, qwen3, llama, extra=("-vv",))  # the whole diff, as outside CI pytest truncates it
     failed.assert_outcomes(passed=1, failed=1)
     failed.stdout.fnmatch_lines(
         [
