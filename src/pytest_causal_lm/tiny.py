@@ -184,6 +184,7 @@ _TINY_SIZES: dict[str, Any] = {
     "conv_kernel": 4,
     "expand": 2,
     "is_decoder": True,
+    "causal": True,  # XLM: the causal-LM variant, as its CLM checkpoints set it
 }
 MAX_TINY_PARAMETERS = 5_000_000
 

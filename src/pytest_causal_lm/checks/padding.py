@@ -35,6 +35,8 @@ def assert_padding_invariant(
     """Prompts of different lengths, left-padded into one batch, give each prompt's own last-token scores
     and greedy continuation (positions counted from the attention mask, as ``generate`` does)."""
     __tracebackhide__ = True
+    import torch
+
     tolerance = resolve_tolerance(model, tolerance)
     result = CheckResult("padding invariance", tolerance=tolerance)
     pad = pad_id(model, tokenizer)
@@ -45,7 +47,10 @@ def assert_padding_invariant(
     for row, text in enumerate(prompts):
         alone_ids = encode(tokenizer, text, model.device)
         padding = int((mask[row] == 0).sum())
-        mismatch = check_scores(result, forward_logits(model, alone_ids)[0, -1:], batch_last[row : row + 1], tolerance)
+        # positions passed explicitly on both sides, counted as generate counts them (RoBERTa's own default differs)
+        alone_positions = torch.arange(alone_ids.shape[1], device=model.device)[None]
+        alone_last = forward_logits(model, alone_ids, position_ids=alone_positions)[0, -1:]
+        mismatch = check_scores(result, alone_last, batch_last[row : row + 1], tolerance)
         if mismatch:
             raise failure(
                 f"padding changes scores: row {row} of a left-padded batch ({padding} pad tokens, id {pad}) "
