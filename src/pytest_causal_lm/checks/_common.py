@@ -50,6 +50,17 @@ def failure(title: str, model: Any, details: Sequence[tuple[str, object]]) -> As
     return AssertionError(f"{title}\n{body}")
 
 
+def cache_kind(model: Any, input_ids: Any) -> str | None:
+    """``"kv"`` (past_key_values), ``"recurrent"`` (cache_params, state-space models) or None (no cache kept)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=input_ids[:, :2], use_cache=True)
+    if getattr(out, "past_key_values", None) is not None:
+        return "kv"
+    return "recurrent" if getattr(out, "cache_params", None) is not None else None
+
+
 def encode(tokenizer: Any, text: str, device: Any) -> Any:
     """``(1, seq)`` input ids of ``text`` on ``device``, with the tokenizer's usual special tokens."""
     return tokenizer(text, return_tensors="pt")["input_ids"].to(device)

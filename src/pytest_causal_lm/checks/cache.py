@@ -12,6 +12,7 @@ from ..tolerances import Tolerance
 from ._common import (
     DEFAULT_TEXTS,
     CheckResult,
+    cache_kind,
     check_scores,
     encode,
     failure,
@@ -27,22 +28,11 @@ from .greedy import greedy_generate
 __all__ = ["assert_cache_effective", "assert_kv_cache_parity"]
 
 
-def _returns_cache(model: Any, input_ids: Any) -> bool:
-    import torch
-
-    with torch.no_grad():
-        out = model(input_ids=input_ids, use_cache=True)
-    return any(getattr(out, name, None) is not None for name in ("past_key_values", "cache_params"))
-
-
 def _require_standard_cache(model: Any, input_ids: Any) -> None:
-    import torch
-
-    with torch.no_grad():
-        out = model(input_ids=input_ids[:, :2], use_cache=True)
-    if getattr(out, "past_key_values", None) is None:
-        kind = "a recurrent/state-space cache (cache_params)" if hasattr(out, "cache_params") else "no past_key_values"
-        pytest.skip(f"{type(model).__name__} returns {kind}; KV-cache parity needs a key/value cache")
+    kind = cache_kind(model, input_ids)
+    if kind != "kv":
+        what = "a recurrent/state-space cache (cache_params)" if kind == "recurrent" else "no past_key_values"
+        pytest.skip(f"{type(model).__name__} returns {what}; KV-cache parity needs a key/value cache")
 
 
 def assert_kv_cache_parity(
@@ -169,7 +159,7 @@ def assert_cache_effective(
     """
     __tracebackhide__ = True
     ids, mask, _ = padded_batch(tokenizer, texts, model.device, pad_id(model, tokenizer))
-    if not _returns_cache(model, ids[:, -2:]):
+    if cache_kind(model, ids[:, -2:]) is None:
         pytest.skip(f"{type(model).__name__} returns no cache (past_key_values or cache_params): nothing to reuse")
     fed: list[tuple[int, ...]] = []
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..tolerances import Tolerance
-from ._common import DEFAULT_TEXTS, CheckResult, eos_ids, failure, pad_id, resolve_tolerance, text_of, token
+from ._common import DEFAULT_TEXTS, CheckResult, cache_kind, eos_ids, failure, pad_id, resolve_tolerance, text_of, token
 
 __all__ = [
     "GenerationConfigWarning",
@@ -100,15 +100,6 @@ def greedy_loop(
             if next_id in stop_ids:
                 break
     return run
-
-
-def has_kv_cache(model: Any, input_ids: Any) -> bool:
-    """Whether ``model`` returns a ``past_key_values`` cache that a hand-written loop can feed back."""
-    import torch
-
-    with torch.no_grad():
-        out = model(input_ids=input_ids[:, :2], use_cache=True)
-    return getattr(out, "past_key_values", None) is not None
 
 
 @contextmanager
@@ -317,7 +308,7 @@ def assert_greedy_parity(
         generated = greedy_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)[0]
         greedy_rows.append(generated)
         loops = [(greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop), "loop without cache")]
-        if has_kv_cache(model, ids):
+        if cache_kind(model, ids) == "kv":
             cached = greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop, use_cache=True)
             for scores_a, scores_b in zip(loops[0][0].step_scores, cached.step_scores, strict=False):
                 result.observe(scores_a, scores_b)
