@@ -22,7 +22,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "2"
+_RECIPE_VERSION = "3"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -187,6 +187,8 @@ _TINY_SIZES: dict[str, Any] = {
     "causal": True,  # XLM: the causal-LM variant, as its CLM checkpoints set it
 }
 MAX_TINY_PARAMETERS = 5_000_000
+# Hybrid models interleave linear-attention or recurrent layers with full attention: two layers hold no full one.
+_HYBRID_LAYERS = {"qwen3_next": 4, "qwen3_5_text": 4, "lfm3": 4, "recurrent_gemma": 4}
 
 
 class TinyBuildError(Exception):
@@ -209,6 +211,8 @@ def _build_any_architecture(model_type: str, tokenizer: Any) -> Any:
         # only what this architecture understands: a stray attribute (num_key_value_heads on GPT-2)
         # would describe a model that does not exist
         sizes = {key: value for key, value in _TINY_SIZES.items() if key in accepted or key == "is_decoder"}
+        if model_type in _HYBRID_LAYERS:
+            sizes["num_hidden_layers"] = _HYBRID_LAYERS[model_type]
         config = config_class(**sizes, **specials)
         text = config.get_text_config()
         if text is not config:  # multimodal wrapper: shrink its decoder the same way
