@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checks._common import DEFAULT_TEXTS, pad_id
-from .checks.greedy import NearTieWarning, default_prompts, greedy_generate
+from .checks._common import DEFAULT_TEXTS, eos_ids, pad_id
+from .checks.greedy import NearTieWarning, default_prompts, greedy_loop
 
 __all__ = ["LOGPROB_TOLERANCES", "behaviour_record", "compare_records", "format_record", "snapshot_extension"]
 
@@ -61,14 +61,14 @@ def behaviour_record(
                     ],
                 }
             )
-        generated = greedy_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)[0]
+        # the tutorial's loop gives the continuation and every step's scores in one pass (parity with
+        # generate is its own invariant)
+        run = greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=eos_ids(model, tokenizer))
+        generated = run.tokens
         margins = []
-        sequence = ids
-        with torch.no_grad():
-            for token_id in generated:
-                step = model(input_ids=sequence).logits[0, -1].float().log_softmax(-1).topk(2).values
-                margins.append(round(float(step[0] - step[1]), _DECIMALS))
-                sequence = torch.cat([sequence, torch.tensor([[token_id]], device=sequence.device)], dim=1)
+        for scores in run.step_scores:
+            top = scores.log_softmax(-1).topk(2).values
+            margins.append(round(float(top[0] - top[1]), _DECIMALS))
         records.append(
             {
                 "prompt": label,

@@ -20,13 +20,14 @@ from ._common import (
     CheckResult,
     check_scores,
     encode,
+    eos_ids,
     failure,
     forward_logits,
     pad_id,
     padded_batch,
     resolve_tolerance,
 )
-from .greedy import _stop_ids, compare_continuations, greedy_generate, greedy_loop
+from .greedy import compare_continuations, greedy_generate, greedy_loop
 
 __all__ = ["assert_classification_head_equivalent", "load_score_head_classifier"]
 
@@ -181,7 +182,7 @@ def assert_classification_head_equivalent(
                     [("batch", f"{len(prompts)} prompts, {side}-padded with id {pad}")],
                 )
 
-    stop = _stop_ids(model, tokenizer)
+    stop = eos_ids(model, tokenizer)
 
     def classify(ids: Any) -> Any:
         return classifier(input_ids=ids).logits[0]

@@ -64,10 +64,6 @@ class GreedyRun:
     step_scores: list[Any] = field(default_factory=list)
 
 
-def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
-    return eos_ids(model, tokenizer)
-
-
 def greedy_loop(
     model: Any, input_ids: Any, *, max_new_tokens: int, stop_ids: set[int], use_cache: bool = False, scorer: Any = None
 ) -> GreedyRun:
@@ -112,7 +108,7 @@ def _clean_generation_config(model: Any, tokenizer: Any) -> Iterator[Any]:
     from transformers import GenerationConfig
 
     original = model.generation_config
-    stop = sorted(_stop_ids(model, tokenizer))
+    stop = sorted(eos_ids(model, tokenizer))
     clean = GenerationConfig(
         eos_token_id=stop or None,
         pad_token_id=pad_id(model, tokenizer),
@@ -139,7 +135,7 @@ def greedy_generate(
     import torch
     from transformers import GenerationConfig
 
-    stop = _stop_ids(model, tokenizer)
+    stop = eos_ids(model, tokenizer)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     with _clean_generation_config(model, tokenizer) as clean, torch.no_grad():
@@ -302,7 +298,7 @@ def assert_greedy_parity(
     tolerance = resolve_tolerance(model, tolerance)
     result = CheckResult("greedy-loop parity", tolerance=tolerance)
     cases = default_prompts(tokenizer, model.device, *(() if prompts is None else (prompts,)))
-    stop = _stop_ids(model, tokenizer)
+    stop = eos_ids(model, tokenizer)
     greedy_rows = []
     for label, ids in cases:
         generated = greedy_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)[0]

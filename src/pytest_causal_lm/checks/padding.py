@@ -11,6 +11,7 @@ from ._common import (
     CheckResult,
     check_scores,
     encode,
+    eos_ids,
     failure,
     forward_logits,
     pad_id,
@@ -19,7 +20,7 @@ from ._common import (
     text_of,
     token,
 )
-from .greedy import _stop_ids, compare_continuations, greedy_generate, greedy_loop
+from .greedy import compare_continuations, greedy_generate, greedy_loop
 
 __all__ = ["assert_batch_independent", "assert_padding_invariant"]
 
@@ -43,7 +44,7 @@ def assert_padding_invariant(
     ids, mask, positions = padded_batch(tokenizer, prompts, model.device, pad)
     batch_last = forward_logits(model, ids, attention_mask=mask, position_ids=positions)[:, -1]
     batch_generated = greedy_generate(model, tokenizer, ids, attention_mask=mask, max_new_tokens=max_new_tokens)
-    stop = _stop_ids(model, tokenizer)
+    stop = eos_ids(model, tokenizer)
     for row, text in enumerate(prompts):
         alone_ids = encode(tokenizer, text, model.device)
         padding = int((mask[row] == 0).sum())
