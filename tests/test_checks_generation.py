@@ -273,3 +273,20 @@ def test_near_tie_warning_is_not_an_error_by_default() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not issubclass(clm.NearTieWarning, (DeprecationWarning, RuntimeError))
+
+
+def test_generation_by_classification_pools_the_last_token_when_the_model_generates_its_pad_token(
+    llama_path,
+) -> None:
+    # Regression: the classifier pools the last non-pad token, so a generated pad token used to be skipped.
+    model, tokenizer = broken.load_healthy(llama_path)
+    prompts = ("Hi dog how are you?", "The quick brown fox")
+    prompt_ids = {int(i) for text in prompts for i in tokenizer(text)["input_ids"]}
+    first = clm.greedy_loop(
+        model, tokenizer(prompts[0], return_tensors="pt")["input_ids"], max_new_tokens=6, stop_ids=set()
+    )
+    generated_pad = next(t for t in first.tokens[1:] if t not in prompt_ids)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(generated_pad)
+    model.config.pad_token_id = generated_pad
+    result = clm.assert_classification_head_equivalent(model, tokenizer, source=str(llama_path), prompts=prompts)
+    assert result.greatest_difference < 1e-4

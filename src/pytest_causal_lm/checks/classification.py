@@ -185,7 +185,16 @@ def assert_classification_head_equivalent(
     stop = eos_ids(model, tokenizer)
 
     def classify(ids: Any) -> Any:
-        return classifier(input_ids=ids).logits[0]
+        # One unpadded row: every token is real, a generated pad token too, so the last position is pooled.
+        # With pad_token_id set, the classifier would skip generated pad tokens and pool an earlier one.
+        configs = [classifier.config, classifier.config.get_text_config()]
+        for config in configs:
+            config.pad_token_id = None
+        try:
+            return classifier(input_ids=ids).logits[0]
+        finally:
+            for config in configs:
+                config.pad_token_id = pad
 
     for text in prompts[:2]:
         ids = encode(tokenizer, text, model.device)
