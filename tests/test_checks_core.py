@@ -86,6 +86,15 @@ def test_shapes_catch_a_head_that_returns_only_the_last_position(llama_path) -> 
         clm.assert_output_shapes(model, tokenizer)
 
 
+def test_shapes_catch_a_cache_layer_that_holds_fewer_positions_than_the_input(qwen3_path) -> None:
+    model, tokenizer = broken.cache_drops_newest_key(qwen3_path, layer=1)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_output_shapes(model, tokenizer)
+    message = str(caught.value)
+    assert re.search(r"cache layer 1 keys\s+: shape \(1, 2, (\d+), 8\), expected \(1, heads, \d+, head size\)", message)
+    assert "cache layer 0" not in message
+
+
 def test_logits_to_keep_catches_rows_kept_from_the_wrong_end(qwen3_path) -> None:
     model, tokenizer = broken.first_row_kept(qwen3_path)
     with pytest.raises(AssertionError) as caught:

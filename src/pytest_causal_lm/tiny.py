@@ -10,6 +10,7 @@ checkpoint. They need no network and build in about a second.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import os
@@ -22,7 +23,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "3"
+_RECIPE_VERSION = "6"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -186,19 +187,214 @@ _TINY_SIZES: dict[str, Any] = {
     "is_decoder": True,
     "causal": True,  # XLM: the causal-LM variant, as its CLM checkpoints set it
 }
-MAX_TINY_PARAMETERS = 5_000_000
-# Hybrid models interleave linear-attention or recurrent layers with full attention: two layers hold no full one.
-_HYBRID_LAYERS = {"qwen3_next": 4, "qwen3_5_text": 4, "lfm3": 4, "recurrent_gemma": 4}
+MAX_TINY_PARAMETERS = 10_000_000
+
+# What the standard names above cannot say: each entry is needed for that architecture to build small
+# (a validator, a per-layer pattern, a dimension the standard names do not reach) or to hold a full-attention
+# layer in its few layers. Keys are the model_type of the config or sub-config they apply to.
+_MLA = {"num_key_value_heads": 4}  # multi-latent attention expands keys to every head
+_ENCODER_DECODER = {"decoder_layers": 2, "decoder_attention_heads": 4, "decoder_ffn_dim": 64, "encoder_ffn_dim": 64}
+_HYBRID_FOUR_LAYERS = {"num_hidden_layers": 4}
+# per-layer embeddings sized to the tiny vocabulary; no per-layer head sizes
+_GEMMA4_PER_LAYER = {
+    "vocab_size_per_layer_input": _VOCAB_SIZE,
+    "hidden_size_per_layer_input": 8,
+    "per_layer_config": {},
+}  # one full-attention layer among linear-attention ones
+_ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
+    **dict.fromkeys(
+        [
+            "axk1",
+            "axk2",
+            "deepseek_v2",
+            "deepseek_v3",
+            "deepseek_v32",
+            "glm4_moe_lite",
+            "glm_moe_dsa",
+            "minicpm3",
+            "youtu",
+        ],
+        _MLA,
+    ),
+    **dict.fromkeys(
+        ["bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart"],
+        _ENCODER_DECODER,
+    ),
+    "whisper": {**_ENCODER_DECODER, "encoder_layers": 2},
+    "prophetnet": {
+        "num_decoder_layers": 2,
+        "num_decoder_attention_heads": 4,
+        "decoder_ffn_dim": 64,
+        "encoder_ffn_dim": 64,
+    },
+    **dict.fromkeys(["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm3"], _HYBRID_FOUR_LAYERS),
+    "recurrent_gemma": _HYBRID_FOUR_LAYERS,
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "codegen": {"rotary_dim": 4},  # rotary dims live inside one 8-wide head
+    "gptj": {"rotary_dim": 4},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 256},
+    "xlnet": {"d_head": 8, "d_inner": 64},
+    "mamba2": {"num_heads": 8, "head_dim": 8, "n_groups": 1},
+    "zaya": {"num_experts_per_tok": 1},
+    "zamba": {  # the shared transformer block is tied across hybrid layers: it needs two of them
+        "num_hidden_layers": 4,
+        "layer_types": ["linear_attention", "hybrid"] * 2,
+        "attention_head_dim": 16,
+        "n_mamba_heads": 2,
+    },
+    "zamba2": {
+        "layer_types": ["linear_attention", "hybrid"],
+        "attention_head_dim": 16,
+        "n_mamba_heads": 2,
+        "mamba_headdim": 8,
+        "adapter_rank": 8,
+    },
+    "xmod": {"default_language": "en_XX"},  # which language adapter to run
+    "xlstm": {"num_heads": 4, "embedding_dim": 32, "num_blocks": 2, "chunk_size": 4},
+    "dots3_note_text": {"num_key_value_heads": 4, "per_layer_config": {}},
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0, "text_config": {"hidden_size_per_layer_input": 0}},
+    "dots3_note": {"text_config": {"per_layer_config": {}}},
+    "bamba": {"mamba_n_heads": 8, "mamba_d_head": 8, "mamba_n_groups": 1, "attn_layer_indices": [1]},
+    "granitemoehybrid": {
+        "mamba_n_heads": 8,
+        "mamba_d_head": 8,
+        "mamba_n_groups": 1,
+        "layer_types": ["linear_attention", "full_attention"],
+    },
+    "bailing_hybrid": {
+        **_MLA,
+        "layer_types": ["linear_attention", "full_attention"],
+        "mlp_layer_types": ["dense", "sparse"],
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "kimi_linear": {
+        **_MLA,
+        "layer_types": ["linear_attention", "full_attention"],
+        "mlp_layer_types": ["dense", "sparse"],
+        "linear_head_dim": 8,
+        "linear_num_heads": 4,
+    },
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "dots1": {"n_shared_experts": 1},
+    "dbrx": {
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10_000.0},
+        "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+    },
+    "cohere_compass_text": {  # its default config names no RoPE parameters per layer type
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            kind: {"rope_type": "default", "rope_theta": 10_000.0} for kind in ("sliding_attention", "full_attention")
+        },
+    },
+    "longcat_flash": {**_MLA, "num_layers": 2, "ffn_hidden_size": 64, "expert_ffn_hidden_size": 32},
+    "roc_bert": {
+        "pronunciation_vocab_size": 64,
+        "shape_vocab_size": 64,
+        "pronunciation_embed_dim": 8,
+        "shape_embed_dim": 8,
+    },
+    "reformer": {
+        "axial_pos_shape": [16, 32],
+        "axial_pos_embds_dim": [16, 16],
+        "attention_head_size": 8,
+        "feed_forward_size": 64,
+        "attn_layers": ["local", "local"],
+    },
+    "gemma3n_text": {
+        "num_kv_shared_layers": 0,
+        "vocab_size_per_layer_input": 384,
+        "hidden_size_per_layer_input": 8,
+        "laurel_rank": 8,
+        "activation_sparsity_pattern": [0.0, 0.0],
+    },
+    **dict.fromkeys(["gemma4_text", "gemma4_unified_text"], _GEMMA4_PER_LAYER),
+    "qwen4_exp_text": {
+        "num_hidden_layers": 4,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "hc_lowrank": 8,
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 8,
+        "ple_embed_dim": 16,
+        "indexer_budget": 16,
+        "indexer_compress_ratio": 4,
+    },
+}
 
 
 class TinyBuildError(Exception):
     """An architecture could not be built as a tiny model on CPU; the message says why."""
 
 
+def _accepted_keys(config_class: type) -> set[str]:
+    return set(inspect.signature(config_class.__init__).parameters) | set(config_class.attribute_map)
+
+
+def _tiny_sizes(config_class: type, model_type: str) -> dict[str, Any]:
+    """The standard tiny sizes this config understands, then its own overrides.
+
+    Only what the architecture understands: a stray attribute (num_key_value_heads
+    on GPT-2) would describe a model that does not exist.
+    """
+    accepted = _accepted_keys(config_class)
+    sizes = {key: value for key, value in _TINY_SIZES.items() if key in accepted or key == "is_decoder"}
+    sizes.update(copy.deepcopy(_ARCHITECTURE_SIZES.get(model_type, {})))
+    return sizes
+
+
+def _special_ids(config_class: type, specials: dict[str, int | None]) -> dict[str, int | None]:
+    """The tokenizer's special ids for this config; where its field must be an int, a missing BOS becomes EOS."""
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    accepted = _accepted_keys(config_class)
+
+    def none_allowed(key: str) -> bool:
+        field = fields.get(key)
+        return field is None or "None" in str(field.type) or "Optional" in str(field.type)
+
+    return {
+        key: value if value is not None or none_allowed(key) else specials["eos_token_id"]
+        for key, value in specials.items()
+        if key in accepted
+    }
+
+
+def _tiny_config(model_type: str, specials: dict[str, int | None]) -> Any:
+    """The architecture's config at tiny sizes; composite (multimodal) configs get tiny sub-configs too."""
+    from transformers import AutoConfig
+
+    config_class = type(AutoConfig.for_model(model_type))
+    sizes = _tiny_sizes(config_class, model_type)
+    sub_configs = getattr(config_class, "sub_configs", {}) or {}
+    if sub_configs:
+        default = config_class()
+        try:
+            text = default.get_text_config()
+        except ValueError:  # several text configs (MusicGen's text encoder and decoder): no single one to shrink
+            text = None
+        text_key = next((key for key in sub_configs if text is not None and getattr(default, key, None) is text), None)
+        for key in sub_configs:
+            sub = getattr(default, key, None)
+            if sub is None or not hasattr(sub, "to_dict"):
+                continue
+            sub_sizes = _tiny_sizes(type(sub), sub.model_type)
+            sub_sizes.update(
+                copy.deepcopy(_ARCHITECTURE_SIZES.get(model_type, {}).get(key, {}))
+            )  # the parent's word for it wins
+            if key == text_key:
+                sub_sizes.update(_special_ids(type(sub), specials))
+            sizes[key] = {"model_type": sub.model_type, **sub_sizes}
+    sizes.update(_special_ids(config_class, specials))
+    return config_class(**sizes)
+
+
 def _build_any_architecture(model_type: str, tokenizer: Any) -> Any:
     """A tiny random causal LM of any architecture transformers maps in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     specials = {
         "bos_token_id": tokenizer.bos_token_id,
@@ -206,23 +402,12 @@ def _build_any_architecture(model_type: str, tokenizer: Any) -> Any:
         "pad_token_id": tokenizer.pad_token_id,
     }
     try:
-        config_class = type(AutoConfig.for_model(model_type))
-        accepted = set(inspect.signature(config_class.__init__).parameters) | set(config_class.attribute_map)
-        # only what this architecture understands: a stray attribute (num_key_value_heads on GPT-2)
-        # would describe a model that does not exist
-        sizes = {key: value for key, value in _TINY_SIZES.items() if key in accepted or key == "is_decoder"}
-        if model_type in _HYBRID_LAYERS:
-            sizes["num_hidden_layers"] = _HYBRID_LAYERS[model_type]
-        config = config_class(**sizes, **specials)
-        text = config.get_text_config()
-        if text is not config:  # multimodal wrapper: shrink its decoder the same way
-            for key, value in {**_TINY_SIZES, **specials}.items():
-                if hasattr(text, key):
-                    setattr(text, key, value)
+        config = _tiny_config(model_type, specials)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as exc:
         raise TinyBuildError(f"{model_type}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    model._tiny_source_config = config  # the composite config, when the model keeps only its text part
     count = sum(p.numel() for p in model.parameters())
     if count > MAX_TINY_PARAMETERS:
         raise TinyBuildError(f"{model_type}: {count:,} parameters after shrinking (limit {MAX_TINY_PARAMETERS:,})")
@@ -253,7 +438,38 @@ def write_tiny_checkpoint(name: str, directory: str | os.PathLike[str]) -> Path:
     target = Path(directory)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    if name not in TINY_VARIANTS:
+        _save_loadable_config(name, model, target)
     return target
+
+
+def _save_loadable_config(model_type: str, model: Any, target: Path) -> None:
+    """Make ``AutoModelForCausalLM.from_pretrained(target)`` rebuild ``model`` exactly, or raise TinyBuildError.
+
+    Some causal-LM classes (Mllama's) save only their text sub-config, whose
+    model_type AutoModelForCausalLM does not map; the composite config does load.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    built = getattr(model, "_tiny_source_config", None)
+    if built is not None and type(built) is not type(model.config):
+        built.save_pretrained(target)
+    ids = torch.arange(3, 11)[None]
+    try:
+        reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        with torch.no_grad():
+            difference = float((model.eval()(input_ids=ids).logits - reloaded.eval()(input_ids=ids).logits).abs().max())
+    except Exception as exc:
+        raise TinyBuildError(
+            f"{model_type}: AutoModelForCausalLM cannot load the saved checkpoint back: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from exc
+    if difference > 1e-5:
+        raise TinyBuildError(
+            f"{model_type}: the saved checkpoint does not load back as the model that was built "
+            f"(logits differ by {difference:.3g}; some weights are not restored by from_pretrained)"
+        )
 
 
 def _versioned_name(name: str) -> str:

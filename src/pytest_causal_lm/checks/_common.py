@@ -61,6 +61,31 @@ def cache_kind(model: Any, input_ids: Any) -> str | None:
     return "recurrent" if getattr(out, "cache_params", None) is not None else None
 
 
+def default_positions_differ(model: Any, input_ids: Any, tolerance: Tolerance) -> str | None:
+    """Why ``generate`` and a plain forward disagree, when the model's default positions are the cause.
+
+    ``generate`` passes ``position_ids`` counted from 0; a model whose forward counts
+    from elsewhere when given none (RoBERTa-style embeddings start at padding_idx + 1)
+    then scores differently under ``generate`` than under its own forward.
+    """
+    import inspect
+
+    import torch
+
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return None
+    counted_from_zero = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    own = forward_logits(model, input_ids)[0, -1]
+    as_generate = forward_logits(model, input_ids, position_ids=counted_from_zero)[0, -1]
+    difference = float((own - as_generate).abs().max())
+    if difference <= tolerance.bound(float(own.abs().max())):
+        return None
+    return (
+        "the forward's default positions are not the ones generate passes (counted from 0): last-token scores "
+        f"differ by {difference:.3g} between forward(input_ids) and forward(input_ids, position_ids=0..n-1)"
+    )
+
+
 def encode(tokenizer: Any, text: str, device: Any) -> Any:
     """``(1, seq)`` input ids of ``text`` on ``device``, with the tokenizer's usual special tokens."""
     return tokenizer(text, return_tensors="pt")["input_ids"].to(device)

@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..tolerances import Tolerance
-from ._common import DEFAULT_TEXTS, CheckResult, cache_kind, eos_ids, failure, pad_id, resolve_tolerance, text_of, token
+from ._common import (
+    DEFAULT_TEXTS,
+    CheckResult,
+    cache_kind,
+    default_positions_differ,
+    eos_ids,
+    failure,
+    pad_id,
+    resolve_tolerance,
+    text_of,
+    token,
+)
 
 __all__ = [
     "GenerationConfigWarning",
@@ -201,6 +212,7 @@ def compare_continuations(
             return
     else:
         tie_text = f"one sequence ends at step {step} ({'eos' if step < len(ref) or step < len(other) else 'length'})"
+    cause = default_positions_differ(model, prompt_ids[:1], tolerance)
     raise failure(
         f"{title} at step {step} with a clear score margin",
         model,
@@ -210,6 +222,7 @@ def compare_continuations(
             ("first divergence", f"step {step}"),
             *side_by_side,
             ("scores at divergence", tie_text),
+            *([("likely cause", cause)] if cause else []),
         ],
     )
 

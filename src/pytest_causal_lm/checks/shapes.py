@@ -31,6 +31,32 @@ def _padded_batch(tokenizer: Any, texts: Sequence[str], device: Any) -> dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _cache_shape_problems(cache: Any, seq: int, layers: int) -> list[tuple[str, object]]:
+    """Every attention layer caches batch 1 and all ``seq`` positions (a sliding-window layer at most ``seq``).
+
+    Heads and head size are left alone: multi-query, multi-latent and compressed
+    caches lay them out their own way. Hybrid models cache only their attention layers.
+    """
+    problems: list[tuple[str, object]] = []
+    if len(cache.layers) > layers:
+        problems.append(
+            ("past_key_values", f"{len(cache.layers)} layers, expected at most num_hidden_layers = {layers}")
+        )
+    for index, layer in enumerate(cache.layers):
+        if getattr(layer, "keys", None) is None or getattr(layer, "values", None) is None:
+            continue  # a linear-attention or recurrent layer: no positions to count
+        sliding = getattr(layer, "is_sliding", False)
+        for name, tensor in (("keys", layer.keys), ("values", layer.values)):
+            shape = tuple(tensor.shape)
+            held = shape[2] if len(shape) == 4 else None
+            if shape[:1] != (1,) or held is None or held > seq or (held != seq and not sliding):
+                expected = f"<= {seq}" if sliding else str(seq)
+                problems.append(
+                    (f"cache layer {index} {name}", f"shape {shape}, expected (1, heads, {expected}, head size)")
+                )
+    return problems
+
+
 def assert_finite_logits(model: Any, tokenizer: Any, logits: Any, input_ids: Any) -> None:
     """Every score is finite (no NaN, no infinity); names the first bad position and token."""
     __tracebackhide__ = True
@@ -79,32 +105,20 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
         )
     else:
         for index, state in enumerate(hidden):
-            if tuple(state.shape) != (1, seq, config.hidden_size):
+            # the batch row's seq positions of hidden_size each; hyper-connection and AltUp models carry
+            # several residual streams, laid out their own way (Gemma 3n puts them first)
+            shape = tuple(state.shape)
+            if seq not in shape or state.numel() % (seq * config.hidden_size) != 0:
                 problems.append(
-                    (f"hidden_states[{index}]", f"shape {tuple(state.shape)}, expected {(1, seq, config.hidden_size)}")
+                    (
+                        f"hidden_states[{index}]",
+                        f"shape {shape}, expected (1, {seq}, {config.hidden_size}) or streams of it",
+                    )
                 )
                 break
     cache = getattr(out, "past_key_values", None)
-    if isinstance(cache, DynamicCache) and all(hasattr(layer, "keys") for layer in cache.layers):
-        if len(cache.layers) != layers:
-            problems.append(("past_key_values", f"{len(cache.layers)} layers, expected {layers}"))
-        else:
-            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            for index, layer in enumerate(cache.layers):
-                for name in ("keys", "values"):
-                    tensor = getattr(layer, name)
-                    if tensor is None:
-                        continue
-                    shape = tuple(tensor.shape)
-                    # sliding-window layers may keep fewer positions than the input
-                    if shape[:2] != (1, kv_heads) or shape[3] != head_dim or shape[2] > seq:
-                        problems.append(
-                            (
-                                f"cache layer {index} {name}",
-                                f"shape {shape}, expected (1, {kv_heads}, {seq}, {head_dim})",
-                            )
-                        )
+    if isinstance(cache, DynamicCache):
+        problems.extend(_cache_shape_problems(cache, seq, layers))
     batch = _padded_batch(tokenizer, texts, device)
     with torch.no_grad():
         batched = model(**batch).logits
