@@ -135,3 +135,13 @@ def test_special_tokens_accept_several_stop_ids_as_llama3_and_qwen_ship(tiny_pat
     model, tokenizer = broken.load_healthy(tiny_path)
     model.generation_config.eos_token_id = [tokenizer.pad_token_id, tokenizer.eos_token_id]
     clm.assert_special_tokens_agree(model, tokenizer)
+
+
+def test_vocab_alignment_accepts_spare_input_embedding_rows_but_not_missing_ones(llama_path) -> None:
+    # Moshi keeps one input row beyond vocab_size for its start token: harmless, no id reaches past the scores
+    model, tokenizer = broken.load_healthy(llama_path)
+    model.set_input_embeddings(torch.nn.Embedding(385, model.config.hidden_size))
+    clm.assert_vocab_alignment(model, tokenizer)
+    model.set_input_embeddings(torch.nn.Embedding(380, model.config.hidden_size))
+    with pytest.raises(AssertionError, match=r"input embedding rows\s+: 380 < config.vocab_size 384"):
+        clm.assert_vocab_alignment(model, tokenizer)

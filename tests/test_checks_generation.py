@@ -290,3 +290,41 @@ def test_generation_by_classification_pools_the_last_token_when_the_model_genera
     model.config.pad_token_id = generated_pad
     result = clm.assert_classification_head_equivalent(model, tokenizer, source=str(llama_path), prompts=prompts)
     assert result.greatest_difference < 1e-4
+
+
+# --- architectures whose design rules an invariant out, and real transformers discrepancies --
+
+
+@pytest.fixture(scope="module")
+def load_tiny():
+    from pytest_causal_lm.loading import Target, load
+
+    return lambda name: load(Target(f"tiny:{name}", "cpu", "float32"), seed=0)
+
+
+def test_padding_skips_with_the_cause_when_the_forward_does_not_use_position_ids(load_tiny) -> None:
+    bart = load_tiny("bart")  # BartForCausalLM: learned absolute positions, no position_ids argument
+    with pytest.raises(pytest.skip.Exception, match=r"BartForCausalLM.forward does not use position_ids: left padding"):
+        clm.assert_padding_invariant(bart.model, bart.tokenizer)
+
+
+def test_padding_skips_with_the_cause_when_a_recurrent_model_ignores_the_attention_mask(load_tiny) -> None:
+    rwkv = load_tiny("rwkv")
+    with pytest.raises(
+        pytest.skip.Exception, match=r"RwkvForCausalLM.forward uses neither attention_mask nor position_ids"
+    ):
+        clm.assert_padding_invariant(rwkv.model, rwkv.tokenizer)
+
+
+def test_greedy_parity_names_default_positions_that_differ_from_generate(load_tiny) -> None:
+    # transformers 5's generate passes position_ids from 0; RoBERTa's forward counts from padding_idx + 1
+    roberta = load_tiny("roberta")
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_greedy_parity(roberta.model, roberta.tokenizer)
+    message = str(caught.value)
+    assert "greedy-loop parity violated" in message
+    assert re.search(
+        r"likely cause\s+: the forward's default positions are not the ones generate passes \(counted from 0\): "
+        r"last-token scores differ by [0-9.e-]+",
+        message,
+    )

@@ -23,7 +23,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "6"
+_RECIPE_VERSION = "12"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -195,6 +195,7 @@ MAX_TINY_PARAMETERS = 10_000_000
 _MLA = {"num_key_value_heads": 4}  # multi-latent attention expands keys to every head
 _ENCODER_DECODER = {"decoder_layers": 2, "decoder_attention_heads": 4, "decoder_ffn_dim": 64, "encoder_ffn_dim": 64}
 _HYBRID_FOUR_LAYERS = {"num_hidden_layers": 4}
+_GENTLER_INIT = {"initializer_range": 0.1}  # recurrent stacks: see below
 # per-layer embeddings sized to the tiny vocabulary; no per-layer head sizes
 _GEMMA4_PER_LAYER = {
     "vocab_size_per_layer_input": _VOCAB_SIZE,
@@ -204,7 +205,6 @@ _GEMMA4_PER_LAYER = {
 _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
     **dict.fromkeys(
         [
-            "axk1",
             "axk2",
             "deepseek_v2",
             "deepseek_v3",
@@ -222,11 +222,14 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
     ),
     "whisper": {**_ENCODER_DECODER, "encoder_layers": 2},
     "prophetnet": {
+        "num_encoder_layers": 2,
+        "init_std": 0.1,
         "num_decoder_layers": 2,
         "num_decoder_attention_heads": 4,
         "decoder_ffn_dim": 64,
         "encoder_ffn_dim": 64,
     },
+    "axk1": {**_MLA, "n_group": 1, "topk_group": 1},  # one group of the four experts
     **dict.fromkeys(["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm3"], _HYBRID_FOUR_LAYERS),
     "recurrent_gemma": _HYBRID_FOUR_LAYERS,
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
@@ -241,16 +244,21 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
         "layer_types": ["linear_attention", "hybrid"] * 2,
         "attention_head_dim": 16,
         "n_mamba_heads": 2,
+        "initializer_range": 0.05,
     },
     "zamba2": {
         "layer_types": ["linear_attention", "hybrid"],
         "attention_head_dim": 16,
-        "n_mamba_heads": 2,
+        "n_mamba_heads": 8,
         "mamba_headdim": 8,
         "adapter_rank": 8,
     },
+    "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 8, "mamba_d_state": 8},  # full-size SSM: 70 s a run
     "xmod": {"default_language": "en_XX"},  # which language adapter to run
-    "xlstm": {"num_heads": 4, "embedding_dim": 32, "num_blocks": 2, "chunk_size": 4},
+    "rembert": {"input_embedding_size": 32, "output_embedding_size": 32},
+    # recurrent stacks amplify the wide random init until float32 rounding alone exceeds the tolerance
+    **dict.fromkeys(["hrm_text", "nemotron_h"], _GENTLER_INIT),
+    "xlstm": {"num_heads": 4, "embedding_dim": 32, "num_blocks": 2, "chunk_size": 4, "qk_dim_factor": 1.0},
     "dots3_note_text": {"num_key_value_heads": 4, "per_layer_config": {}},
     "gemma4_assistant": {"hidden_size_per_layer_input": 0, "text_config": {"hidden_size_per_layer_input": 0}},
     "dots3_note": {"text_config": {"per_layer_config": {}}},
@@ -279,7 +287,7 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
     "dots1": {"n_shared_experts": 1},
     "dbrx": {
         "attn_config": {"kv_n_heads": 2, "rope_theta": 10_000.0},
-        "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+        "ffn_config": {"hidden_size": 32, "ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
     },
     "cohere_compass_text": {  # its default config names no RoPE parameters per layer type
         "layer_types": ["sliding_attention", "full_attention"],
@@ -447,19 +455,34 @@ def _save_loadable_config(model_type: str, model: Any, target: Path) -> None:
     """Make ``AutoModelForCausalLM.from_pretrained(target)`` rebuild ``model`` exactly, or raise TinyBuildError.
 
     Some causal-LM classes (Mllama's) save only their text sub-config, whose
-    model_type AutoModelForCausalLM does not map; the composite config does load.
+    model_type AutoModelForCausalLM does not map; the composite config loads instead.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    built = getattr(model, "_tiny_source_config", None)
-    if built is not None and type(built) is not type(model.config):
-        built.save_pretrained(target)
     ids = torch.arange(3, 11)[None]
     try:
+        with torch.no_grad():
+            built_logits = model.eval()(input_ids=ids).logits
+    except Exception as exc:
+        raise TinyBuildError(
+            f"{model_type}: the tiny model's forward fails: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from exc
+
+    def reload_difference() -> float:
         reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
         with torch.no_grad():
-            difference = float((model.eval()(input_ids=ids).logits - reloaded.eval()(input_ids=ids).logits).abs().max())
+            return float((built_logits - reloaded.eval()(input_ids=ids).logits).abs().max())
+
+    try:
+        try:
+            difference = reload_difference()
+        except Exception:
+            composite = getattr(model, "_tiny_source_config", None)
+            if composite is None or type(composite) is type(model.config):
+                raise
+            composite.save_pretrained(target)
+            difference = reload_difference()
     except Exception as exc:
         raise TinyBuildError(
             f"{model_type}: AutoModelForCausalLM cannot load the saved checkpoint back: "

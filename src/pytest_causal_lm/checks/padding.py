@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,25 +89,33 @@ def assert_padding_invariant(
 def _skip_if_padding_cannot_apply(model: Any, padded_ids: Any, padded_mask: Any) -> None:
     """Skip, naming the cause, when the model's design rules out left padding; otherwise return.
 
-    A forward without ``position_ids`` cannot be told where a left-padded row's
-    tokens sit, so absolute positions shift with the padding (transformers' own
-    test suite skips left-padding tests for these models); a recurrent model that
-    also ignores ``attention_mask`` folds the pad tokens into its state.
+    A forward that does not use ``position_ids`` cannot be told where a
+    left-padded row's tokens sit, so absolute positions shift with the padding
+    (transformers' own tests skip left-padding tests for these models); a
+    recurrent model that also ignores ``attention_mask`` folds the pad tokens into
+    its state. Both are probed, not read from the signature: ``forward(**kwargs)``
+    hides what a custom model uses.
     """
     import torch
 
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        return
     name = type(model).__name__
-    masked = forward_logits(model, padded_ids, attention_mask=padded_mask)[0, -1]
-    unmasked = forward_logits(model, padded_ids)[0, -1]
-    if torch.equal(masked, unmasked):
+    plain = forward_logits(model, padded_ids)[0, -1]
+    stretched = (
+        torch.arange(padded_ids.shape[1], device=padded_ids.device)[None] * 2
+    )  # not a uniform shift: RoPE ignores those
+    try:
+        uses_positions = not torch.equal(plain, forward_logits(model, padded_ids, position_ids=stretched)[0, -1])
+    except TypeError:
+        uses_positions = False
+    if uses_positions:
+        return
+    if torch.equal(plain, forward_logits(model, padded_ids, attention_mask=padded_mask)[0, -1]):
         pytest.skip(
-            f"{name}.forward ignores attention_mask and takes no position_ids: pad tokens enter its state, "
+            f"{name}.forward uses neither attention_mask nor position_ids: pad tokens enter its state, "
             "so a left-padded row cannot match the prompt alone"
         )
     pytest.skip(
-        f"{name}.forward takes no position_ids: left padding shifts every token's position, "
+        f"{name}.forward does not use position_ids: left padding shifts every token's position, "
         "so a left-padded row cannot match the prompt alone"
     )
 

@@ -31,6 +31,13 @@ def _padded_batch(tokenizer: Any, texts: Sequence[str], device: Any) -> dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _decoder_of(model: Any) -> Any:
+    try:
+        return model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+
+
 def _cache_shape_problems(cache: Any, seq: int, layers: int) -> list[tuple[str, object]]:
     """Every attention layer caches batch 1 and all ``seq`` positions (a sliding-window layer at most ``seq``).
 
@@ -96,7 +103,9 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
         problems.append(("logits (batch 1)", f"shape {tuple(out.logits.shape)}, expected {expected_logits}"))
     hidden = out.hidden_states
     layers = config.num_hidden_layers
-    if hidden is None or len(hidden) != layers + 1:
+    # one state per decoder block plus the embeddings; LongCat-Flash counts two layers per block
+    blocks = {layers, len(getattr(_decoder_of(model), "layers", ()) or ()) or layers}
+    if hidden is None or len(hidden) - 1 not in blocks:
         problems.append(
             (
                 "hidden_states",
