@@ -99,17 +99,17 @@ def _skip_if_padding_cannot_apply(model: Any, padded_ids: Any, padded_mask: Any)
     import torch
 
     name = type(model).__name__
-    plain = forward_logits(model, padded_ids)[0, -1]
-    stretched = (
-        torch.arange(padded_ids.shape[1], device=padded_ids.device)[None] * 2
-    )  # not a uniform shift: RoPE ignores those
+    masked = forward_logits(model, padded_ids, attention_mask=padded_mask)[0, -1]
+    # stretched, not shifted: rotary embeddings see only relative positions, which a uniform shift keeps
+    stretched = torch.arange(padded_ids.shape[1], device=padded_ids.device)[None] * 2
     try:
-        uses_positions = not torch.equal(plain, forward_logits(model, padded_ids, position_ids=stretched)[0, -1])
+        restretched = forward_logits(model, padded_ids, attention_mask=padded_mask, position_ids=stretched)[0, -1]
+        uses_positions = not torch.equal(masked, restretched)
     except TypeError:
         uses_positions = False
     if uses_positions:
         return
-    if torch.equal(plain, forward_logits(model, padded_ids, attention_mask=padded_mask)[0, -1]):
+    if torch.equal(masked, forward_logits(model, padded_ids)[0, -1]):
         pytest.skip(
             f"{name}.forward uses neither attention_mask nor position_ids: pad tokens enter its state, "
             "so a left-padded row cannot match the prompt alone"
