@@ -213,6 +213,15 @@ def test_padding_invariance_catches_a_kernel_that_ignores_the_padding_mask(tiny_
     assert re.search(r"greatest \|difference\|\s+: [0-9.e-]+ at row 0", message)
 
 
+def test_padding_invariance_still_fails_when_forward_hides_its_arguments_behind_kwargs(qwen3_path) -> None:
+    # custom code often has forward(**kwargs): the skip for models without position_ids must not hide this bug
+    model, tokenizer = broken.padding_mask_ignored(qwen3_path)
+    original = model.forward
+    model.forward = lambda **kwargs: original(**kwargs)
+    with pytest.raises(AssertionError, match=r"padding changes scores: row \d of a left-padded batch"):
+        clm.assert_padding_invariant(model, tokenizer)
+
+
 def test_batch_independence_catches_rows_coupled_through_batch_statistics(tiny_path) -> None:
     model, tokenizer = broken.rows_coupled(tiny_path)
     with pytest.raises(AssertionError) as caught:
