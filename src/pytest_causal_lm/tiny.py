@@ -23,7 +23,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "12"
+_RECIPE_VERSION = "13"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -194,14 +194,16 @@ MAX_TINY_PARAMETERS = 10_000_000
 # layer in its few layers. Keys are the model_type of the config or sub-config they apply to.
 _MLA = {"num_key_value_heads": 4}  # multi-latent attention expands keys to every head
 _ENCODER_DECODER = {"decoder_layers": 2, "decoder_attention_heads": 4, "decoder_ffn_dim": 64, "encoder_ffn_dim": 64}
-_HYBRID_FOUR_LAYERS = {"num_hidden_layers": 4}
-_GENTLER_INIT = {"initializer_range": 0.1}  # recurrent stacks: see below
+_HYBRID_FOUR_LAYERS = {"num_hidden_layers": 4}  # one full-attention layer among linear-attention ones
+# Recurrent stacks amplify the wide random init until float32 rounding alone (3e-4 to 8e-4) exceeds the
+# tolerance; a real bug stays far above it at this scale (prophetnet's leak: 0.07).
+_GENTLER_INIT = {"initializer_range": 0.1}
 # per-layer embeddings sized to the tiny vocabulary; no per-layer head sizes
 _GEMMA4_PER_LAYER = {
     "vocab_size_per_layer_input": _VOCAB_SIZE,
     "hidden_size_per_layer_input": 8,
     "per_layer_config": {},
-}  # one full-attention layer among linear-attention ones
+}
 _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
     **dict.fromkeys(
         [
@@ -223,7 +225,7 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
     "whisper": {**_ENCODER_DECODER, "encoder_layers": 2},
     "prophetnet": {
         "num_encoder_layers": 2,
-        "init_std": 0.1,
+        "init_std": 0.1,  # _GENTLER_INIT under its own name
         "num_decoder_layers": 2,
         "num_decoder_attention_heads": 4,
         "decoder_ffn_dim": 64,
@@ -244,24 +246,13 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
         "layer_types": ["linear_attention", "hybrid"] * 2,
         "attention_head_dim": 16,
         "n_mamba_heads": 2,
-        "initializer_range": 0.05,
-    },
-    "zamba2": {
-        "layer_types": ["linear_attention", "hybrid"],
-        "attention_head_dim": 16,
-        "n_mamba_heads": 8,
-        "mamba_headdim": 8,
-        "adapter_rank": 8,
+        "initializer_range": 0.05,  # gentler still: 0.1 left a 1.5e-4 chunked-prefill rounding difference
     },
     "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 8, "mamba_d_state": 8},  # full-size SSM: 70 s a run
     "xmod": {"default_language": "en_XX"},  # which language adapter to run
     "rembert": {"input_embedding_size": 32, "output_embedding_size": 32},
-    # recurrent stacks amplify the wide random init until float32 rounding alone exceeds the tolerance
     **dict.fromkeys(["hrm_text", "nemotron_h"], _GENTLER_INIT),
-    "xlstm": {"num_heads": 4, "embedding_dim": 32, "num_blocks": 2, "chunk_size": 4, "qk_dim_factor": 1.0},
     "dots3_note_text": {"num_key_value_heads": 4, "per_layer_config": {}},
-    "gemma4_assistant": {"hidden_size_per_layer_input": 0, "text_config": {"hidden_size_per_layer_input": 0}},
-    "dots3_note": {"text_config": {"per_layer_config": {}}},
     "bamba": {"mamba_n_heads": 8, "mamba_d_head": 8, "mamba_n_groups": 1, "attn_layer_indices": [1]},
     "granitemoehybrid": {
         "mamba_n_heads": 8,
@@ -285,10 +276,6 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
     },
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "dots1": {"n_shared_experts": 1},
-    "dbrx": {
-        "attn_config": {"kv_n_heads": 2, "rope_theta": 10_000.0},
-        "ffn_config": {"hidden_size": 32, "ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
-    },
     "cohere_compass_text": {  # its default config names no RoPE parameters per layer type
         "layer_types": ["sliding_attention", "full_attention"],
         "rope_parameters": {
