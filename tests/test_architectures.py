@@ -275,8 +275,9 @@ KNOWN_DISCREPANCIES: dict[str, Discrepancy] = {
             "test_kv_cache_parity": r"KV-cache parity violated",
             "test_greedy_loop_parity": r"greedy-loop parity violated",
         },
-        "ProphetNetForCausalLM (the decoder with its n-gram streams) run on its own: earlier positions' scores "
-        "change when tokens are appended, and cached decoding differs from the full forward; cause not traced",
+        "ProphetNetForCausalLM's logits come from its first n-gram predicting stream; run on its own, earlier "
+        "positions' scores change when tokens are appended and cached decoding differs; the leak inside the "
+        "n-gram attention is not traced further",
     ),
     "cpmant": Discrepancy(
         {
