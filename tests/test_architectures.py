@@ -399,9 +399,9 @@ def test_tiny_builder_refuses_a_checkpoint_that_does_not_load_back_as_built(tmp_
     from pytest_causal_lm import tiny
 
     tokenizer = tiny._train_tokenizer(tiny.TINY_VARIANTS["qwen3"])
-    model = tiny._build_any_architecture("gpt2", tokenizer)
+    model, config = tiny._build_any_architecture("gpt2", tokenizer)
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         model.lm_head.weight.mul_(2.0)  # what from_pretrained restores is no longer what was built
     with pytest.raises(tiny.TinyBuildError, match=r"gpt2: the saved checkpoint does not load back .*logits differ by"):
-        tiny._save_loadable_config("gpt2", model, tmp_path)
+        tiny._save_loadable_config("gpt2", model, config, tmp_path)

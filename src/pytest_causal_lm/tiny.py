@@ -232,8 +232,7 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
         "encoder_ffn_dim": 64,
     },
     "axk1": {**_MLA, "n_group": 1, "topk_group": 1},  # one group of the four experts
-    **dict.fromkeys(["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm3"], _HYBRID_FOUR_LAYERS),
-    "recurrent_gemma": _HYBRID_FOUR_LAYERS,
+    **dict.fromkeys(["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm3", "recurrent_gemma"], _HYBRID_FOUR_LAYERS),
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "codegen": {"rotary_dim": 4},  # rotary dims live inside one 8-wide head
     "gptj": {"rotary_dim": 4},
@@ -325,6 +324,11 @@ class TinyBuildError(Exception):
     """An architecture could not be built as a tiny model on CPU; the message says why."""
 
 
+def _described(exc: BaseException) -> str:
+    """One short line for an exception: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
 def _accepted_keys(config_class: type) -> set[str]:
     return set(inspect.signature(config_class.__init__).parameters) | set(config_class.attribute_map)
 
@@ -376,9 +380,6 @@ def _tiny_config(model_type: str, specials: dict[str, int | None]) -> Any:
             if sub is None or not hasattr(sub, "to_dict"):
                 continue
             sub_sizes = _tiny_sizes(type(sub), sub.model_type)
-            sub_sizes.update(
-                copy.deepcopy(_ARCHITECTURE_SIZES.get(model_type, {}).get(key, {}))
-            )  # the parent's word for it wins
             if key == text_key:
                 sub_sizes.update(_special_ids(type(sub), specials))
             sizes[key] = {"model_type": sub.model_type, **sub_sizes}
@@ -386,8 +387,9 @@ def _tiny_config(model_type: str, specials: dict[str, int | None]) -> Any:
     return config_class(**sizes)
 
 
-def _build_any_architecture(model_type: str, tokenizer: Any) -> Any:
-    """A tiny random causal LM of any architecture transformers maps in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES."""
+def _build_any_architecture(model_type: str, tokenizer: Any) -> tuple[Any, Any]:
+    """A tiny random causal LM of any architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, and the config it was
+    built from (composite for multimodal wrappers, whose causal-LM class may keep only the text part)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -401,13 +403,12 @@ def _build_any_architecture(model_type: str, tokenizer: Any) -> Any:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as exc:
-        raise TinyBuildError(f"{model_type}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
-    model._tiny_source_config = config  # the composite config, when the model keeps only its text part
+        raise TinyBuildError(f"{model_type}: {_described(exc)}") from exc
     count = sum(p.numel() for p in model.parameters())
     if count > MAX_TINY_PARAMETERS:
         raise TinyBuildError(f"{model_type}: {count:,} parameters after shrinking (limit {MAX_TINY_PARAMETERS:,})")
     model.generation_config.do_sample = False
-    return model
+    return model, config
 
 
 def write_tiny_checkpoint(name: str, directory: str | os.PathLike[str]) -> Path:
@@ -418,13 +419,14 @@ def write_tiny_checkpoint(name: str, directory: str | os.PathLike[str]) -> Path:
     """
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    built_from = None
     if name in TINY_VARIANTS:
         recipe = TINY_VARIANTS[name]
         tokenizer = _train_tokenizer(recipe)
         model = _build_model(recipe, tokenizer)
     elif name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         tokenizer = _train_tokenizer(TINY_VARIANTS["qwen3"])
-        model = _build_any_architecture(name, tokenizer)
+        model, built_from = _build_any_architecture(name, tokenizer)
     else:
         raise ValueError(
             f"unknown tiny checkpoint {name!r}; choose from {', '.join(TINY_VARIANTS)} "
@@ -433,12 +435,12 @@ def write_tiny_checkpoint(name: str, directory: str | os.PathLike[str]) -> Path:
     target = Path(directory)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    if name not in TINY_VARIANTS:
-        _save_loadable_config(name, model, target)
+    if built_from is not None:
+        _save_loadable_config(name, model, built_from, target)
     return target
 
 
-def _save_loadable_config(model_type: str, model: Any, target: Path) -> None:
+def _save_loadable_config(model_type: str, model: Any, built_from: Any, target: Path) -> None:
     """Make ``AutoModelForCausalLM.from_pretrained(target)`` rebuild ``model`` exactly, or raise TinyBuildError.
 
     Some causal-LM classes (Mllama's) save only their text sub-config, whose
@@ -452,9 +454,7 @@ def _save_loadable_config(model_type: str, model: Any, target: Path) -> None:
         with torch.no_grad():
             built_logits = model.eval()(input_ids=ids).logits
     except Exception as exc:
-        raise TinyBuildError(
-            f"{model_type}: the tiny model's forward fails: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        ) from exc
+        raise TinyBuildError(f"{model_type}: the tiny model's forward fails: {_described(exc)}") from exc
 
     def reload_difference() -> float:
         reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
@@ -465,15 +465,13 @@ def _save_loadable_config(model_type: str, model: Any, target: Path) -> None:
         try:
             difference = reload_difference()
         except Exception:
-            composite = getattr(model, "_tiny_source_config", None)
-            if composite is None or type(composite) is type(model.config):
+            if type(built_from) is type(model.config):
                 raise
-            composite.save_pretrained(target)
+            built_from.save_pretrained(target)  # the composite config, which AutoModelForCausalLM maps
             difference = reload_difference()
     except Exception as exc:
         raise TinyBuildError(
-            f"{model_type}: AutoModelForCausalLM cannot load the saved checkpoint back: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            f"{model_type}: AutoModelForCausalLM cannot load the saved checkpoint back: {_described(exc)}"
         ) from exc
     if difference > 1e-5:
         raise TinyBuildError(

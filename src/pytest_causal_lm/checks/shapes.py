@@ -104,7 +104,8 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
     hidden = out.hidden_states
     layers = config.num_hidden_layers
     # one state per decoder block plus the embeddings; LongCat-Flash counts two layers per block
-    blocks = {layers, len(getattr(_decoder_of(model), "layers", ()) or ()) or layers}
+    decoder_layers = getattr(_decoder_of(model), "layers", None)
+    blocks = {layers, len(decoder_layers)} if decoder_layers else {layers}
     if hidden is None or len(hidden) - 1 not in blocks:
         problems.append(
             (
