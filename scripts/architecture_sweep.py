@@ -24,23 +24,8 @@ from transformers.utils import logging as hf_logging
 import pytest_causal_lm as clm
 from pytest_causal_lm.loading import CausalLM, Target, load
 
-CHECKS: dict[str, Callable[[CausalLM], Any]] = {
-    "shapes": lambda h: clm.assert_output_shapes(h.model, h.tokenizer),
-    "keep": lambda h: clm.assert_logits_to_keep(h.model, h.tokenizer),
-    "vocab": lambda h: clm.assert_vocab_alignment(h.model, h.tokenizer),
-    "ids": lambda h: clm.assert_special_tokens_agree(h.model, h.tokenizer),
-    "causal": lambda h: clm.assert_prefix_causal(h.model, h.tokenizer),
-    "det": lambda h: clm.assert_deterministic(h.model, h.tokenizer),
-    "kv": lambda h: clm.assert_kv_cache_parity(h.model, h.tokenizer),
-    "c1": lambda h: clm.assert_cache_effective(h.model, h.tokenizer),
-    "greedy": lambda h: clm.assert_greedy_parity(h.model, h.tokenizer),
-    "cls": lambda h: clm.assert_classification_head_equivalent(
-        h.model, h.tokenizer, source=h.pretrained_location()[0], **h.pretrained_location()[1]
-    ),
-    "pad": lambda h: clm.assert_padding_invariant(h.model, h.tokenizer),
-    "batch": lambda h: clm.assert_batch_independent(h.model, h.tokenizer),
-    "chat": lambda h: clm.assert_chat_template_consistent(h.model, h.tokenizer),
-}
+# every registered invariant that needs no pytest fixture (snapshots and the reference do)
+CHECKS: dict[str, Callable[[CausalLM], Any]] = {i.key: i.run for i in clm.invariants() if not i.fixtures}
 
 
 class _Timeout(Exception):

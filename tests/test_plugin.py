@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-SUITE = Path(__file__).parents[1] / "src" / "pytest_causal_lm" / "suite" / "test_causal_lm_invariants.py"
-SUITE_SIZE = SUITE.read_text().count("\ndef test_")
-RUN_BY_DEFAULT = SUITE_SIZE - 1  # test_behaviour_snapshot is opt-in and skips otherwise
+import pytest_causal_lm as clm
+
+RUN_BY_DEFAULT = len([i for i in clm.invariants() if not i.opt_in])
 BENCHMARKS = 6  # test_generation_speed: 3 new-token counts x cached/uncached, opt-in, skipped otherwise
-REFERENCE = 1  # test_reference_drift, opt-in with --causal-lm-reference, skipped otherwise
-SKIPPED_BY_DEFAULT = 1 + BENCHMARKS + REFERENCE
+SKIPPED_BY_DEFAULT = len([i for i in clm.invariants() if i.opt_in]) + BENCHMARKS
 
 USER_TEST = """
 def test_uses_fixtures(causal_lm, causal_lm_model, causal_lm_tokenizer):
@@ -67,26 +66,42 @@ def test_without_a_checkpoint_fixture_tests_skip_with_a_reason_and_no_suite_is_c
     result.stdout.fnmatch_lines(["*no causal LM checkpoint configured: pass --causal-lm-checkpoint=CKPT*"])
 
 
-def test_ids_are_checkpoint_x_device_and_an_unavailable_device_skips(pytester: pytest.Pytester) -> None:
+def test_ids_are_checkpoint_x_device(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=USER_TEST)
     result = pytester.runpytest(
         "--causal-lm-checkpoint=tiny:qwen3",
         "--causal-lm-checkpoint=tiny:llama",
         "--causal-lm-device=cpu",
-        "--causal-lm-device=cuda:7",
         "--causal-lm-suite=off",
         "-v",
-        "-rs",
     )
-    result.assert_outcomes(passed=2, skipped=2)
+    result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines_random(
-        [
-            "*test_uses_fixtures?tiny-qwen3-cpu-float32? PASSED*",
-            "*test_uses_fixtures?tiny-llama-cpu-float32? PASSED*",
-            "*test_uses_fixtures?tiny-qwen3-cuda:7-float32? SKIPPED*",
-            "*device cuda:7 unavailable*",
-        ]
+        ["*test_uses_fixtures?tiny-qwen3-cpu-float32? PASSED*", "*test_uses_fixtures?tiny-llama-cpu-float32? PASSED*"]
     )
+
+
+def test_a_device_asked_for_by_name_that_is_missing_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user=USER_TEST)
+    missing = pytester.runpytest(
+        "--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-device=cpu", "--causal-lm-device=cuda:7"
+    )
+    assert missing.ret == pytest.ExitCode.USAGE_ERROR
+    missing.stderr.fnmatch_lines(
+        ["ERROR: --causal-lm-device=cuda:7: device cuda:7 unavailable: *. Use --causal-lm-device=auto to fall back"]
+    )
+    assert len(missing.stderr.lines) <= 2
+    fallback = pytester.runpytest(
+        "--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-device=auto", "--causal-lm-suite=off"
+    )
+    fallback.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("value", ["", " ", ","])
+def test_an_empty_checkpoint_is_a_usage_error(pytester: pytest.Pytester, value: str) -> None:
+    result = pytester.runpytest(f"--causal-lm-checkpoint={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --causal-lm-checkpoint: empty value; pass one, e.g. --causal-lm-checkpoint=*"])
 
 
 def test_settings_come_from_option_env_and_ini_and_the_header_says_which(
@@ -170,13 +185,11 @@ def test_a_checkpoint_that_cannot_load_gets_one_short_message_and_the_others_sti
     pytester: pytest.Pytester,
 ) -> None:
     result = pytester.runpytest("--causal-lm-checkpoint=./no/such/model", "--causal-lm-checkpoint=tiny:qwen3")
-    result.assert_outcomes(
-        passed=RUN_BY_DEFAULT, skipped=SKIPPED_BY_DEFAULT + BENCHMARKS + REFERENCE, errors=SUITE_SIZE
-    )
+    others = len(clm.invariants()) - 1
+    result.assert_outcomes(passed=RUN_BY_DEFAULT, errors=1, skipped=SKIPPED_BY_DEFAULT + BENCHMARKS + others)
     message = "cannot load ./no/such/model: checkpoint path ./no/such/model does not exist. Fix: check the path."
-    setup_errors = [r for r in result.reprec.getreports("pytest_runtest_logreport") if r.when == "setup" and r.failed]
-    assert len(setup_errors) == SUITE_SIZE
-    assert {r.longreprtext for r in setup_errors} == {message}  # the whole report: no traceback
+    failures = [r for r in result.reprec.getreports("pytest_runtest_logreport") if r.failed and r.when == "setup"]
+    assert [r.longreprtext for r in failures] == [message]  # the whole report: no traceback
     assert "Traceback" not in result.stdout.str()
 
 

@@ -66,13 +66,7 @@ def test_failing_reports_carry_a_causal_lm_section(noisy: pytest.Pytester) -> No
     result.stdout.fnmatch_lines(
         [
             "*- causal-lm -*",
-            "checkpoint: tiny:qwen3",
-            "revision: default",
-            "device: cpu",
-            "dtype: float32",
-            "seed: 0",
-            "torch: 2.*",
-            "transformers: 5.*",
+            "checkpoint tiny:qwen3, revision default, device cpu, dtype float32, seed 0, torch 2.*, transformers 5.*",
         ]
     )
 
@@ -90,9 +84,15 @@ def test_markdown_and_json_reports_are_complete(noisy: pytest.Pytester) -> None:
         assert line in markdown, line
     noisy.runpytest(*ARGS, "--causal-lm-report=verdict.json")
     report = json.loads((noisy.path / "verdict.json").read_text())
-    assert set(report) == {"versions", "settings", "targets"}
+    assert set(report) == {"versions", "settings", "targets", "not_run"}
     assert set(report["versions"]) == {"python", "torch", "transformers", "pytest-causal-lm"}
-    cells = report["targets"]["tiny-qwen3-cpu-float32"]["invariants"]
+    assert report["settings"]["checkpoint"] == {"value": ["tiny:qwen3"], "source": "option"}
+    assert report["settings"]["dtype"] == {"value": "float32", "source": "default"}
+    (key,) = report["targets"]
+    target = report["targets"][key]
+    assert key == "tiny:qwen3 revision=default device=cpu dtype=float32"
+    assert target["label"] == "tiny-qwen3-cpu-float32"
+    cells = target["invariants"]
     assert {name: cell["outcome"] for name, cell in cells.items()} == {
         "output shapes": "ok",
         "logits_to_keep": "FAIL",
@@ -100,8 +100,11 @@ def test_markdown_and_json_reports_are_complete(noisy: pytest.Pytester) -> None:
         "chat template": "ok",
         "behaviour snapshot": "skip",
     }
-    assert cells["determinism"]["figure"].startswith("Δ ")
-    assert report["targets"]["tiny-qwen3-cpu-float32"]["device_name"]
+    figure = cells["determinism"]["figure"]
+    assert figure["label"] == "Δ" and isinstance(figure["value"], float) and figure["value"] > 1e-4
+    assert isinstance(cells["determinism"]["position"], int) and isinstance(cells["determinism"]["token_id"], int)
+    assert cells["determinism"]["tolerance"] == "atol=0.0001, rtol=0.0001"
+    assert target["device_name"] and target["device_name"] not in ("x86_64", "cpu")
 
 
 def test_report_path_must_be_markdown_or_json(pytester: pytest.Pytester) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from test_plugin import RUN_BY_DEFAULT, SKIPPED_BY_DEFAULT
 
+import pytest_causal_lm as clm
+
 QUICK = ("-m", "causal_lm_shapes or causal_lm_vocab or causal_lm_generation or causal_lm_padding or causal_lm_chat")
 
 
@@ -116,12 +118,10 @@ def test_device_map_loads_through_accelerate_and_runs_the_suite(pytester: pytest
 
 
 def test_models_are_released_after_their_last_test_and_never_reloaded(pytester: pytest.Pytester) -> None:
-    from pytest_causal_lm.plugin import CACHE_KEY
-
     checkpoints = [f"--causal-lm-checkpoint=tiny:{name}" for name in ("qwen3", "llama", "gpt2")]
     recorder = pytester.inline_run(*checkpoints, *QUICK)
     recorder.assertoutcome(passed=3 * 8)
-    cache = recorder.getcall("pytest_sessionfinish").session.config.stash[CACHE_KEY]
+    cache = clm.session_of(recorder.getcall("pytest_sessionfinish").session.config).models
     assert (cache.load_count, cache.peak_held, len(cache.loaded)) == (3, 1, 0)
 
 
@@ -129,12 +129,12 @@ LOADS_PER_WORKER_PROBE = """
 import os
 from pathlib import Path
 
-from pytest_causal_lm.plugin import CACHE_KEY
+import pytest_causal_lm as clm
 
 
 def pytest_sessionfinish(session):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "serial")
-    Path(f"loads-{worker}.txt").write_text(str(session.config.stash[CACHE_KEY].load_count))
+    Path(f"loads-{worker}.txt").write_text(str(clm.session_of(session.config).models.load_count))
 """
 
 
@@ -159,3 +159,34 @@ def test_xdist_gives_the_serial_results_with_one_load_per_worker(pytester: pytes
     loads = {p.name: int(p.read_text()) for p in pytester.path.glob("loads-gw*.txt")}
     assert sorted(loads) == ["loads-gw0.txt", "loads-gw1.txt"]
     assert all(count <= 2 for count in loads.values()), loads  # each worker loads each checkpoint at most once
+
+
+def test_an_unreachable_hub_fails_fast_and_a_cached_hub_id_loads_from_the_cache(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, qwen3_path: Path
+) -> None:
+    # the Hub at a local port nothing listens on: refused at once, no download can happen
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(pytester.path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    missing = pytester.runpytest_subprocess("--causal-lm-checkpoint=some-org/not-cached", "-k", "determinism")
+    missing.assert_outcomes(errors=1)
+    missing.stdout.fnmatch_lines(
+        ["*some-org/not-cached is not in the local Hugging Face cache and the Hub cannot be reached*"]
+    )
+    assert "Retrying" not in missing.stdout.str() + missing.stderr.str()
+    snapshot = pytester.path / "hf-home" / "hub" / "models--some-org--cached" / "snapshots" / ("0" * 40)
+    shutil.copytree(qwen3_path, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    cached = pytester.runpytest_subprocess("--causal-lm-checkpoint=some-org/cached", "-k", "determinism")
+    cached.assert_outcomes(passed=1)
+
+
+def test_a_folder_with_only_config_json_names_every_missing_part(pytester: pytest.Pytester, qwen3_path: Path) -> None:
+    (pytester.path / "bare").mkdir()
+    shutil.copy(qwen3_path / "config.json", pytester.path / "bare" / "config.json")
+    result = pytester.runpytest("--causal-lm-checkpoint=bare", "-k", "determinism")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*checkpoint directory bare has config.json but no weights (*.safetensors, *) and no tokenizer files (*"]
+    )

@@ -1,10 +1,12 @@
 """pytest-causal-lm: invariants every correct causal language model satisfies.
 
-Public API: the ``assert_*`` helpers, the ``CausalLM`` handle the ``causal_lm``
-fixture yields, and the tolerance table. Importing this package does not
-import torch or transformers; the helpers import them when called.
+The public API is ``__all__``: the ``assert_*`` helpers, the ``CausalLM`` handle
+the ``causal_lm`` fixture yields, the invariant registry, the session state and
+the tolerance table. Importing this package does not import torch or
+transformers; the helpers import them when called.
 """
 
+from .benchmark import benchmark_generation, forced_generate
 from .checks import (
     ChatTemplateWarning,
     CheckResult,
@@ -14,6 +16,7 @@ from .checks import (
     assert_cache_effective,
     assert_chat_template_consistent,
     assert_classification_head_equivalent,
+    assert_close_to_reference,
     assert_deterministic,
     assert_finite_logits,
     assert_greedy_parity,
@@ -22,12 +25,16 @@ from .checks import (
     assert_output_shapes,
     assert_padding_invariant,
     assert_prefix_causal,
+    assert_same_continuation,
     assert_special_tokens_agree,
     assert_vocab_alignment,
     greedy_loop,
     load_score_head_classifier,
 )
+from .invariants import Invariant, invariant_for_test, invariants, register_invariant, suite_test
 from .loading import CausalLM, CheckpointLoadError, Target
+from .session import CausalLMSession, session_of
+from .snapshot import behaviour_record
 from .tolerances import DEFAULT_TOLERANCES, Tolerance, tolerance_for
 
 __version__ = "0.1.0"
@@ -35,10 +42,12 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TOLERANCES",
     "CausalLM",
+    "CausalLMSession",
     "ChatTemplateWarning",
     "CheckResult",
     "CheckpointLoadError",
     "GenerationConfigWarning",
+    "Invariant",
     "NearTieWarning",
     "Target",
     "Tolerance",
@@ -46,6 +55,7 @@ __all__ = [
     "assert_cache_effective",
     "assert_chat_template_consistent",
     "assert_classification_head_equivalent",
+    "assert_close_to_reference",
     "assert_deterministic",
     "assert_finite_logits",
     "assert_greedy_parity",
@@ -54,9 +64,18 @@ __all__ = [
     "assert_output_shapes",
     "assert_padding_invariant",
     "assert_prefix_causal",
+    "assert_same_continuation",
     "assert_special_tokens_agree",
     "assert_vocab_alignment",
+    "behaviour_record",
+    "benchmark_generation",
+    "forced_generate",
     "greedy_loop",
+    "invariant_for_test",
+    "invariants",
     "load_score_head_classifier",
+    "register_invariant",
+    "session_of",
+    "suite_test",
     "tolerance_for",
 ]

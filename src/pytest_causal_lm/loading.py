@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .tiny import TINY_PREFIX, is_tiny, materialize
 from .tolerances import Tolerance
 
-__all__ = ["CausalLM", "CheckpointLoadError", "ModelCache", "Target", "load"]
+__all__ = ["CausalLM", "CheckpointLoadError", "ModelCache", "Target", "load", "with_unique_labels"]
 
 
 @dataclass(frozen=True)
 class Target:
-    """What to load: one checkpoint on one device in one dtype. Hashable; the cache key."""
+    """What to load: one checkpoint on one device in one dtype. Hashable; the cache key.
+
+    ``label`` is the display name, unique within a session (see ``with_unique_labels``);
+    it takes no part in equality, so two checkpoints with one folder name stay two targets.
+    """
 
     checkpoint: str
     device: str
@@ -24,21 +29,69 @@ class Target:
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     device_map: str | None = None
+    label: str = field(default="", compare=False)
 
     @property
     def id(self) -> str:
         """Readable test id: ``SmolLM2-135M-Instruct-cpu-float32`` (``@rev`` and ``map-auto`` when set)."""
-        name = short_name(self.checkpoint) + (f"@{self.revision}" if self.revision else "")
+        return self.label or self.labelled(1).label
+
+    @property
+    def key(self) -> str:
+        """The full identity as one string: what reports and benchmark results are keyed on."""
+        parts = [
+            self.checkpoint,
+            f"revision={self.revision or 'default'}",
+            f"device={self.device}",
+            f"dtype={self.dtype}",
+        ]
+        if self.device_map:
+            parts.append(f"device_map={self.device_map}")
+        return " ".join(parts)
+
+    def labelled(self, depth: int) -> Target:
+        """This target, labelled with the last ``depth`` components of its checkpoint's path or Hub id."""
+        name = short_name(self.checkpoint, depth) + (f"@{self.revision}" if self.revision else "")
         device = f"map-{self.device_map}" if self.device_map else self.device
-        return f"{name}-{device}-{self.dtype}"
+        return replace(self, label=f"{name}-{device}-{self.dtype}")
 
 
-def short_name(checkpoint: str) -> str:
-    """The last component of a Hub id or path (``tiny:qwen3`` becomes ``tiny-qwen3``)."""
+def with_unique_labels(targets: list[Target]) -> list[Target]:
+    """Label every target so no two share a display name: parent folders or the org are added where names collide."""
+    depths = dict.fromkeys(targets, 1)
+    while True:
+        labelled = [t.labelled(depths[t]) for t in targets]
+        counts = Counter(t.label for t in labelled)
+        growing = [t for t, lt in zip(targets, labelled, strict=True) if counts[lt.label] > 1 and depths[t] < _depth(t)]
+        if not growing:
+            break
+        for target in growing:
+            depths[target] += 1
+    seen: Counter[str] = Counter()
+    unique = []
+    for target in labelled:  # the same folder spelt two ways ("./m" and "m") still gets two names
+        seen[target.label] += 1
+        unique.append(
+            target if seen[target.label] == 1 else replace(target, label=f"{target.label}#{seen[target.label]}")
+        )
+    return unique
+
+
+def _components(checkpoint: str) -> list[str]:
+    return [part for part in checkpoint.replace("\\", "/").split("/") if part not in ("", ".", "..", "~")]
+
+
+def _depth(target: Target) -> int:
+    return max(1, len(_components(target.checkpoint)))
+
+
+def short_name(checkpoint: str, depth: int = 1) -> str:
+    """The last ``depth`` components of a Hub id or path, joined by "-" (``tiny:qwen3`` becomes ``tiny-qwen3``)."""
     if is_tiny(checkpoint):
         return "tiny-" + checkpoint.removeprefix(TINY_PREFIX)
-    name = checkpoint.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-    return name.removesuffix(".gguf") or checkpoint
+    parts = _components(checkpoint) or [checkpoint]
+    parts[-1] = parts[-1].removesuffix(".gguf") or parts[-1]
+    return "-".join(parts[-depth:])
 
 
 @dataclass
@@ -125,6 +178,33 @@ def _check_local(checkpoint: str, location: str, gguf_file: str | None) -> None:
             else " Fix: pass the directory written by save_pretrained (config.json + weights)."
         )
         raise CheckpointLoadError(f"checkpoint directory {checkpoint} has no config.json.{hint}")
+    missing = [part for part, patterns in _PARTS.items() if not any(next(path.glob(p), None) for p in patterns)]
+    if missing:
+        raise CheckpointLoadError(
+            f"checkpoint directory {checkpoint} has config.json but no {' and no '.join(missing)}. "
+            "Fix: save both with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)."
+        )
+
+
+# What a loadable checkpoint directory holds besides config.json, by file name patterns.
+_PARTS = {
+    "weights (*.safetensors, pytorch_model*.bin)": (
+        "*.safetensors",
+        "*.safetensors.index.json",
+        "*.bin",
+        "*.pt",
+        "*.pth",
+    ),
+    "tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json)": (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "vocab.json",
+        "vocab.txt",
+        "*.tiktoken",
+        "spiece.model",
+    ),
+}
 
 
 def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
@@ -147,6 +227,14 @@ def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
         return (
             f"{checkpoint} was not found on the Hub (misspelt, private, or a local path that does not "
             "exist). Fix: check the id, or log in for a private repository."
+        )
+    if any(
+        cls.__name__ in ("ConnectError", "ConnectTimeout", "NetworkError", "ConnectionError")
+        for cls in type(exc).__mro__
+    ):
+        return (
+            f"{checkpoint} is not in the local Hugging Face cache and the Hub cannot be reached "
+            f"({name}: {first_line}). Fix: download it first (`hf download {checkpoint}`) or pass a local directory."
         )
     if name == "RevisionNotFoundError":
         return f"revision of {checkpoint} not found on the Hub. Fix: check --causal-lm-revision."
@@ -178,9 +266,6 @@ def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
 _MIN_TOKENIZER_SIZE = 16
 
 
-_MIN_TOKENIZER_SIZE = 16
-
-
 def pretrained_location(target: Target, source: str) -> tuple[str, dict[str, Any]]:
     """Where ``from_pretrained`` reads ``target`` from, and the kwargs every Auto class needs for it."""
     location, gguf_file = _gguf_location(source)
@@ -202,10 +287,12 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
     from .devices import torch_dtype
     from .tolerances import tolerance_for
 
-    source = str(materialize(target.checkpoint)) if is_tiny(target.checkpoint) else target.checkpoint
+    source = _build_tiny(target.checkpoint) if is_tiny(target.checkpoint) else target.checkpoint
     location, model_kwargs = pretrained_location(target, source)
     gguf_file = model_kwargs.get("gguf_file")
     _check_local(target.checkpoint, location, gguf_file)
+    if not Path(location).expanduser().exists():  # a Hub id
+        model_kwargs.update(_hub_access(target.checkpoint, target.revision))
     common = {k: v for k, v in model_kwargs.items() if k != "attn_implementation"}
     if gguf_file and not _module_available("gguf"):
         raise CheckpointLoadError(
@@ -236,6 +323,39 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
     model.requires_grad_(False)
     tolerance = tolerance_for(model.dtype, atol=atol, rtol=rtol)
     return CausalLM(target=target, model=model, tokenizer=tokenizer, tolerance=tolerance, seed=seed, source=source)
+
+
+def _hub_access(checkpoint: str, revision: str | None) -> dict[str, Any]:
+    """One quick request tells whether the Hub answers, instead of a minute of retries per file when it does not.
+
+    Cached and unreachable: load from the cache only. Not cached and unreachable: a load error at once.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return {}
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(checkpoint, "config.json", revision=revision), str)
+    try:
+        HfApi().model_info(checkpoint, revision=revision, timeout=10)
+    except Exception as exc:
+        if cached and not _is_hub_answer(exc):
+            return {"local_files_only": True}
+        raise CheckpointLoadError(explain_load_error(exc, checkpoint, "model")) from None
+    return {}
+
+
+def _is_hub_answer(exc: BaseException) -> bool:
+    """The Hub answered (not found, gated, ...), as opposed to a network failure."""
+    return type(exc).__name__ in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError")
+
+
+def _build_tiny(checkpoint: str) -> str:
+    """The directory of a built-in tiny checkpoint; a name that cannot be built is a load error, said once."""
+    try:
+        return str(materialize(checkpoint))
+    except Exception as exc:  # unknown names (ValueError), unbuildable architectures (TinyBuildError), anything else
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointLoadError(f"the tiny builder failed: {text}") from None
 
 
 def _module_available(name: str) -> bool:

@@ -12,34 +12,19 @@ from typing import Any
 
 import pytest
 
-from .benchmark import BenchmarkCollector
-from .loading import CausalLM, CheckpointLoadError, ModelCache, Target
-from .report import VerdictTable
+from .invariants import invariant_for_test
+from .invariants import markers as invariant_markers
+from .loading import CausalLM, CheckpointLoadError, Target, with_unique_labels
+from .session import CausalLMSession, has_session, session_of, start_session
 from .settings import OPTIONS, Settings, resolve_settings
 
-SETTINGS_KEY = pytest.StashKey[Settings]()
-CACHE_KEY = pytest.StashKey[ModelCache]()
-BENCHMARK_KEY = pytest.StashKey[BenchmarkCollector]()
-VERDICT_KEY = pytest.StashKey[VerdictTable]()
 SUITE_DIR = Path(__file__).parent / "suite"
 
-# Markers of the built-in suite, for -m selection of invariant families.
+# Markers besides the invariants' own (those come from the registry).
 MARKERS = {
     "causal_lm": "a test of the built-in causal LM invariant suite",
-    "causal_lm_shapes": "causal LM invariant: output shapes and finite logits",
-    "causal_lm_vocab": "causal LM invariant: logits/vocab alignment and special token ids",
-    "causal_lm_causality": "causal LM invariant: prefix causality",
-    "causal_lm_determinism": "causal LM invariant: determinism",
-    "causal_lm_cache": "causal LM invariant: KV-cache parity and effectiveness",
-    "causal_lm_generation": "causal LM invariant: greedy-loop parity with generate",
-    "causal_lm_classification": "causal LM invariant: classification-head equivalence",
-    "causal_lm_padding": "causal LM invariant: padding and batch invariance",
-    "causal_lm_chat": "causal LM invariant: chat template",
-    "causal_lm_snapshot": "causal LM behaviour snapshot (syrupy)",
     "causal_lm_benchmark": "cached vs uncached generation benchmark (opt-in: --causal-lm-benchmark)",
-    "causal_lm_reference": "drift from a reference checkpoint (opt-in: --causal-lm-reference)",
 }
-DEFAULT_SNAPSHOT_DIR = "causal_lm_snapshots"
 
 NO_CHECKPOINT_REASON = (
     "no causal LM checkpoint configured: pass --causal-lm-checkpoint=CKPT (e.g. tiny:qwen3), "
@@ -67,33 +52,38 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(spec.ini, help=spec.help, type=spec.ini_type, default=[] if spec.multiple else None)
 
 
+@pytest.hookimpl(trylast=True)  # after conftests' own pytest_configure, which may register invariants
 def pytest_configure(config: pytest.Config) -> None:
-    for name, description in MARKERS.items():
+    for name, description in {**MARKERS, **invariant_markers()}.items():
         config.addinivalue_line("markers", f"{name}: {description}")
     settings = resolve_settings(config)
-    config.stash[SETTINGS_KEY] = settings
-    config.stash[CACHE_KEY] = ModelCache(seed=settings.seed, atol=settings.atol, rtol=settings.rtol)
-    config.stash[BENCHMARK_KEY] = BenchmarkCollector()
-    config.stash[VERDICT_KEY] = VerdictTable()
-    config.pluginmanager.register(_VerdictListener(config.stash[VERDICT_KEY]), "causal-lm-verdict")
+    session = start_session(config, settings)
+    config.pluginmanager.register(_VerdictListener(session), "causal-lm-verdict")
     if settings.report and not settings.report.endswith((".md", ".json")):
         raise pytest.UsageError(f"--causal-lm-report: {settings.report!r} must end in .md or .json")
+    if settings.checkpoint:
+        _require_named_devices(settings)
     if settings.checkpoint and settings.suite == "only":
         config.args[:] = [str(SUITE_DIR)]
     elif settings.checkpoint and settings.suite == "on" and str(SUITE_DIR) not in config.args:
         config.args.append(str(SUITE_DIR))
 
 
-def benchmarks_enabled(config: pytest.Config) -> bool:
-    return bool(config.stash[SETTINGS_KEY].benchmark or config.getoption("benchmark_only", False))
+def _require_named_devices(settings: Settings) -> None:
+    """A device asked for by name that this machine lacks is a usage error: a run must not go green untested."""
+    from .devices import unavailable_reason
+
+    if settings.device_map:
+        return
+    for device in dict.fromkeys(settings.device):
+        reason = None if device == "auto" else unavailable_reason(device)
+        if reason:
+            raise pytest.UsageError(f"--causal-lm-device={device}: {reason}. Use --causal-lm-device=auto to fall back")
 
 
 def _target_of(item: pytest.Item) -> Target | None:
     callspec = getattr(item, "callspec", None)
     return callspec.params.get("causal_lm_target") if callspec is not None else None
-
-
-LAST_ITEM_KEY = pytest.StashKey[dict[str, Target]]()  # nodeid of the last test of each target
 
 
 @pytest.hookimpl(trylast=True)  # after other plugins have reordered: this is the order tests run in
@@ -103,38 +93,56 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         target = _target_of(item)
         if target is not None:
             last[target] = item.nodeid
-    session.config.stash[LAST_ITEM_KEY] = {nodeid: target for target, nodeid in last.items()}
+    session_of(session.config).last_test_of = {nodeid: target for target, nodeid in last.items()}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A target whose load failed was reported once, at its first test; its other tests say where, and skip."""
+    target = _target_of(item)
+    if target is None:
+        return
+    session = session_of(item.config)
+    session.current_item = item
+    shown_at = session.load_failure_shown_at.get(target)
+    if shown_at is not None:
+        pytest.skip(f"{target.id} could not load (reported once, at {shown_at.split('::')[-1]})")
 
 
 @pytest.hookimpl(trylast=True)  # after the runner's teardown, so only the cache still holds the model
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Release a model after the last test that uses it, so a run over many checkpoints holds one at a time."""
-    target = item.config.stash.get(LAST_ITEM_KEY, {}).get(item.nodeid)
+    session = session_of(item.config)
+    target = session.last_test_of.get(item.nodeid)
     if target is not None and (nextitem is None or _target_of(nextitem) != target):
-        item.config.stash[CACHE_KEY].release(target)
+        session.models.release(target)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    session = session_of(config)
     skip = pytest.mark.skip(reason="benchmarks are opt-in: pass --causal-lm-benchmark (or --benchmark-only)")
     for item in items:
         target = _target_of(item)
         if target is not None:  # tags the reports so the verdict table can be built from them alone
             test = getattr(item, "originalname", item.name)
-            item.user_properties.append(
-                ("causal_lm_cell", {"target": target.id, "test": test, "device": target.device})
-            )
-        if item.get_closest_marker("causal_lm_benchmark") and not benchmarks_enabled(config):
+            cell = {"target": target.key, "label": target.id, "test": test, "device": target.device}
+            item.user_properties.append(("causal_lm_cell", cell))
+        if item.get_closest_marker("causal_lm_benchmark") and not session.benchmarks_enabled():
             item.add_marker(skip)
+        invariant = invariant_for_test(getattr(item, "originalname", item.name))
+        reason = invariant.opt_in(config) if invariant is not None and invariant.opt_in else None
+        if reason and item.get_closest_marker("causal_lm"):
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 class _VerdictListener:
     """Feeds every test report to the session's verdict table (on the xdist controller too)."""
 
-    def __init__(self, table: VerdictTable) -> None:
-        self.table = table
+    def __init__(self, session: CausalLMSession) -> None:
+        self.session = session
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.table.add_report(report)
+        self.session.verdict.add_report(report)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -147,22 +155,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def _failure_context(config: pytest.Config, target: Target) -> str:
-    import sys
+    """One line: what was tested, with which seed and library versions."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    settings = config.stash[SETTINGS_KEY]
-    versions = {
-        name: getattr(sys.modules.get(name), "__version__", "not imported") for name in ("torch", "transformers")
-    }
-    return "\n".join(
-        [
-            f"checkpoint: {target.checkpoint}",
-            f"revision: {target.revision or 'default'}",
-            f"device: {target.device}",
-            f"dtype: {target.dtype}",
-            f"seed: {settings.seed}",
-            f"torch: {versions['torch']}",
-            f"transformers: {versions['transformers']}",
-        ]
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (
+        f"checkpoint {target.checkpoint}, revision {target.revision or 'default'}, device {target.device}, "
+        f"dtype {target.dtype}, seed {session_of(config).settings.seed}, "
+        f"torch {installed('torch')}, transformers {installed('transformers')}"
     )
 
 
@@ -172,26 +177,36 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 
 
 def _verdict_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    from .report import device_name, library_versions
-
-    table = config.stash.get(VERDICT_KEY, None)
-    if table is None or not table.cells:
+    if not has_session(config):
         return
-    settings = config.stash[SETTINGS_KEY]
-    collector = config.stash[BENCHMARK_KEY]
-    for target_id in collector.targets():
-        table.speedups[target_id] = collector.speedup_summary(target_id)
+    session = session_of(config)
+    table = session.verdict
+    if not table.cells:
+        return
+    for key in session.benchmarks.targets():
+        table.speedups[key] = session.benchmarks.speedup_summary(key)
     terminalreporter.section("causal-lm verdict")
     for line in table.terminal_lines(config.get_verbosity()):
         terminalreporter.write_line(line)
+    _write_reports(terminalreporter, session)
+
+
+def _write_reports(terminalreporter: pytest.TerminalReporter, session: CausalLMSession) -> None:
+    from .report import library_versions
+
+    settings = session.settings
     if not settings.report and not settings.github_summary:
         return
-    table.devices = {target: device_name(device) for target, device in table.devices.items()}
-    versions, described = library_versions(), settings.describe()
+    table = session.verdict
+    if not table.ran_anything():  # e.g. --benchmark-only: keep the report of the last run that ran the suite
+        terminalreporter.write_line("causal-lm: no invariant ran in this session; the report was left as it was")
+        return
+    versions = library_versions()
     if settings.report:
-        path = config.rootpath / settings.report
+        path = session.rootpath / settings.report
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = table.to_json(versions, described) if path.suffix == ".json" else table.to_markdown(versions, described)
+        as_json = path.suffix == ".json"
+        text = table.to_json(versions, settings) if as_json else table.to_markdown(versions, settings.describe())
         path.write_text(text, encoding="utf-8")
         terminalreporter.write_line(f"causal-lm report written to {path}")
     if settings.github_summary:
@@ -200,22 +215,25 @@ def _verdict_summary(terminalreporter: pytest.TerminalReporter, config: pytest.C
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             with open(summary, "a", encoding="utf-8") as handle:
-                handle.write(table.to_markdown(versions, described) + "\n")
+                handle.write(table.to_markdown(versions, settings.describe()) + "\n")
             terminalreporter.write_line(f"causal-lm verdict appended to {summary}")
         else:
             terminalreporter.write_line("causal-lm: GITHUB_STEP_SUMMARY is not set; no job summary written")
 
 
 def _benchmark_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    collector = config.stash.get(BENCHMARK_KEY, None)
-    if not collector or not collector.measurements:
+    if not has_session(config):
+        return
+    session = session_of(config)
+    collector = session.benchmarks
+    if not collector.measurements:
         return
     terminalreporter.section("causal-lm benchmark: greedy generation, cached vs uncached")
-    for target_id in collector.targets():
-        terminalreporter.write_line(target_id)
-        for line in collector.table(target_id):
+    for key in collector.targets():
+        terminalreporter.write_line(collector.labels[key])
+        for line in collector.table(key):
             terminalreporter.write_line("  " + line)
-    plot = collector.plot(config.rootpath / config.stash[SETTINGS_KEY].benchmark_plot)
+    plot = collector.plot(session.rootpath / session.settings.benchmark_plot)
     if plot is None:
         terminalreporter.write_line("plot skipped: pip install matplotlib to draw time vs new tokens")
     else:
@@ -223,18 +241,19 @@ def _benchmark_summary(terminalreporter: pytest.TerminalReporter, config: pytest
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    settings = config.stash.get(SETTINGS_KEY, None)
-    if settings is None:
+    """Main settings and those not at their default; every setting with -vv."""
+    if not has_session(config):
         return []
-    return ["causal-lm: " + ", ".join(settings.describe(everything=config.get_verbosity() > 0))]
+    settings = session_of(config).settings
+    return ["causal-lm: " + ", ".join(settings.describe(everything=config.get_verbosity() > 1))]
 
 
 def targets_of(settings: Settings) -> list[Target]:
-    """Every checkpoint x device combination to test, with ``auto`` devices resolved."""
+    """Every checkpoint x device combination to test, ``auto`` devices resolved, each with a unique label."""
     from .devices import resolve_device
 
     devices = ["cpu"] if settings.device_map else list(dict.fromkeys(resolve_device(d) for d in settings.device))
-    return [
+    targets = [
         Target(
             checkpoint=checkpoint,
             device=device,
@@ -244,13 +263,14 @@ def targets_of(settings: Settings) -> list[Target]:
             trust_remote_code=settings.trust_remote_code,
             device_map=settings.device_map,
         )
-        for checkpoint in settings.checkpoint
+        for checkpoint in dict.fromkeys(settings.checkpoint)
         for device in devices
     ]
+    return with_unique_labels(targets)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    settings = metafunc.config.stash[SETTINGS_KEY]
+    settings = session_of(metafunc.config).settings
     if "causal_lm_new_tokens" in metafunc.fixturenames:
         sweep = [(use_cache, n) for n in settings.benchmark_new_tokens for use_cache in (False, True)]
         metafunc.parametrize(
@@ -267,6 +287,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
+def causal_lm_settings(request: pytest.FixtureRequest) -> Settings:
+    """The resolved plugin settings (option > env > ini > default) of this session."""
+    return session_of(request.config).settings
+
+
+@pytest.fixture(scope="session")
 def causal_lm_target(request: pytest.FixtureRequest) -> Target:
     """The checkpoint/device/dtype under test; parametrised from the settings. Override in a conftest."""
     from .devices import unavailable_reason
@@ -275,39 +301,32 @@ def causal_lm_target(request: pytest.FixtureRequest) -> Target:
     if target is None:
         pytest.skip(NO_CHECKPOINT_REASON)
     reason = unavailable_reason(target.device)
-    if reason:
-        pytest.skip(reason)
+    if reason:  # only a target built in a conftest gets here: named devices are checked at start-up
+        pytest.fail(reason, pytrace=False)
     return target
 
 
 @pytest.fixture(scope="session")
 def causal_lm(request: pytest.FixtureRequest, causal_lm_target: Target) -> Iterator[CausalLM]:
-    """The loaded checkpoint: model, tokenizer, tolerance, target. Loaded once per session."""
-    cache = request.config.stash[CACHE_KEY]
+    """The loaded checkpoint: model, tokenizer, tolerance, target. Loaded once per session.
+
+    A checkpoint that cannot load fails the first test that needs it, with the one-line cause;
+    its other tests skip, pointing there.
+    """
+    session = session_of(request.config)
     try:
-        handle = cache.get(causal_lm_target)
+        handle = session.models.get(causal_lm_target)
     except CheckpointLoadError as exc:
         problem = str(exc)
     else:
         problem = None
     if problem is not None:  # failed outside the except block so no chained exception is printed
+        item = session.current_item
+        if item is not None:  # the report carries the cause to the verdict (under xdist too)
+            session.load_failure_shown_at[causal_lm_target] = item.nodeid
+            item.user_properties.append(("causal_lm_load_error", problem))
         pytest.fail(f"cannot load {causal_lm_target.checkpoint}: {problem}", pytrace=False)
     yield handle
-
-
-def snapshot_root(config: pytest.Config) -> Path:
-    """Where behaviour snapshots live: the configured directory, relative to the rootdir."""
-    configured = config.stash[SETTINGS_KEY].snapshot_dir or DEFAULT_SNAPSHOT_DIR
-    return config.rootpath / Path(configured).expanduser()
-
-
-def snapshots_enabled(config: pytest.Config) -> bool:
-    """The built-in snapshot test runs when a snapshot directory is configured or exists, or on --snapshot-update."""
-    return (
-        config.stash[SETTINGS_KEY].snapshot_dir is not None
-        or bool(config.getoption("update_snapshots", False))
-        or snapshot_root(config).is_dir()
-    )
 
 
 @pytest.fixture
@@ -315,10 +334,7 @@ def causal_lm_snapshot(request: pytest.FixtureRequest, snapshot: Any) -> Any:
     """syrupy's ``snapshot`` with the causal-lm extension: ``assert causal_lm_snapshot == behaviour_record(...)``."""
     from .snapshot import snapshot_extension
 
-    return snapshot.use_extension(snapshot_extension(snapshot_root(request.config)))
-
-
-REFERENCE_KEY = pytest.StashKey[dict[str, Any]]()
+    return snapshot.use_extension(snapshot_extension(session_of(request.config).snapshot_root()))
 
 
 @pytest.fixture(scope="session")
@@ -327,49 +343,52 @@ def causal_lm_reference(request: pytest.FixtureRequest, causal_lm_target: Target
 
     Request it before ``causal_lm`` so the reference is gone before the candidate loads.
     """
+    session = session_of(request.config)
+    settings = session.settings
+    if not settings.reference:
+        pytest.skip("no reference configured: pass --causal-lm-reference=CKPT to compare checkpoints with it")
+    device = causal_lm_target.device
+    if device not in session.references:
+        session.references[device] = _compute_reference(session, device)
+    if isinstance(session.references[device], str):
+        pytest.fail(session.references[device], pytrace=False)
+    return session.references[device]
+
+
+def _compute_reference(session: CausalLMSession, device: str) -> Any:
+    """The reference's outputs on ``device``, or why it could not load; the reference model is freed after."""
     import gc
 
     from .checks.reference import reference_outputs
     from .loading import load
 
-    settings = request.config.stash[SETTINGS_KEY]
-    if not settings.reference:
-        pytest.skip("no reference configured: pass --causal-lm-reference=CKPT to compare checkpoints with it")
-    computed = request.config.stash.setdefault(REFERENCE_KEY, {})
-    key = causal_lm_target.device
-    if key not in computed:
-        target = Target(
-            checkpoint=settings.reference,
-            device=causal_lm_target.device,
-            dtype=settings.reference_dtype,
-            revision=None,
-            attn_implementation=settings.attn_implementation,
-            trust_remote_code=settings.trust_remote_code,
-        )
-        try:
-            handle = load(target, seed=settings.seed)
-        except CheckpointLoadError as exc:
-            computed[key] = f"cannot load the reference {settings.reference}: {exc}"
-        else:
-            computed[key] = reference_outputs(
-                handle.model, handle.tokenizer, prompts=_reference_prompts(request.config)
-            )
-            del handle
-            gc.collect()
-    if isinstance(computed[key], str):
-        pytest.fail(computed[key], pytrace=False)
-    return computed[key]
+    settings = session.settings
+    target = Target(
+        checkpoint=settings.reference,
+        device=device,
+        dtype=settings.reference_dtype,
+        attn_implementation=settings.attn_implementation,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    try:
+        handle = load(target, seed=settings.seed)
+    except CheckpointLoadError as exc:
+        return f"cannot load the reference {settings.reference}: {exc}"
+    outputs = reference_outputs(handle.model, handle.tokenizer, prompts=_reference_prompts(session))
+    del handle
+    gc.collect()
+    return outputs
 
 
-def _reference_prompts(config: pytest.Config) -> list[str]:
+def _reference_prompts(session: CausalLMSession) -> list[str]:
     import json
 
     from .checks.reference import REFERENCE_PROMPTS
 
-    path = config.stash[SETTINGS_KEY].reference_prompts
+    path = session.settings.reference_prompts
     if not path:
         return list(REFERENCE_PROMPTS)
-    text = (config.rootpath / path).read_text(encoding="utf-8")
+    text = (session.rootpath / path).read_text(encoding="utf-8")
     prompts = json.loads(text) if path.endswith(".json") else [line for line in text.splitlines() if line.strip()]
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise pytest.UsageError(

@@ -1,40 +1,22 @@
-"""The verdict per checkpoint at a glance: a terminal table, Markdown and JSON reports, failure context.
+"""The verdict per checkpoint at a glance: a terminal table, Markdown and JSON reports.
 
 Built from test reports only (outcome + user properties), so it works the same
-under pytest-xdist, where reports travel from workers to the controller.
+under pytest-xdist, where reports travel from workers to the controller. Checks
+record what they measured as data; it is formatted here, once.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import re
 import textwrap
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["INVARIANTS", "Cell", "VerdictTable", "library_versions"]
+from .invariants import Invariant, invariant_for_test, invariants
 
-# test name -> (short column header, invariant name)
-INVARIANTS: dict[str, tuple[str, str]] = {
-    "test_output_shapes": ("shap", "output shapes"),
-    "test_logits_to_keep": ("keep", "logits_to_keep"),
-    "test_vocab_alignment": ("voc", "vocab alignment"),
-    "test_special_token_ids": ("ids", "special token ids"),
-    "test_prefix_causality": ("caus", "prefix causality"),
-    "test_determinism": ("det", "determinism"),
-    "test_kv_cache_parity": ("kv", "KV-cache parity"),
-    "test_cache_effectiveness": ("c1", "cache effectiveness"),
-    "test_greedy_loop_parity": ("grdy", "greedy-loop parity"),
-    "test_classification_head": ("cls", "classification head"),
-    "test_padding_invariance": ("pad", "padding invariance"),
-    "test_batch_independence": ("bat", "batch independence"),
-    "test_chat_template": ("chat", "chat template"),
-    "test_behaviour_snapshot": ("snap", "behaviour snapshot"),
-    "test_reference_drift": ("ref", "reference drift"),
-}
-_DIFFERENCE = re.compile(r"(?:greatest \|difference\||KL mean)\s*:?\s*([-+0-9.e]+|nan|inf)")
-_TOKENS_PER_STEP = re.compile(r"decoding steps fed \[([0-9, ]+)\] tokens/sequence")
+__all__ = ["Cell", "VerdictTable", "device_name", "library_versions"]
 
 
 def library_versions() -> dict[str, str]:
@@ -52,33 +34,85 @@ def library_versions() -> dict[str, str]:
 
 
 def device_name(device: str) -> str:
-    """A human name for a device: the GPU's name, or the CPU's."""
+    """A human name for a device: the GPU's name, or the CPU's model name."""
     if device.startswith("cuda"):
         import torch
 
         return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine() or device
 
 
 @dataclass
 class Cell:
-    """One invariant on one target: outcome (ok, tie, FAIL, skip) and the figure worth showing."""
+    """One invariant on one target: outcome (ok, tie, FAIL, err, skip) and what was measured."""
 
     outcome: str
-    figure: str = ""
+    figure: tuple[str, float] | None = None  # (label, value): ("Δ", 3e-5), ("KL mean", 0.002), ("tokens/step", 1)
+    tolerance: str | None = None
+    position: int | None = None
+    token_id: int | None = None
     detail: str = ""
 
-    def to_dict(self) -> dict[str, str]:
-        return {"outcome": self.outcome, "figure": self.figure, "detail": self.detail}
+    @classmethod
+    def measured(cls, outcome: str, data: dict[str, Any], detail: str = "") -> Cell:
+        """A cell from what a check recorded (CheckResult.as_dict(), or the data a failure carries)."""
+        figure = data.get("figure")
+        return cls(
+            outcome,
+            figure=(str(figure[0]), float(figure[1])) if figure else None,
+            tolerance=data.get("tolerance"),
+            position=data.get("position"),
+            token_id=data.get("token_id"),
+            detail=detail,
+        )
+
+    @property
+    def figure_text(self) -> str:
+        if self.figure is None:
+            return ""
+        label, value = self.figure
+        return f"{label} {value:.2g}" if isinstance(value, float) and not value.is_integer() else f"{label} {value:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        figure = {"label": self.figure[0], "value": self.figure[1]} if self.figure else None
+        return {
+            "outcome": self.outcome,
+            "figure": figure,
+            "tolerance": self.tolerance,
+            "position": self.position,
+            "token_id": self.token_id,
+            "detail": self.detail,
+        }
+
+
+def _skip_reason(report: Any) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _failure_title(report: Any) -> str:
+    text = report.longreprtext
+    first = next((line.strip() for line in text.splitlines() if line.strip().startswith("E ")), "")
+    return first.removeprefix("E").strip().removeprefix("AssertionError:").strip() or text.strip().splitlines()[-1]
 
 
 @dataclass
 class VerdictTable:
-    """Cells by target id and test name, filled from test reports."""
+    """Cells by target key (the full identity) and test name, filled from test reports."""
 
     cells: dict[str, dict[str, Cell]] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # target key -> unique display name
     devices: dict[str, str] = field(default_factory=dict)
     speedups: dict[str, str] = field(default_factory=dict)
+    load_errors: dict[str, str] = field(default_factory=dict)
+    not_run: Counter[str] = field(default_factory=Counter)  # skip reasons of tests outside the invariants
 
     def add_report(self, report: Any) -> None:
         """Fold one pytest TestReport (setup, call or teardown) into the table."""
@@ -87,110 +121,134 @@ class VerdictTable:
         if not where:
             return
         target, test = where["target"], where["test"]
-        if test not in INVARIANTS:
+        if "causal_lm_load_error" in properties:
+            self.load_errors[target] = properties["causal_lm_load_error"]
+        if invariant_for_test(test) is None:
+            if report.skipped:
+                self.not_run[_skip_reason(report)] += 1
             return
+        self.labels.setdefault(target, where.get("label", target))
         self.devices.setdefault(target, where.get("device", ""))
         row = self.cells.setdefault(target, {})
+        data = properties.get("causal_lm") or {}
         if report.skipped:
-            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-            row[test] = Cell("skip", detail=reason.removeprefix("Skipped: "))
+            row[test] = Cell("skip", detail=_skip_reason(report))
         elif report.failed:
-            text = report.longreprtext
-            match = _DIFFERENCE.search(text)
-            first = next((line.strip() for line in text.splitlines() if line.strip().startswith("E ")), "")
-            message = first.removeprefix("E").strip().removeprefix("AssertionError:").strip() or text.splitlines()[-1]
-            row[test] = Cell(
-                "FAIL" if report.when == "call" else "err", f"Δ {match.group(1)}" if match else "", message
-            )
+            detail = data.get("title") or _failure_title(report)
+            row[test] = Cell.measured("FAIL" if report.when == "call" else "err", data, detail)
         elif report.when == "call":
-            result = properties.get("causal_lm") or {}
-            notes = result.get("notes") or []
-            tie = any("near-tie" in note for note in notes)
-            figure = ""
-            if result.get("greatest_difference") is not None:
-                figure = f"Δ {result['greatest_difference']:.2g}"
-            if result.get("drift"):
-                figure = f"KL {result['drift']['kl_mean']:.2g}"
-            per_step = _TOKENS_PER_STEP.search(" ".join(notes))
-            if per_step:
-                figure = f"{per_step.group(1)} tok/step"
-            row[test] = Cell("tie" if tie else "ok", figure, "; ".join(notes))
+            row[test] = Cell.measured("tie" if data.get("near_tie") else "ok", data, "; ".join(data.get("notes") or []))
+
+    def ran_anything(self) -> bool:
+        return any(cell.outcome != "skip" for row in self.cells.values() for cell in row.values())
 
     def counts(self, target: str) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for cell in self.cells[target].values():
-            found[cell.outcome] = found.get(cell.outcome, 0) + 1
-        return found
+        return dict(Counter(cell.outcome for cell in self.cells[target].values()))
+
+    def _columns(self) -> list[Invariant]:
+        return [i for i in invariants() if any(i.test_name in row for row in self.cells.values())]
 
     def terminal_lines(self, verbosity: int) -> list[str]:
         """``-q``: a line per target; default: the table and failures; ``-v``: every figure too."""
-        lines = []
         if verbosity < 0:
-            for target in self.cells:
-                counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.counts(target).items()))
-                lines.append(f"{target}: {counts}")
-            return lines
-        columns = [test for test in INVARIANTS if any(test in row for row in self.cells.values())]
-        width = min(max(len("checkpoint-device-dtype"), *(len(t) for t in self.cells)), 32)
-        lines.append(f"{'checkpoint-device-dtype':<{width}} " + " ".join(f"{INVARIANTS[t][0]:<4}" for t in columns))
+            return [f"{self.labels[t]}: {self._row_summary(t)}" for t in self.cells] + self._not_run_lines()
+        columns = self._columns()
+        width = min(max(len("checkpoint-device-dtype"), *(len(label) for label in self.labels.values())), 40)
+        lines = [f"{'checkpoint-device-dtype':<{width}} " + " ".join(f"{i.column:<4}" for i in columns)]
         for target, row in self.cells.items():
-            shown = target if len(target) <= width else target[: width - 1] + "~"
-            lines.append(f"{shown:<{width}} " + " ".join(f"{row[t].outcome if t in row else '-':<4}" for t in columns))
-        legend = "legend: " + ", ".join(f"{INVARIANTS[t][0]}={INVARIANTS[t][1]}" for t in columns)
+            label = self.labels[target]
+            shown = label if len(label) <= width else label[: width - 1] + "~"
+            outcomes = (row[i.test_name].outcome if i.test_name in row else "-" for i in columns)
+            lines.append(f"{shown:<{width}} " + " ".join(f"{o:<4}" for o in outcomes))
+        legend = "legend: " + ", ".join(f"{i.column}={i.name}" for i in columns)
         lines.extend(textwrap.wrap(legend, width=100, subsequent_indent="        "))
+        lines.extend(self._detail_lines(verbosity))
+        return lines + self._not_run_lines()
+
+    def _row_summary(self, target: str) -> str:
+        if target in self.load_errors:
+            return f"could not load: {self.load_errors[target]}"[:300]
+        return ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.counts(target).items()))
+
+    def _detail_lines(self, verbosity: int) -> list[str]:
+        lines = []
         for target, row in self.cells.items():
-            for test, cell in row.items():
+            label = self.labels[target]
+            if target in self.load_errors:
+                lines.append(f"  {label} could not load: {self.load_errors[target]}"[:300])
+                continue
+            for invariant in invariants():
+                cell = row.get(invariant.test_name)
+                if cell is None:
+                    continue
                 if cell.outcome in ("FAIL", "err", "tie") or (verbosity > 0 and (cell.figure or cell.detail)):
-                    figure = f" {cell.figure}" if cell.figure else ""
+                    figure = f" {cell.figure_text}" if cell.figure else ""
                     detail = f": {cell.detail}" if cell.detail and (verbosity > 0 or cell.outcome != "tie") else ""
-                    lines.append(f"  {target} {INVARIANTS[test][1]} {cell.outcome}{figure}{detail}"[:300])
+                    lines.append(f"  {label} {invariant.name} {cell.outcome}{figure}{detail}"[:300])
             if target in self.speedups:
-                lines.append(f"  {target} KV-cache speedup {self.speedups[target]}")
+                lines.append(f"  {label} KV-cache speedup {self.speedups[target]}")
         return lines
 
-    def to_json(self, versions: dict[str, str], settings: list[str]) -> str:
+    def _not_run_lines(self) -> list[str]:
+        """Every test that did not run and why, in one place (invariant skips, opt-in benchmarks)."""
+        reasons: Counter[str] = Counter(self.not_run)
+        for row in self.cells.values():
+            for cell in row.values():
+                if cell.outcome == "skip":
+                    reasons[cell.detail] += 1
+        if not reasons:
+            return []
+        total = sum(reasons.values())
+        return [f"not run: {total} test(s)"] + [f"  {n} x {reason}" for reason, n in reasons.most_common()]
+
+    def to_json(self, versions: dict[str, str], settings: Any) -> str:
+        """For machines: figures as numbers, settings with their sources, one entry per target key."""
         return json.dumps(
             {
                 "versions": versions,
-                "settings": settings,
+                "settings": {name: {"value": s.value, "source": s.source} for name, s in settings.values.items()},
                 "targets": {
                     target: {
-                        "device_name": self.devices.get(target, ""),
+                        "label": self.labels[target],
+                        "device_name": device_name(self.devices.get(target, "")),
                         "speedup": self.speedups.get(target),
-                        "invariants": {INVARIANTS[t][1]: cell.to_dict() for t, cell in row.items()},
+                        "load_error": self.load_errors.get(target),
+                        "invariants": {i.name: row[i.test_name].to_dict() for i in invariants() if i.test_name in row},
                     }
                     for target, row in self.cells.items()
                 },
+                "not_run": dict(self.not_run),
             },
             indent=2,
+            default=list,
         )
 
     def to_markdown(self, versions: dict[str, str], settings: list[str]) -> str:
-        columns = [test for test in INVARIANTS if any(test in row for row in self.cells.values())]
+        columns = self._columns()
         symbol = {"ok": "✅ pass", "tie": "✅ pass (near-tie)", "FAIL": "❌ FAIL", "err": "❌ error", "skip": "⏭ skip"}
         lines = ["## causal-lm verdict", ""]
-        lines.append("| checkpoint-device-dtype | " + " | ".join(INVARIANTS[t][1] for t in columns) + " |")
+        lines.append("| checkpoint-device-dtype | " + " | ".join(i.name for i in columns) + " |")
         lines.append("|---" * (len(columns) + 1) + "|")
         for target, row in self.cells.items():
             cells = []
-            for test in columns:
-                cell = row.get(test)
-                cells.append(
-                    "" if cell is None else f"{symbol[cell.outcome]} {cell.figure}".strip().replace("|", "\\|")
-                )
-            lines.append(f"| `{target}` | " + " | ".join(cells) + " |")
-        details = [
-            f"- `{target}` {INVARIANTS[test][1]}: {cell.outcome} {cell.figure} {cell.detail}".rstrip()
+            for invariant in columns:
+                cell = row.get(invariant.test_name)
+                text = "" if cell is None else f"{symbol[cell.outcome]} {cell.figure_text}".strip()
+                cells.append(text.replace("|", "\\|"))
+            lines.append(f"| `{self.labels[target]}` | " + " | ".join(cells) + " |")
+        details = [f"- `{self.labels[t]}` could not load: {error}" for t, error in self.load_errors.items()]
+        details += [
+            f"- `{self.labels[target]}` {i.name}: {cell.outcome} {cell.figure_text} {cell.detail}".rstrip()
             for target, row in self.cells.items()
-            for test, cell in row.items()
-            if cell.outcome in ("FAIL", "err", "skip", "tie") or cell.detail
+            for i in invariants()
+            if (cell := row.get(i.test_name)) is not None and (cell.outcome != "ok" or cell.detail)
         ]
         if details:
             lines += ["", "### Failures, skips and notes", "", *details]
         if self.speedups:
-            lines += ["", "### KV-cache speedup", "", *[f"- `{t}`: {s}" for t, s in self.speedups.items()]]
+            lines += ["", "### KV-cache speedup", "", *[f"- `{self.labels[t]}`: {s}" for t, s in self.speedups.items()]]
         lines += ["", "### Environment", ""]
         lines += [f"- {name}: {version}" for name, version in versions.items()]
-        lines += [f"- device `{target}`: {name}" for target, name in self.devices.items() if name]
+        lines += [f"- device of `{self.labels[t]}`: {device_name(d)}" for t, d in self.devices.items() if d]
         lines += ["", "<details><summary>settings</summary>", "", *[f"- {s}" for s in settings], "", "</details>", ""]
         return "\n".join(lines)

@@ -235,6 +235,15 @@ class Settings:
         except KeyError:
             raise AttributeError(name) from None
 
+    def reference_thresholds(self) -> dict[str, float]:
+        """The reference comparison's limits, by statistic."""
+        return {
+            "kl_mean": self.reference_max_kl_mean,
+            "kl_p99": self.reference_max_kl_p99,
+            "top1_agreement": self.reference_min_top1,
+            "perplexity_delta": self.reference_max_perplexity_delta,
+        }
+
     def describe(self, everything: bool = True) -> list[str]:
         """``name=value (source)`` per setting; without ``everything``, only the main ones and those not default."""
         parts = []
@@ -269,6 +278,9 @@ def _resolve_one(spec: OptionSpec, config: pytest.Config, environ: dict[str, str
     if option_value not in (None, []):
         if spec.multiple:
             parts = [part.strip() for value in option_value for part in str(value).split(",") if part.strip()]
+            if not parts:  # "--causal-lm-checkpoint=" would otherwise select nothing and exit silently
+                example = f"{spec.option}={spec.default[0] if spec.default else 'tiny:qwen3'}"
+                raise pytest.UsageError(f"{spec.option}: empty value; pass one, e.g. {example}")
             return Setting(tuple(_parsed(spec, part, spec.option) for part in parts), "option")
         return Setting(_parsed(spec, option_value, spec.option), "option")
     if environ.get(spec.env, "").strip():

@@ -6,11 +6,10 @@ beyond the stored tolerance fails with a readable diff.
 """
 
 import pytest_causal_lm as clm
-from pytest_causal_lm.snapshot import behaviour_record
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 
 
 def test_my_prompts(causal_lm: clm.CausalLM, causal_lm_snapshot) -> None:
-    record = behaviour_record(causal_lm.model, causal_lm.tokenizer, prompts=PROMPTS, chat=False, max_new_tokens=8)
+    record = clm.behaviour_record(causal_lm.model, causal_lm.tokenizer, prompts=PROMPTS, chat=False, max_new_tokens=8)
     assert causal_lm_snapshot == record

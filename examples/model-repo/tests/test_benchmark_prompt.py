@@ -5,13 +5,12 @@ built from the same pieces.
 """
 
 import pytest_causal_lm as clm
-from pytest_causal_lm.benchmark import forced_generate
 
 
 def test_answer_latency(benchmark, causal_lm: clm.CausalLM) -> None:
     ids = causal_lm.tokenizer("The capital of France is", return_tensors="pt")["input_ids"].to(causal_lm.model.device)
     tokens = benchmark.pedantic(
-        forced_generate, args=(causal_lm.model, causal_lm.tokenizer, ids, 16, True), rounds=3, warmup_rounds=1
+        clm.forced_generate, args=(causal_lm.model, causal_lm.tokenizer, ids, 16, True), rounds=3, warmup_rounds=1
     )
     assert len(tokens) == 16
     if benchmark.stats is not None:

@@ -6,8 +6,9 @@ from .causality import assert_prefix_causal
 from .chat import ChatTemplateWarning, assert_chat_template_consistent
 from .classification import assert_classification_head_equivalent, load_score_head_classifier
 from .determinism import assert_deterministic
-from .greedy import GenerationConfigWarning, NearTieWarning, assert_greedy_parity, greedy_loop
+from .greedy import GenerationConfigWarning, NearTieWarning, assert_greedy_parity, assert_same_continuation, greedy_loop
 from .padding import assert_batch_independent, assert_padding_invariant
+from .reference import assert_close_to_reference
 from .shapes import assert_finite_logits, assert_logits_to_keep, assert_output_shapes
 from .vocab import assert_special_tokens_agree, assert_vocab_alignment
 
@@ -20,6 +21,7 @@ __all__ = [
     "assert_cache_effective",
     "assert_chat_template_consistent",
     "assert_classification_head_equivalent",
+    "assert_close_to_reference",
     "assert_deterministic",
     "assert_finite_logits",
     "assert_greedy_parity",
@@ -28,6 +30,7 @@ __all__ = [
     "assert_output_shapes",
     "assert_padding_invariant",
     "assert_prefix_causal",
+    "assert_same_continuation",
     "assert_special_tokens_agree",
     "assert_vocab_alignment",
     "greedy_loop",

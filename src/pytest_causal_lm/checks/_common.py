@@ -42,12 +42,58 @@ def text_of(tokenizer: Any, ids: Sequence[int] | Any) -> str:
     return text if len(text) <= 100 else "'..." + text[-96:]
 
 
-def failure(title: str, model: Any, details: Sequence[tuple[str, object]]) -> AssertionError:
-    """An AssertionError whose message is a title and aligned ``label: value`` lines."""
+def measured_of(exc: BaseException) -> dict[str, Any] | None:
+    """What a failed check measured (figure, position, token, tolerance), or None for other exceptions."""
+    return getattr(exc, "causal_lm_measured", None)
+
+
+def failure(
+    title: str,
+    model: Any,
+    details: Sequence[tuple[str, object]],
+    *,
+    mismatch: ScoreMismatch | None = None,
+    tolerance: Tolerance | None = None,
+    figure: tuple[str, float] | None = None,
+) -> AssertionError:
+    """An AssertionError whose message is a title and aligned ``label: value`` lines.
+
+    ``mismatch`` and ``tolerance`` (or ``figure``) travel with it as data (``measured_of``), so reports
+    never parse the text. It stays a plain AssertionError so pytest shows it as one.
+    """
     rows = [("checkpoint", context(model)), *details]
     width = max(len(label) for label, _ in rows)
     body = "\n".join(f"  {label.ljust(width)} : {value}" for label, value in rows)
-    return AssertionError(f"{title}\n{body}")
+    measured: dict[str, Any] = {"title": title}
+    if mismatch is not None:
+        measured.update(
+            figure=("Δ", mismatch.greatest_difference),
+            position=mismatch.worst_position,
+            token_id=mismatch.worst_token_id,
+            mismatched=mismatch.mismatched,
+        )
+    if figure is not None:
+        measured["figure"] = figure
+    if tolerance is not None:
+        measured["tolerance"] = str(tolerance)
+    error = AssertionError(f"{title}\n{body}")
+    error.causal_lm_measured = measured  # type: ignore[attr-defined]
+    return error
+
+
+def mismatch_failure(
+    title: str,
+    model: Any,
+    tokenizer: Any,
+    details: Sequence[tuple[str, object]],
+    mismatch: ScoreMismatch,
+    tolerance: Tolerance,
+    *,
+    position_label: str = "position",
+) -> AssertionError:
+    """A score-comparison failure: ``details``, then where, which token and by how much (also as data)."""
+    rows = [*details, *mismatch.describe(tokenizer, tolerance, position_label=position_label)]
+    return failure(title, model, rows, mismatch=mismatch, tolerance=tolerance)
 
 
 def cache_kind(model: Any, input_ids: Any) -> str | None:
@@ -163,12 +209,14 @@ def compare_scores(expected: Any, actual: Any, tolerance: Tolerance) -> ScoreMis
 
 @dataclass
 class CheckResult:
-    """What a passing check measured: the greatest score difference it saw, and notes worth reporting."""
+    """What a passing check measured: the greatest score difference it saw, a headline figure, and notes."""
 
     invariant: str
     greatest_difference: float = 0.0
     tolerance: Tolerance | None = None
     notes: list[str] | None = None
+    figure: tuple[str, float] | None = None  # (label, value) shown instead of the difference, e.g. ("KL mean", 0.002)
+    near_tie: bool = False
 
     def observe(self, expected: Any, actual: Any) -> None:
         """Fold the greatest |expected - actual| of one comparison into the result."""
@@ -179,10 +227,15 @@ class CheckResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for reports (survives pytest-xdist and junitxml)."""
+        figure = self.figure
+        if figure is None and self.tolerance is not None:
+            figure = ("Δ", self.greatest_difference)
         return {
             "invariant": self.invariant,
             "greatest_difference": self.greatest_difference if self.tolerance is not None else None,
             "tolerance": str(self.tolerance) if self.tolerance is not None else None,
+            "figure": list(figure) if figure is not None else None,
+            "near_tie": self.near_tie,
             "notes": list(self.notes or []),
         }
 

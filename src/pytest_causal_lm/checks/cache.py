@@ -17,6 +17,7 @@ from ._common import (
     encode,
     failure,
     forward_logits,
+    mismatch_failure,
     pad_id,
     padded_batch,
     resolve_tolerance,
@@ -51,77 +52,105 @@ def assert_kv_cache_parity(
     a left-padded batch prefilled, then extended token by token.
     """
     __tracebackhide__ = True
-    import torch
-
     tolerance = resolve_tolerance(model, tolerance)
     result = CheckResult("KV-cache parity", tolerance=tolerance)
     input_ids = encode(tokenizer, text, model.device)
     _require_standard_cache(model, input_ids)
-    length = input_ids.shape[1]
     full = forward_logits(model, input_ids)[0]
+    _check_stepwise_decoding(model, tokenizer, input_ids, full, result)
+    for chunks in (2, 3):
+        _check_chunked_prefill(model, tokenizer, input_ids, full, chunks, result)
+    _check_padded_batch_decoding(model, tokenizer, padded_texts, appended_tokens, seed, result)
+    return result
 
-    def fail(title: str, mismatch: Any, where: list[tuple[str, object]], ids: Any) -> AssertionError:
-        return failure(
-            f"KV-cache parity violated: {title}",
-            model,
-            [("input", text_of(tokenizer, ids)), *where, *mismatch.describe(tokenizer, tolerance)],
-        )
 
+def _cache_failure(
+    title: str, model: Any, tokenizer: Any, ids: Any, where: tuple[str, object], mismatch: Any, result: CheckResult
+) -> AssertionError:
+    return mismatch_failure(
+        f"KV-cache parity violated: {title}",
+        model,
+        tokenizer,
+        [("input", text_of(tokenizer, ids)), where],
+        mismatch,
+        result.tolerance,
+    )
+
+
+def _check_stepwise_decoding(model: Any, tokenizer: Any, input_ids: Any, full: Any, result: CheckResult) -> None:
+    """Prefill a third of the text, then feed one token per step; every step's scores equal the full forward's."""
+    __tracebackhide__ = True
+    import torch
+
+    length = input_ids.shape[1]
     prefill = max(1, length // 3)
     with torch.no_grad():
-        out = model(input_ids=input_ids[:, :prefill], use_cache=True)
-        cache = out.past_key_values
+        cache = model(input_ids=input_ids[:, :prefill], use_cache=True).past_key_values
         for position in range(prefill, length):
             out = model(input_ids=input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            mismatch = check_scores(result, full[position : position + 1], out.logits[0].float(), tolerance)
+            mismatch = check_scores(result, full[position : position + 1], out.logits[0].float(), result.tolerance)
             if mismatch:
                 step = position - prefill + 1
-                raise fail(
+                raise _cache_failure(
                     f"decoding step {step} (position {position}, token {token(tokenizer, int(input_ids[0, position]))}) "
-                    f"differs from the full forward",
-                    mismatch,
-                    [("prefill", f"{prefill} tokens, then one token per step")],
+                    "differs from the full forward",
+                    model,
+                    tokenizer,
                     input_ids[0],
+                    ("prefill", f"{prefill} tokens, then one token per step"),
+                    mismatch,
+                    result,
                 )
 
-    for chunks in (2, 3):
-        bounds = torch.linspace(0, length, chunks + 1).round().long().tolist()
-        cache = None
-        with torch.no_grad():
-            for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
-                if stop <= start:
-                    continue
-                out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                mismatch = check_scores(result, full[start:stop], out.logits[0].float(), tolerance)
-                if mismatch:
-                    raise fail(
-                        f"chunk {index + 1} of {chunks} (positions {start}..{stop - 1}) differs from the full forward "
-                        f"at position {start + mismatch.first_position}",
-                        mismatch,
-                        [("chunked prefill", f"boundaries {bounds}")],
-                        input_ids[0],
-                    )
 
-    ids, mask, positions = padded_batch(tokenizer, padded_texts, model.device, pad_id(model, tokenizer))
-    generator = torch.Generator().manual_seed(seed)
-    extra = torch.randint(
-        0,
-        min(len(tokenizer), model.config.get_text_config().vocab_size),
-        (ids.shape[0], appended_tokens),
-        generator=generator,
-    ).to(model.device)
-    all_ids = torch.cat([ids, extra], dim=1)
-    all_mask = torch.cat([mask, torch.ones_like(extra)], dim=1)
+def _check_chunked_prefill(
+    model: Any, tokenizer: Any, input_ids: Any, full: Any, chunks: int, result: CheckResult
+) -> None:
+    """Prefill in ``chunks`` pieces, each after the cache of the ones before; each piece's scores equal the full forward's."""
+    __tracebackhide__ = True
+    import torch
+
+    bounds = torch.linspace(0, input_ids.shape[1], chunks + 1).round().long().tolist()
+    cache = None
+    with torch.no_grad():
+        for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
+            if stop <= start:
+                continue
+            out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            mismatch = check_scores(result, full[start:stop], out.logits[0].float(), result.tolerance)
+            if mismatch:
+                raise _cache_failure(
+                    f"chunk {index + 1} of {chunks} (positions {start}..{stop - 1}) differs from the full forward "
+                    f"at position {start + mismatch.first_position}",
+                    model,
+                    tokenizer,
+                    input_ids[0],
+                    ("chunked prefill", f"boundaries {bounds}"),
+                    mismatch,
+                    result,
+                )
+
+
+def _check_padded_batch_decoding(
+    model: Any, tokenizer: Any, texts: Sequence[str], appended: int, seed: int, result: CheckResult
+) -> None:
+    """A left-padded batch prefilled, then ``appended`` random tokens fed one per step with mask and positions."""
+    __tracebackhide__ = True
+    import torch
+
+    ids, mask, positions = padded_batch(tokenizer, texts, model.device, pad_id(model, tokenizer))
+    high = min(len(tokenizer), model.config.get_text_config().vocab_size)
+    extra = torch.randint(0, high, (ids.shape[0], appended), generator=torch.Generator().manual_seed(seed))
+    all_ids = torch.cat([ids, extra.to(model.device)], dim=1)
+    all_mask = torch.cat([mask, torch.ones_like(extra).to(model.device)], dim=1)
     all_positions = (all_mask.cumsum(-1) - 1).clamp(min=0)
     width = ids.shape[1]
     batch_full = forward_logits(model, all_ids, attention_mask=all_mask, position_ids=all_positions)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
-        for step in range(appended_tokens):
-            at = width + step
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+        for at in range(width, width + appended):
             out = model(
                 input_ids=all_ids[:, at : at + 1],
                 attention_mask=all_mask[:, : at + 1],
@@ -131,22 +160,18 @@ def assert_kv_cache_parity(
             )
             cache = out.past_key_values
             for row in range(ids.shape[0]):
-                mismatch = check_scores(result, batch_full[row, at : at + 1], out.logits[row].float(), tolerance)
+                mismatch = check_scores(result, batch_full[row, at : at + 1], out.logits[row].float(), result.tolerance)
                 if mismatch:
-                    padding = int((mask[row] == 0).sum())
-                    raise fail(
-                        f"left-padded batch, row {row} ({padding} pad tokens), decoding step {step + 1} "
-                        f"(position {at}) differs from the full forward",
-                        mismatch,
-                        [
-                            (
-                                "batch",
-                                f"{len(padded_texts)} prompts left-padded to {width}, then {appended_tokens} tokens",
-                            )
-                        ],
+                    raise _cache_failure(
+                        f"left-padded batch, row {row} ({int((mask[row] == 0).sum())} pad tokens), decoding step "
+                        f"{at - width + 1} (position {at}) differs from the full forward",
+                        model,
+                        tokenizer,
                         all_ids[row][all_mask[row] == 1],
+                        ("batch", f"{len(texts)} prompts left-padded to {width}, then {appended} tokens"),
+                        mismatch,
+                        result,
                     )
-    return result
 
 
 def assert_cache_effective(
@@ -178,8 +203,8 @@ def assert_cache_effective(
         )
     finally:
         handle.remove()
-    result = CheckResult("cache effectiveness")
     steps = fed[1:]
+    result = CheckResult("cache effectiveness", figure=("tokens/step", max((s[1] for s in steps), default=0)))
     result.note(
         f"prefill fed {fed[0][1] if fed else 0} tokens/sequence; {len(steps)} decoding steps fed {sorted({s[1] for s in steps})} tokens/sequence"
     )
@@ -189,7 +214,8 @@ def assert_cache_effective(
         raise failure(
             "cache not effective: decoding steps re-feed the sequence instead of one new token per sequence",
             model,
-            [
+            figure=result.figure,
+            details=[
                 ("prompts", f"{len(texts)} prompts, left-padded to {ids.shape[1]} tokens"),
                 ("forward calls", f"{len(fed)} for {max_new_tokens} new tokens"),
                 ("first bad step", f"step {step} fed input of shape {shape}, expected ({ids.shape[0]}, 1)"),

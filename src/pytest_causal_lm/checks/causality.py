@@ -10,7 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..tolerances import Tolerance
-from ._common import CheckResult, check_scores, encode, failure, forward_logits, resolve_tolerance, text_of, token
+from ._common import (
+    CheckResult,
+    check_scores,
+    encode,
+    forward_logits,
+    mismatch_failure,
+    resolve_tolerance,
+    text_of,
+    token,
+)
 
 __all__ = ["assert_prefix_causal"]
 
@@ -52,59 +61,69 @@ def assert_prefix_causal(
     device = model.device
     generator = torch.Generator().manual_seed(seed)
     high = min(len(tokenizer), model.config.get_text_config().vocab_size)
-    natural = torch.cat(
-        [
-            encode(tokenizer, prefix, device),
-            tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device),
-        ],
-        dim=1,
-    )
+    prefix_ids = encode(tokenizer, prefix, device)
+    continuation_ids = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    natural = torch.cat([prefix_ids, continuation_ids.to(device)], dim=1)
     random_ids = _random_ids(generator, random_length, 0, high, device)
-    for label, base in (("natural text", natural), ("random ids", random_ids)):
+    # the tutorial's "Hi dog" -> "Hi dog how are you?": a prefix's scores survive appending
+    for label, base, kept in (
+        ("natural text", natural, prefix_ids.shape[1]),
+        ("random ids", random_ids, random_length // 2),
+    ):
         base_scores = forward_logits(model, base)[0]
-        length = base.shape[1]
-        cases: list[tuple[str, Any, int]] = []
-        # the tutorial's "Hi dog" -> "Hi dog how are you?": a prefix's scores survive appending
-        prefix_length = encode(tokenizer, prefix, device).shape[1] if label == "natural text" else length // 2
-        cases.append(
-            (
-                f"extending the first {prefix_length} tokens to all {length}",
-                base[:, :prefix_length],
-                prefix_length,
-            )
-        )
-        for extra in (1, 4):
-            appended = torch.cat([base, _random_ids(generator, extra, 0, high, device)], dim=1)
-            cases.append((f"appending {extra} token(s)", appended, length))
-        for position in sorted({1, length // 2, length - 1}):
-            changed = base.clone()
-            old = int(changed[0, position])
-            changed[0, position] = _different_token(generator, old, high)
-            change = f"changing position {position}: {token(tokenizer, old)} -> {token(tokenizer, int(changed[0, position]))}"
-            cases.append((change, changed, position))
-        tail = base.clone()
-        tail[0, length // 2 :] = _random_ids(generator, length - length // 2, 0, high, device)
-        cases.append((f"replacing positions {length // 2}..{length - 1} with random ids", tail, length // 2))
-
-        for change, variant, kept in cases:
-            if kept == 0:
+        for change, variant, unchanged in _changed_inputs(tokenizer, base, kept, generator, high):
+            if unchanged == 0:
                 continue
-            if variant.shape[1] == kept:  # the variant is the prefix itself: compare against the longer base
-                expected, actual = base_scores[:kept], forward_logits(model, variant)[0]
-            else:
-                expected, actual = base_scores[:kept], forward_logits(model, variant)[0, :kept]
-            mismatch = check_scores(result, expected, actual, tolerance)
+            actual = forward_logits(model, variant)[0, :unchanged]
+            mismatch = check_scores(result, base_scores[:unchanged], actual, tolerance)
             if mismatch:
-                moved = mismatch.first_position
-                raise failure(
-                    f"prefix causality violated: scores at position {moved} changed after {change} "
-                    f"(a position may only see tokens at or before it)",
-                    model,
-                    [
-                        ("input", f"{label}: {text_of(tokenizer, base[0])}"),
-                        ("change", change),
-                        ("prefix of moved position", text_of(tokenizer, base[0, : moved + 1])),
-                        *mismatch.describe(tokenizer, tolerance),
-                    ],
+                raise _causality_failure(
+                    model, tokenizer, f"{label}: {text_of(tokenizer, base[0])}", base, change, mismatch, tolerance
                 )
     return result
+
+
+def _changed_inputs(
+    tokenizer: Any, base: Any, prefix_length: int, generator: Any, high: int
+) -> list[tuple[str, Any, int]]:
+    """``(what changed, changed ids, positions that must keep their scores)`` for every change made to ``base``."""
+    import torch
+
+    length = base.shape[1]
+    cases: list[tuple[str, Any, int]] = [
+        (f"extending the first {prefix_length} tokens to all {length}", base[:, :prefix_length], prefix_length)
+    ]
+    for extra in (1, 4):
+        appended = torch.cat([base, _random_ids(generator, extra, 0, high, base.device)], dim=1)
+        cases.append((f"appending {extra} token(s)", appended, length))
+    for position in sorted({1, length // 2, length - 1}):
+        changed = base.clone()
+        old = int(changed[0, position])
+        changed[0, position] = _different_token(generator, old, high)
+        change = (
+            f"changing position {position}: {token(tokenizer, old)} -> {token(tokenizer, int(changed[0, position]))}"
+        )
+        cases.append((change, changed, position))
+    tail = base.clone()
+    tail[0, length // 2 :] = _random_ids(generator, length - length // 2, 0, high, base.device)
+    cases.append((f"replacing positions {length // 2}..{length - 1} with random ids", tail, length // 2))
+    return cases
+
+
+def _causality_failure(
+    model: Any, tokenizer: Any, described: str, base: Any, change: str, mismatch: Any, tolerance: Tolerance
+) -> AssertionError:
+    moved = mismatch.first_position
+    return mismatch_failure(
+        f"prefix causality violated: scores at position {moved} changed after {change} "
+        "(a position may only see tokens at or before it)",
+        model,
+        tokenizer,
+        [
+            ("input", described),
+            ("change", change),
+            ("prefix of moved position", text_of(tokenizer, base[0, : moved + 1])),
+        ],
+        mismatch,
+        tolerance,
+    )

@@ -44,22 +44,50 @@ def assert_chat_template_consistent(
         pytest.skip("the tokenizer has no chat template")
     template_source = template if isinstance(template, str) else " ".join(map(str, dict(template).values()))
     template_kwargs = {"enable_thinking": False} if template_kwargs is None else dict(template_kwargs)
-    messages = [dict(m) for m in messages]
     result = CheckResult("chat template")
-
-    def render(msgs: list[dict[str, str]], generation_prompt: bool, **kwargs: Any) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
-
-    try:
-        render(messages, True)
-    except Exception as exc:  # templates that reject a system turn (Gemma, Mistral) get the user turn alone
-        if messages[0]["role"] != "system":
-            raise
-        messages = messages[1:]
-        result.note(f"template rejects a system message ({type(exc).__name__}); checked without it")
-    rendered = render(messages, True)
+    messages = _messages_the_template_accepts(tokenizer, [dict(m) for m in messages], result)
+    rendered = _render(tokenizer, messages, True)
     via_template = _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
     via_text = _ids(tokenizer(rendered, add_special_tokens=False))
+    problems = _token_problems(tokenizer, rendered, via_template, via_text, result)
+    if "add_generation_prompt" in template_source:
+        problems += _generation_prompt_problems(tokenizer, messages, rendered)
+    for name, value in template_kwargs.items():
+        if name not in template_source:
+            result.note(f"template does not use {name}; not checked")
+        elif _render(tokenizer, messages, True, **{name: value}) == rendered:
+            problems.append((name, f"passing {name}={value!r} does not change the rendered prompt"))
+    if problems:
+        raise failure(
+            "chat template is inconsistent",
+            model,
+            [("messages", [m["role"] for m in messages]), ("rendered", text_of(tokenizer, via_text)), *problems],
+        )
+    return result
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, **kwargs: Any) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+
+
+def _messages_the_template_accepts(
+    tokenizer: Any, messages: list[dict[str, str]], result: CheckResult
+) -> list[dict[str, str]]:
+    """``messages``, without the system turn when the template rejects one (Gemma, Mistral)."""
+    try:
+        _render(tokenizer, messages, True)
+    except Exception as exc:
+        if messages[0]["role"] != "system":
+            raise
+        result.note(f"template rejects a system message ({type(exc).__name__}); checked without it")
+        return messages[1:]
+    return messages
+
+
+def _token_problems(
+    tokenizer: Any, rendered: str, via_template: list[int], via_text: list[int], result: CheckResult
+) -> list[tuple[str, object]]:
+    """A doubled BOS, and template ids that differ from the rendered text's ids; warns about BOS added twice."""
     bos = tokenizer.bos_token_id
     problems: list[tuple[str, object]] = []
     if bos is not None and via_template[:2] == [bos, bos]:
@@ -78,44 +106,33 @@ def assert_chat_template_consistent(
                 f"tokenizer(rendered, add_special_tokens=False) gives {via_text[first : first + 6]}",
             )
         )
-    with_default_specials = _ids(tokenizer(rendered))
-    if bos is not None and with_default_specials[:2] == [bos, bos] and via_template[:1] == [bos]:
+    if bos is not None and _ids(tokenizer(rendered))[:2] == [bos, bos] and via_template[:1] == [bos]:
         message = (
             "the template writes BOS and the tokenizer adds another: tokenize rendered chat text with "
             "add_special_tokens=False (or use apply_chat_template(tokenize=True)) to avoid a doubled BOS"
         )
-        warnings.warn(ChatTemplateWarning(message), stacklevel=2)
+        warnings.warn(ChatTemplateWarning(message), stacklevel=3)
         result.note(message)
+    return problems
 
-    if "add_generation_prompt" in template_source:
-        without_prompt = render(messages, False)
-        opener = rendered[len(without_prompt) :] if rendered.startswith(without_prompt) else None
-        answered = render([*messages, {"role": "assistant", "content": "Fine, thanks."}], False)
-        if not opener:
-            problems.append(
-                (
-                    "generation prompt",
-                    f"add_generation_prompt=True adds nothing after the conversation: {rendered[-60:]!r}",
-                )
+
+def _generation_prompt_problems(
+    tokenizer: Any, messages: list[dict[str, str]], rendered: str
+) -> list[tuple[str, object]]:
+    """The generation prompt adds something, and it is how an answered conversation continues."""
+    without_prompt = _render(tokenizer, messages, False)
+    opener = rendered[len(without_prompt) :] if rendered.startswith(without_prompt) else None
+    answered = _render(tokenizer, [*messages, {"role": "assistant", "content": "Fine, thanks."}], False)
+    if not opener:
+        return [
+            ("generation prompt", f"add_generation_prompt=True adds nothing after the conversation: {rendered[-60:]!r}")
+        ]
+    if not answered.startswith(rendered):
+        continued = answered[len(without_prompt) : len(without_prompt) + len(opener) + 20]
+        return [
+            (
+                "generation prompt",
+                f"{opener!r} is not how the template opens an assistant turn: an answered conversation continues {continued!r}",
             )
-        elif not answered.startswith(rendered):
-            problems.append(
-                (
-                    "generation prompt",
-                    f"{opener!r} is not how the template opens an assistant turn: an answered conversation "
-                    f"continues {answered[len(without_prompt) : len(without_prompt) + len(opener) + 20]!r}",
-                )
-            )
-    for name, value in template_kwargs.items():
-        if name not in template_source:
-            result.note(f"template does not use {name}; not checked")
-            continue
-        if render(messages, True, **{name: value}) == rendered:
-            problems.append((name, f"passing {name}={value!r} does not change the rendered prompt"))
-    if problems:
-        raise failure(
-            "chat template is inconsistent",
-            model,
-            [("messages", [m["role"] for m in messages]), ("rendered", text_of(tokenizer, via_text)), *problems],
-        )
-    return result
+        ]
+    return []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import pytest
@@ -21,8 +22,8 @@ from ._common import (
     check_scores,
     encode,
     eos_ids,
-    failure,
     forward_logits,
+    mismatch_failure,
     pad_id,
     padded_batch,
     resolve_tolerance,
@@ -126,30 +127,49 @@ def assert_classification_head_equivalent(
     ``classifier`` defaults to ``load_score_head_classifier(model, source, **from_pretrained_kwargs)``.
     """
     __tracebackhide__ = True
-    import torch
-
     tolerance = resolve_tolerance(model, tolerance)
     result = CheckResult("classification-head equivalence", tolerance=tolerance)
     if classifier is None:
         classifier, notes = load_score_head_classifier(model, source, **from_pretrained_kwargs)
         for note in notes:
             result.note(note)
-    pad = pad_id(model, tokenizer)
-    classifier.config.pad_token_id = pad
-    transforms = head_transforms(model)
+    classifier.config.pad_token_id = pad_id(model, tokenizer)
+    alone = _check_single_prompts(model, tokenizer, classifier, prompts, result)
+    for side in ("left", "right"):
+        _check_padded_batch(model, tokenizer, classifier, prompts, alone, side, result)
+    for text in prompts[:2]:
+        _check_generation_by_classification(model, tokenizer, classifier, text, max_new_tokens, result)
+    return result
 
-    def mismatch_failure(title: str, mismatch: Any, details: list[tuple[str, object]]) -> BaseException:
-        if transforms:
-            named = ", ".join(f"{HEAD_TRANSFORMS[name]} ({name}={value})" for name, value in transforms.items())
-            return pytest.skip.Exception(
-                f"{type(model).__name__} applies {named} to its scores after lm_head; a plain score head does not, "
-                f"so the two differ by design (greatest difference {mismatch.greatest_difference:.3g})"
-            )
-        return failure(
-            f"classification head is not equivalent to the causal LM: {title}",
-            model,
-            [*details, *mismatch.describe(tokenizer, tolerance, position_label="row")],
+
+def _head_failure(
+    model: Any, tokenizer: Any, title: str, details: list[tuple[str, object]], mismatch: Any, tolerance: Tolerance
+) -> BaseException:
+    """A failure, or a skip naming the transform when the causal head transforms scores after lm_head by design."""
+    transforms = head_transforms(model)
+    if transforms:
+        named = ", ".join(f"{HEAD_TRANSFORMS[name]} ({name}={value})" for name, value in transforms.items())
+        return pytest.skip.Exception(
+            f"{type(model).__name__} applies {named} to its scores after lm_head; a plain score head does not, "
+            f"so the two differ by design (greatest difference {mismatch.greatest_difference:.3g})"
         )
+    return mismatch_failure(
+        f"classification head is not equivalent to the causal LM: {title}",
+        model,
+        tokenizer,
+        details,
+        mismatch,
+        tolerance,
+        position_label="row",
+    )
+
+
+def _check_single_prompts(
+    model: Any, tokenizer: Any, classifier: Any, prompts: Sequence[str], result: CheckResult
+) -> list[Any]:
+    """Each prompt alone: the classifier's scores equal the causal LM's last-position scores. Returns the latter."""
+    __tracebackhide__ = True
+    import torch
 
     alone = []
     for text in prompts:
@@ -158,58 +178,79 @@ def assert_classification_head_equivalent(
         alone.append(expected)
         with torch.no_grad():
             actual = classifier(input_ids=ids).logits.float()
-        mismatch = check_scores(result, expected, actual, tolerance)
+        mismatch = check_scores(result, expected, actual, result.tolerance)
         if mismatch:
-            raise mismatch_failure(
-                f"scores for {text!r} differ from the last-position scores", mismatch, [("prompt", repr(text))]
+            title = f"scores for {text!r} differ from the last-position scores"
+            raise _head_failure(model, tokenizer, title, [("prompt", repr(text))], mismatch, result.tolerance)
+    return alone
+
+
+def _check_padded_batch(
+    model: Any,
+    tokenizer: Any,
+    classifier: Any,
+    prompts: Sequence[str],
+    alone: list[Any],
+    side: str,
+    result: CheckResult,
+) -> None:
+    """The prompts padded on ``side`` into one batch: each row equals the prompt's own last-position scores."""
+    __tracebackhide__ = True
+    import torch
+
+    pad = classifier.config.pad_token_id
+    ids, mask, positions = padded_batch(tokenizer, prompts, model.device, pad, side=side)
+    extra = {"position_ids": positions} if side == "left" else {}
+    with torch.no_grad():
+        batch_scores = classifier(input_ids=ids, attention_mask=mask, **extra).logits.float()
+    for row, expected in enumerate(alone):
+        mismatch = check_scores(result, expected, batch_scores[row : row + 1], result.tolerance)
+        if mismatch:
+            title = (
+                f"{side}-padded batch row {row} ({prompts[row]!r}) differs from the prompt's last-position scores "
+                "(the classifier must pool the last non-padding token)"
             )
+            details: list[tuple[str, object]] = [("batch", f"{len(prompts)} prompts, {side}-padded with id {pad}")]
+            raise _head_failure(model, tokenizer, title, details, mismatch, result.tolerance)
 
-    left_ids, left_mask, left_positions = padded_batch(tokenizer, prompts, model.device, pad)
-    right_ids, right_mask, _ = padded_batch(tokenizer, prompts, model.device, pad, side="right")
-    for side, ids, mask, extra in (
-        ("left", left_ids, left_mask, {"position_ids": left_positions}),
-        ("right", right_ids, right_mask, {}),
-    ):
-        with torch.no_grad():
-            batch_scores = classifier(input_ids=ids, attention_mask=mask, **extra).logits.float()
-        for row, expected in enumerate(alone):
-            mismatch = check_scores(result, expected, batch_scores[row : row + 1], tolerance)
-            if mismatch:
-                raise mismatch_failure(
-                    f"{side}-padded batch row {row} ({prompts[row]!r}) differs from the prompt's last-position scores "
-                    "(the classifier must pool the last non-padding token)",
-                    mismatch,
-                    [("batch", f"{len(prompts)} prompts, {side}-padded with id {pad}")],
-                )
 
-    stop = eos_ids(model, tokenizer)
+def _check_generation_by_classification(
+    model: Any, tokenizer: Any, classifier: Any, text: str, max_new_tokens: int, result: CheckResult
+) -> None:
+    """The tutorial's loop: argmax of the classifier, append, repeat; it must give ``generate``'s tokens."""
+    __tracebackhide__ = True
+    ids = encode(tokenizer, text, model.device)
+    scorer = partial(_classify_unpadded, classifier)
+    by_classification = greedy_loop(
+        model, ids, max_new_tokens=max_new_tokens, stop_ids=eos_ids(model, tokenizer), scorer=scorer
+    )
+    generated = greedy_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)[0]
+    compare_continuations(
+        model,
+        tokenizer,
+        ids,
+        by_classification,
+        generated,
+        reference_label="classification loop",
+        other_label="model.generate",
+        tolerance=result.tolerance,
+        result=result,
+        title=f"generation by classification differs from generate ({text!r})",
+    )
 
-    def classify(ids: Any) -> Any:
-        # One unpadded row: every token is real, a generated pad token too, so the last position is pooled.
-        # With pad_token_id set, the classifier would skip generated pad tokens and pool an earlier one.
-        configs = [classifier.config, classifier.config.get_text_config()]
+
+def _classify_unpadded(classifier: Any, ids: Any) -> Any:
+    """Scores of one unpadded row, pooled at its last position.
+
+    Every token of the row is real, a generated pad token too; with pad_token_id set,
+    the classifier would skip generated pad tokens and pool an earlier one.
+    """
+    configs = [classifier.config, classifier.config.get_text_config()]
+    pad = classifier.config.pad_token_id
+    for config in configs:
+        config.pad_token_id = None
+    try:
+        return classifier(input_ids=ids).logits[0]
+    finally:
         for config in configs:
-            config.pad_token_id = None
-        try:
-            return classifier(input_ids=ids).logits[0]
-        finally:
-            for config in configs:
-                config.pad_token_id = pad
-
-    for text in prompts[:2]:
-        ids = encode(tokenizer, text, model.device)
-        by_classification = greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop, scorer=classify)
-        generated = greedy_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)[0]
-        compare_continuations(
-            model,
-            tokenizer,
-            ids,
-            by_classification,
-            generated,
-            reference_label="classification loop",
-            other_label="model.generate",
-            tolerance=tolerance,
-            result=result,
-            title=f"generation by classification differs from generate ({text!r})",
-        )
-    return result
+            config.pad_token_id = pad

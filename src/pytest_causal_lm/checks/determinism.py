@@ -11,8 +11,8 @@ from ._common import (
     CheckResult,
     check_scores,
     encode,
-    failure,
     forward_logits,
+    mismatch_failure,
     resolve_tolerance,
     text_of,
 )
@@ -38,14 +38,16 @@ def assert_deterministic(
                 if getattr(model, "training", False)
                 else "something random runs at inference (dropout applied regardless of eval(), random sampling in forward)"
             )
-            raise failure(
+            raise mismatch_failure(
                 f"non-deterministic scores: the same input gave different scores at position {mismatch.first_position}",
                 model,
+                tokenizer,
                 [
                     ("input", repr(text)),
                     ("prefix", text_of(tokenizer, input_ids[0, : mismatch.first_position + 1])),
-                    *mismatch.describe(tokenizer, tolerance),
                     ("likely cause", hint),
                 ],
+                mismatch,
+                tolerance,
             )
     return result

@@ -30,6 +30,7 @@ __all__ = [
     "GenerationConfigWarning",
     "NearTieWarning",
     "assert_greedy_parity",
+    "assert_same_continuation",
     "compare_continuations",
     "generation_config_deviations",
     "greedy_generate",
@@ -209,6 +210,7 @@ def compare_continuations(
             warnings.warn(NearTieWarning(message), stacklevel=2)
             if result is not None:
                 result.note(message)
+                result.near_tie = True
             return
     else:
         tie_text = f"one sequence ends at step {step} ({'eos' if step < len(ref) or step < len(other) else 'length'})"
@@ -224,6 +226,38 @@ def compare_continuations(
             ("scores at divergence", tie_text),
             *([("likely cause", cause)] if cause else []),
         ],
+        figure=("step", step),
+    )
+
+
+def assert_same_continuation(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Any,
+    expected: Sequence[int],
+    actual: Sequence[int],
+    *,
+    labels: tuple[str, str] = ("expected", "actual"),
+    tolerance: Tolerance | None = None,
+    title: str = "greedy continuations diverge",
+) -> None:
+    """Two greedy continuations of ``prompt_ids`` agree, or first differ where the model's own scores nearly tie."""
+    __tracebackhide__ = True
+    import torch
+
+    ids = torch.cat([prompt_ids, torch.tensor([list(expected)], device=prompt_ids.device)], dim=1)
+    with torch.no_grad():  # the uncached scores at every step of ``expected``, to judge a divergence by its margin
+        scores = model(input_ids=ids).logits[0, prompt_ids.shape[1] - 1 : -1].float().cpu()
+    compare_continuations(
+        model,
+        tokenizer,
+        prompt_ids,
+        GreedyRun(tokens=list(expected), step_scores=list(scores)),
+        actual,
+        reference_label=labels[0],
+        other_label=labels[1],
+        tolerance=resolve_tolerance(model, tolerance),
+        title=title,
     )
 
 

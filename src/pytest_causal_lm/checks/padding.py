@@ -14,8 +14,8 @@ from ._common import (
     check_scores,
     encode,
     eos_ids,
-    failure,
     forward_logits,
+    mismatch_failure,
     pad_id,
     padded_batch,
     resolve_tolerance,
@@ -56,15 +56,15 @@ def assert_padding_invariant(
         mismatch = check_scores(result, alone_last, batch_last[row : row + 1], tolerance)
         if mismatch:
             _skip_if_padding_cannot_apply(model, ids[row : row + 1], mask[row : row + 1])
-            raise failure(
+            raise mismatch_failure(
                 f"padding changes scores: row {row} of a left-padded batch ({padding} pad tokens, id {pad}) "
                 "gives different last-token scores than the prompt alone",
                 model,
-                [
-                    ("prompt", repr(text)),
-                    ("batch", f"{len(prompts)} prompts left-padded to {ids.shape[1]} tokens"),
-                    *mismatch.describe(tokenizer, tolerance, position_label="row"),
-                ],
+                tokenizer,
+                [("prompt", repr(text)), ("batch", f"{len(prompts)} prompts left-padded to {ids.shape[1]} tokens")],
+                mismatch,
+                tolerance,
+                position_label="row",
             )
         alone = greedy_loop(model, alone_ids, max_new_tokens=max_new_tokens, stop_ids=stop)
         try:
@@ -143,15 +143,17 @@ def assert_batch_independent(
         batch = forward_logits(model, torch.cat([row, other], dim=0))
         mismatch = check_scores(result, alone, batch[0], tolerance)
         if mismatch:
-            raise failure(
+            raise mismatch_failure(
                 f"rows are coupled: row 0's scores at position {mismatch.first_position} change with the other row of the batch",
                 model,
+                tokenizer,
                 [
                     ("row 0", text_of(tokenizer, row[0])),
                     (f"other row ({index + 1})", text_of(tokenizer, other[0])),
                     ("prefix of moved position", text_of(tokenizer, row[0, : mismatch.first_position + 1])),
                     ("token there", token(tokenizer, int(row[0, mismatch.first_position]))),
-                    *mismatch.describe(tokenizer, tolerance),
                 ],
+                mismatch,
+                tolerance,
             )
     return result

@@ -235,26 +235,10 @@ def compare_to_reference(
         )
         position = int(kl.argmax())
         if float(kl[position]) > worst[0]:
-            r_tok, c_tok = int(ref[position].argmax()), int(candidate[position].argmax())
-            worst = (
-                float(kl[position]),
-                f"prompt {prompt!r}, position {position} after {text_of(tokenizer, ids[0, : position + 1])}: KL "
-                f"{float(kl[position]):.4g}; reference top {token(tokenizer, r_tok)} p={float(ref[position, r_tok].exp()):.3f}, "
-                f"candidate top {token(tokenizer, c_tok)} p={float(candidate[position, c_tok].exp()):.3f}",
-            )
-        generated = greedy_generate(model, tokenizer, ids, max_new_tokens=len(reference.greedy[index]) or 1)[0]
-        expected = reference.greedy[index]
-        step = next((i for i, (a, b) in enumerate(zip(expected, generated, strict=False)) if a != b), None)
-        if step is None:
-            greedy_share.append(1.0)
-            continue
-        greedy_share.append(step / max(len(expected), 1))
-        scores = reference.greedy_logprobs[index][step]
-        margin = float(scores[expected[step]] - scores[generated[step]])
-        kind = "near-tie" if abs(margin) <= tolerance.bound(float(scores[expected[step]])) else f"margin {margin:.3g}"
-        divergences.append(
-            f"{prompt!r}: step {step}, reference {token(tokenizer, expected[step])}, candidate {token(tokenizer, generated[step])} ({kind})"
-        )
+            worst = (float(kl[position]), _worst_position(tokenizer, prompt, ids, ref, candidate, kl, position))
+        share, divergence = _greedy_agreement(model, tokenizer, reference, index, ids, tolerance)
+        greedy_share.append(share)
+        divergences.extend([divergence] if divergence else [])
     every_kl = torch.cat(kls)
     return DriftReport(
         kl_mean=float(every_kl.mean()),
@@ -268,6 +252,33 @@ def compare_to_reference(
         perplexity_reference=reference.perplexity,
         perplexity_candidate=_perplexity(model, tokenizer),
         worst=worst[1],
+    )
+
+
+def _worst_position(tokenizer: Any, prompt: str, ids: Any, ref: Any, candidate: Any, kl: Any, position: int) -> str:
+    r_tok, c_tok = int(ref[position].argmax()), int(candidate[position].argmax())
+    return (
+        f"prompt {prompt!r}, position {position} after {text_of(tokenizer, ids[0, : position + 1])}: KL "
+        f"{float(kl[position]):.4g}; reference top {token(tokenizer, r_tok)} p={float(ref[position, r_tok].exp()):.3f}, "
+        f"candidate top {token(tokenizer, c_tok)} p={float(candidate[position, c_tok].exp()):.3f}"
+    )
+
+
+def _greedy_agreement(
+    model: Any, tokenizer: Any, reference: ReferenceOutputs, index: int, ids: Any, tolerance: Tolerance
+) -> tuple[float, str | None]:
+    """The share of the reference's greedy continuation reproduced before the first divergence, and that divergence."""
+    expected = reference.greedy[index]
+    generated = greedy_generate(model, tokenizer, ids, max_new_tokens=len(expected) or 1)[0]
+    step = next((i for i, (a, b) in enumerate(zip(expected, generated, strict=False)) if a != b), None)
+    if step is None:
+        return 1.0, None
+    scores = reference.greedy_logprobs[index][step]
+    margin = float(scores[expected[step]] - scores[generated[step]])
+    kind = "near-tie" if abs(margin) <= tolerance.bound(float(scores[expected[step]])) else f"margin {margin:.3g}"
+    return step / max(len(expected), 1), (
+        f"{reference.prompts[index]!r}: step {step}, reference {token(tokenizer, expected[step])}, "
+        f"candidate {token(tokenizer, generated[step])} ({kind})"
     )
 
 
@@ -301,7 +312,8 @@ def assert_close_to_reference(
         raise failure(
             f"drift from the reference {reference.checkpoint} exceeds {len(exceeded)} threshold(s)",
             model,
-            [
+            figure=("KL mean", report.kl_mean),
+            details=[
                 *exceeded,
                 ("statistics", str(report)),
                 ("worst position", report.worst),

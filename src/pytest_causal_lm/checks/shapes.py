@@ -9,7 +9,17 @@ from typing import Any
 import pytest
 
 from ..tolerances import Tolerance
-from ._common import DEFAULT_TEXTS, CheckResult, check_scores, encode, failure, resolve_tolerance, text_of, token
+from ._common import (
+    DEFAULT_TEXTS,
+    CheckResult,
+    check_scores,
+    encode,
+    failure,
+    mismatch_failure,
+    resolve_tolerance,
+    text_of,
+    token,
+)
 
 __all__ = ["assert_finite_logits", "assert_logits_to_keep", "assert_output_shapes"]
 
@@ -166,9 +176,13 @@ def assert_logits_to_keep(
     result = CheckResult("logits_to_keep", tolerance=tolerance)
     mismatch = check_scores(result, full[0, -1:], kept[0], tolerance)
     if mismatch:
-        raise failure(
+        raise mismatch_failure(
             "logits_to_keep=1 scores differ from the full forward's last row",
             model,
-            [("input", repr(text)), *mismatch.describe(tokenizer, tolerance, position_label="row")],
+            tokenizer,
+            [("input", repr(text))],
+            mismatch,
+            tolerance,
+            position_label="row",
         )
     return result

@@ -1,0 +1,332 @@
+"""The invariant registry: one declaration per invariant.
+
+The suite's tests, the ``-m`` markers, the verdict columns and legend, the
+architecture sweep and the README's table are all derived from it, so a new
+invariant is a check function plus one ``register_invariant`` call.
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from . import checks
+from .checks._common import CheckResult, measured_of
+
+if TYPE_CHECKING:
+    from .loading import CausalLM
+
+__all__ = ["Invariant", "invariant_for_test", "invariants", "markdown_table", "markers", "register_invariant"]
+
+
+@dataclass(frozen=True)
+class Invariant:
+    """One invariant of the built-in suite.
+
+    ``run(causal_lm, **fixtures)`` raises AssertionError (ideally one made by
+    ``checks._common.failure``, which carries figures) or skips; it may return a CheckResult for the reports.
+    ``fixtures`` are resolved, in order, before the model loads. ``opt_in(config)``
+    returns why the invariant is off in this session (then it skips), or None.
+    ``healthy_skips`` are regexes of the skip reasons a healthy checkpoint may give.
+    """
+
+    key: str
+    name: str
+    column: str
+    marker: str
+    summary: str
+    run: Callable[..., CheckResult | None]
+    helper: str = ""  # the public assert_* helper it runs, for the docs
+    fixtures: tuple[str, ...] = ()
+    opt_in: Callable[[pytest.Config], str | None] | None = None
+    healthy_skips: tuple[str, ...] = ()
+
+    @property
+    def test_name(self) -> str:
+        return f"test_{self.key}"
+
+    @property
+    def marker_name(self) -> str:
+        return f"causal_lm_{self.marker}"
+
+
+_REGISTRY: dict[str, Invariant] = {}
+
+
+def register_invariant(invariant: Invariant, *, replace: bool = False) -> Invariant:
+    """Add ``invariant`` to the suite (call it from a plugin or conftest, before collection)."""
+    if len(invariant.column) > 4:
+        raise ValueError(f"invariant {invariant.key!r}: column {invariant.column!r} is longer than 4 characters")
+    clash = next((i for i in _REGISTRY.values() if i.column == invariant.column and i.key != invariant.key), None)
+    if clash is not None:
+        raise ValueError(f"invariant {invariant.key!r}: column {invariant.column!r} is taken by {clash.key!r}")
+    if invariant.key in _REGISTRY and not replace:
+        raise ValueError(f"invariant {invariant.key!r} is already registered (pass replace=True to redefine it)")
+    _REGISTRY[invariant.key] = invariant
+    return invariant
+
+
+def invariants() -> tuple[Invariant, ...]:
+    """Every registered invariant, in report order."""
+    return tuple(_REGISTRY.values())
+
+
+def invariant_for_test(test_name: str) -> Invariant | None:
+    return next((i for i in _REGISTRY.values() if i.test_name == test_name), None)
+
+
+def markers() -> dict[str, str]:
+    """``marker -> help``: one marker per family, named after its invariants."""
+    families: dict[str, list[str]] = {}
+    for invariant in _REGISTRY.values():
+        families.setdefault(invariant.marker_name, []).append(invariant.name)
+    return {marker: "causal LM invariant: " + ", ".join(names) for marker, names in families.items()}
+
+
+def markdown_table() -> str:
+    """The README's table of invariants."""
+    rows = ["| test | helper | what it checks | marker | column |", "|---|---|---|---|---|"]
+    for i in _REGISTRY.values():
+        helper = f"`{i.helper}`" if i.helper else ""
+        opt_in = " (opt-in)" if i.opt_in else ""
+        rows.append(f"| `{i.test_name}` | {helper} | {i.summary}{opt_in} | `{i.marker_name}` | `{i.column}` |")
+    return "\n".join(rows)
+
+
+def suite_test(invariant: Invariant) -> Callable[..., None]:
+    """The built-in suite's test function for ``invariant``, with its markers.
+
+    Its fixtures are the invariant's own, then ``causal_lm`` (so a reference is computed and
+    freed before the candidate loads), then ``record_property``; opt-in skips are applied at collection.
+    """
+
+    def test(**fixtures: Any) -> None:
+        extras = {name: fixtures[name] for name in invariant.fixtures}
+        try:
+            result = invariant.run(fixtures["causal_lm"], **extras)
+        except AssertionError as exc:
+            fixtures["record_property"]("causal_lm", {"invariant": invariant.name, **(measured_of(exc) or {})})
+            raise
+        if result is not None:
+            fixtures["record_property"]("causal_lm", result.as_dict())
+
+    names = (*invariant.fixtures, "causal_lm", "record_property")
+    test.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    )
+    test.__name__ = test.__qualname__ = invariant.test_name
+    test.__doc__ = invariant.summary
+    test = pytest.mark.causal_lm(test)
+    return getattr(pytest.mark, invariant.marker_name)(test)
+
+
+# --- the built-in invariants -------------------------------------------------------------------------------------
+
+
+def _snapshots_off(config: pytest.Config) -> str | None:
+    from .session import session_of
+
+    session = session_of(config)
+    if session.snapshots_enabled():
+        return None
+    return (
+        "behaviour snapshots are opt-in: pass --snapshot-update once (writes them under "
+        f"{session.snapshot_root()}), or set --causal-lm-snapshot-dir / causal_lm_snapshot_dir"
+    )
+
+
+def _reference_off(config: pytest.Config) -> str | None:
+    from .session import session_of
+
+    if session_of(config).settings.reference:
+        return None
+    return "no reference configured: pass --causal-lm-reference=CKPT to compare checkpoints with it"
+
+
+def _classification_head(lm: CausalLM) -> CheckResult:
+    source, kwargs = lm.pretrained_location()
+    return checks.assert_classification_head_equivalent(
+        lm.model, lm.tokenizer, source=source, tolerance=lm.tolerance, **kwargs
+    )
+
+
+def _snapshot(lm: CausalLM, causal_lm_snapshot: Any) -> None:
+    from .snapshot import behaviour_record
+
+    assert causal_lm_snapshot == behaviour_record(lm.model, lm.tokenizer, name=lm.target.id)
+
+
+def _reference_drift(lm: CausalLM, causal_lm_reference: Any, causal_lm_settings: Any) -> CheckResult:
+    report = checks.assert_close_to_reference(
+        lm.model,
+        lm.tokenizer,
+        causal_lm_reference,
+        thresholds=causal_lm_settings.reference_thresholds(),
+        tolerance=lm.tolerance,
+    )
+    result = CheckResult("reference drift", figure=("KL mean", report.kl_mean), notes=[str(report)])
+    return result
+
+
+_NO_CACHE = r"returns no past_key_values|returns no cache"
+_BUILT_IN = (
+    Invariant(
+        "output_shapes",
+        "output shapes",
+        "shap",
+        "shapes",
+        "logits `(batch, seq, vocab)` for batch 1 and a padded batch; one hidden state per decoder block plus the embeddings, each `seq` positions of `hidden_size` (models with several residual streams may lay them out their own way); every attention layer's cached keys and values hold batch 1 and all `seq` positions (at most `seq` for sliding-window layers; heads and head size are left alone, since multi-query, multi-latent and compressed caches differ); all logits finite",
+        lambda lm: checks.assert_output_shapes(lm.model, lm.tokenizer),
+        helper="assert_output_shapes",
+    ),
+    Invariant(
+        "logits_to_keep",
+        "logits_to_keep",
+        "keep",
+        "shapes",
+        "`logits_to_keep=1` returns the last row only, equal to the full forward's (skipped when `forward` has no such argument)",
+        lambda lm: checks.assert_logits_to_keep(lm.model, lm.tokenizer, tolerance=lm.tolerance),
+        helper="assert_logits_to_keep",
+        healthy_skips=(r"has no logits_to_keep argument",),
+    ),
+    Invariant(
+        "vocab_alignment",
+        "vocab alignment",
+        "voc",
+        "vocab",
+        "logits width == `config.vocab_size` == output embedding rows <= input embedding rows (a spare input row, as Moshi keeps, is harmless); every token id the tokenizer can produce (`len(tokenizer)`, special and added tokens) is `< vocab_size` (a padded, larger vocab_size is fine); argmax ids decode",
+        lambda lm: checks.assert_vocab_alignment(lm.model, lm.tokenizer),
+        helper="assert_vocab_alignment",
+    ),
+    Invariant(
+        "special_token_ids",
+        "special token ids",
+        "ids",
+        "vocab",
+        "eos of tokenizer and config are among the ids `generation_config` stops at; bos and pad ids are equal wherever set",
+        lambda lm: checks.assert_special_tokens_agree(lm.model, lm.tokenizer),
+        helper="assert_special_tokens_agree",
+    ),
+    Invariant(
+        "prefix_causality",
+        "prefix causality",
+        "caus",
+        "causality",
+        'the tutorial\'s "Hi dog" / "Hi dog how are you?" generalised: scores before a change do not move when tokens are appended (1 and 4), a single token changes (start, middle, end) or the tail is replaced; on natural text and random ids',
+        lambda lm: checks.assert_prefix_causal(lm.model, lm.tokenizer, tolerance=lm.tolerance, seed=lm.seed),
+        helper="assert_prefix_causal",
+    ),
+    Invariant(
+        "determinism",
+        "determinism",
+        "det",
+        "determinism",
+        "the same input twice gives the same scores (dropout left on)",
+        lambda lm: checks.assert_deterministic(lm.model, lm.tokenizer, tolerance=lm.tolerance),
+        helper="assert_deterministic",
+    ),
+    Invariant(
+        "kv_cache_parity",
+        "KV-cache parity",
+        "kv",
+        "cache",
+        "scores from incremental decoding with `past_key_values` equal the full forward's at every position: prefill then one token per step; prefill in 2 and 3 chunks; a left-padded batch extended token by token (skipped for recurrent/state-space caches)",
+        lambda lm: checks.assert_kv_cache_parity(lm.model, lm.tokenizer, tolerance=lm.tolerance, seed=lm.seed),
+        helper="assert_kv_cache_parity",
+        healthy_skips=(r"recurrent/state-space cache", _NO_CACHE),
+    ),
+    Invariant(
+        "cache_effectiveness",
+        "cache effectiveness",
+        "c1",
+        "cache",
+        "during cached `generate`, every step after the prefill feeds exactly one new token per sequence (counted with a forward hook, never timed)",
+        lambda lm: checks.assert_cache_effective(lm.model, lm.tokenizer),
+        helper="assert_cache_effective",
+        healthy_skips=(_NO_CACHE,),
+    ),
+    Invariant(
+        "greedy_loop_parity",
+        "greedy-loop parity",
+        "grdy",
+        "generation",
+        "the tutorial's loop (forward, argmax of the last position, append, stop at eos), without and with the cache, gives the same tokens as `model.generate` with an explicit greedy config, on plain and chat-formatted prompts",
+        lambda lm: checks.assert_greedy_parity(lm.model, lm.tokenizer, tolerance=lm.tolerance),
+        helper="assert_greedy_parity",
+    ),
+    Invariant(
+        "classification_head",
+        "classification head",
+        "cls",
+        "classification",
+        '`AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=vocab_size, key_mapping={"lm_head.weight": "score.weight"})` gives the causal LM\'s last-position scores (alone, left- and right-padded), and generating by classification reproduces `generate`',
+        _classification_head,
+        helper="assert_classification_head_equivalent",
+        healthy_skips=(
+            r"has no sequence-classification class",
+            r"has no last-token linear score head",
+            r"applies (final logit soft-capping|logit scaling|output multiplier|lm_head multiplier)",
+        ),
+    ),
+    Invariant(
+        "padding_invariance",
+        "padding invariance",
+        "pad",
+        "padding",
+        "a left-padded batch gives each prompt's own last-token scores and greedy continuation (skipped, with the cause, for a forward that does not use `position_ids`, probed by stretching them)",
+        lambda lm: checks.assert_padding_invariant(lm.model, lm.tokenizer, tolerance=lm.tolerance),
+        helper="assert_padding_invariant",
+        healthy_skips=(
+            r"forward does not use position_ids: left padding shifts every token's position",
+            r"forward uses neither attention_mask nor position_ids",
+        ),
+    ),
+    Invariant(
+        "batch_independence",
+        "batch independence",
+        "bat",
+        "padding",
+        "a row's scores do not depend on the other rows of the batch",
+        lambda lm: checks.assert_batch_independent(lm.model, lm.tokenizer, tolerance=lm.tolerance, seed=lm.seed),
+        helper="assert_batch_independent",
+    ),
+    Invariant(
+        "chat_template",
+        "chat template",
+        "chat",
+        "chat",
+        "`apply_chat_template(tokenize=True)` equals tokenizing the rendered text without added specials, with no doubled BOS; `add_generation_prompt=True` ends with the assistant turn opener; `enable_thinking=False` reaches templates that use it (skipped without a template)",
+        lambda lm: checks.assert_chat_template_consistent(lm.model, lm.tokenizer),
+        helper="assert_chat_template_consistent",
+        healthy_skips=(r"the tokenizer has no chat template",),
+    ),
+    Invariant(
+        "behaviour_snapshot",
+        "behaviour snapshot",
+        "snap",
+        "snapshot",
+        "greedy continuations and their log-probabilities equal the syrupy snapshot stored in your repo (near-ties and a stored tolerance allowed)",
+        _snapshot,
+        helper="behaviour_record",
+        fixtures=("causal_lm_snapshot",),
+        opt_in=_snapshots_off,
+    ),
+    Invariant(
+        "reference_drift",
+        "reference drift",
+        "ref",
+        "reference",
+        "KL divergence, top-1/top-5 and greedy agreement and perplexity against `--causal-lm-reference`, within thresholds",
+        _reference_drift,
+        helper="assert_close_to_reference",
+        fixtures=("causal_lm_reference", "causal_lm_settings"),
+        opt_in=_reference_off,
+    ),
+)
+for _invariant in _BUILT_IN:
+    register_invariant(_invariant)

@@ -1,0 +1,165 @@
+"""The invariant registry, structured results and a checkpoint's identity kept whole."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import pytest_causal_lm as clm
+from pytest_causal_lm.invariants import markdown_table, markers
+from pytest_causal_lm.loading import Target, with_unique_labels
+
+ROOT = Path(__file__).parents[1]
+CHECKS = ROOT / "src" / "pytest_causal_lm" / "checks"
+
+
+def test_every_invariant_has_one_test_marker_and_column() -> None:
+    registered = clm.invariants()
+    assert len({i.test_name for i in registered}) == len({i.column for i in registered}) == len(registered)
+    for invariant in registered:
+        assert invariant.marker_name in markers()
+        assert clm.invariant_for_test(invariant.test_name) is invariant
+
+
+def test_a_column_or_key_cannot_be_taken_twice() -> None:
+    shapes = clm.invariant_for_test("test_output_shapes")
+    with pytest.raises(ValueError, match="already registered"):
+        clm.register_invariant(shapes)
+    with pytest.raises(ValueError, match="column 'shap' is taken by 'output_shapes'"):
+        clm.register_invariant(clm.Invariant("other", "other", "shap", "x", "x", shapes.run))
+
+
+def test_readme_table_of_invariants_matches_the_registry() -> None:
+    assert markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_no_check_function_is_longer_than_60_lines() -> None:
+    long = []
+    for path in CHECKS.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
+def test_suite_and_examples_import_only_the_public_api() -> None:
+    files = [*(ROOT / "src" / "pytest_causal_lm" / "suite").glob("*.py"), *(ROOT / "examples").rglob("*.py")]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pytest_causal_lm"):
+                assert node.module == "pytest_causal_lm", f"{path.name} imports {node.module}"
+                assert all(alias.name in clm.__all__ for alias in node.names), path.name
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "clm":
+                assert node.attr in clm.__all__, f"{path.name} uses clm.{node.attr}, not in __all__"
+
+
+def test_labels_grow_until_names_no_longer_collide() -> None:
+    def labels(*checkpoints: str) -> list[str]:
+        return [t.id for t in with_unique_labels([Target(c, "cpu", "float32") for c in checkpoints])]
+
+    assert labels("/x/a/model", "/x/b/model") == ["a-model-cpu-float32", "b-model-cpu-float32"]
+    assert labels("org1/Llama-3-8B", "org2/Llama-3-8B", "tiny:qwen3") == [
+        "org1-Llama-3-8B-cpu-float32",
+        "org2-Llama-3-8B-cpu-float32",
+        "tiny-qwen3-cpu-float32",
+    ]
+    assert labels("/x/a/base/model", "/x/b/base/model") == ["a-base-model-cpu-float32", "b-base-model-cpu-float32"]
+    assert labels("./model", "model") == ["model-cpu-float32", "model-cpu-float32#2"]
+    assert labels("/only/one/model") == ["model-cpu-float32"]
+
+
+def test_two_checkpoints_with_one_folder_name_stay_two_targets(
+    pytester: pytest.Pytester, qwen3_path: Path, llama_path: Path
+) -> None:
+    for parent, source in (("a", qwen3_path), ("b", llama_path)):
+        shutil.copytree(source, pytester.path / parent / "model")
+    result = pytester.runpytest(
+        "--causal-lm-checkpoint=a/model",
+        "--causal-lm-checkpoint=b/model",
+        "--causal-lm-suite=only",
+        "--causal-lm-benchmark",
+        "--causal-lm-benchmark-new-tokens=2",
+        "--causal-lm-benchmark-prompt-length=4",
+        "--causal-lm-benchmark-rounds=1",
+        "--benchmark-json=bench.json",
+        "--causal-lm-report=verdict.json",
+        "-m",
+        "causal_lm_determinism or causal_lm_benchmark",
+        "-p",
+        "no:cacheprovider",
+    )
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(["a-model-cpu-float32 * ok *", "b-model-cpu-float32 * ok *"])
+    report = json.loads((pytester.path / "verdict.json").read_text())
+    assert sorted(t["label"] for t in report["targets"].values()) == ["a-model-cpu-float32", "b-model-cpu-float32"]
+    assert sorted(report["targets"]) == [
+        "a/model revision=default device=cpu dtype=float32",
+        "b/model revision=default device=cpu dtype=float32",
+    ]
+    groups = {entry["group"] for entry in json.loads((pytester.path / "bench.json").read_text())["benchmarks"]}
+    assert groups == {"a-model-cpu-float32 new_tokens=2", "b-model-cpu-float32 new_tokens=2"}
+
+
+def test_a_missing_checkpoint_is_reported_once_and_the_healthy_one_runs(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(
+        "--causal-lm-checkpoint=tiny:qwen3",
+        "--causal-lm-checkpoint=./missing/model",
+        "--causal-lm-checkpoint=tiny:no_such_architecture",
+        "--causal-lm-suite=only",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    )
+    lines = result.stdout.lines
+    assert len(lines) <= 40, "\n".join(lines)
+    outcomes = result.parseoutcomes()
+    healthy = len([i for i in clm.invariants() if not i.opt_in])
+    assert outcomes["passed"] == healthy and outcomes["errors"] == 2 and "failed" not in outcomes
+    text = result.stdout.str()
+    assert text.count("checkpoint path ./missing/model does not exist") == 2  # the failure and the verdict row
+    result.stdout.fnmatch_lines(
+        [
+            "model-cpu-float32: could not load: checkpoint path ./missing/model does not exist. Fix: check the path.",
+            "tiny-no_such_architecture-cpu-float32: could not load: the tiny builder failed: unknown tiny checkpoint*",
+            "  14 x model-cpu-float32 could not load (reported once, at test_output_shapes[model-cpu-float32])",
+        ]
+    )
+    assert "Traceback" not in text
+
+
+TOY_CONFTEST = """
+import pytest_causal_lm as clm
+
+
+def _no_lm_head_bias(causal_lm):
+    head = causal_lm.model.get_output_embeddings()
+    assert getattr(head, "bias", None) is None, "lm_head has a bias"
+
+
+clm.register_invariant(
+    clm.Invariant("toy_head_bias", "toy head bias", "toy", "toy", "lm_head has no bias", _no_lm_head_bias)
+)
+"""
+
+
+def test_registering_an_invariant_adds_its_test_marker_and_column(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(TOY_CONFTEST)
+    # a subprocess: the registry is process-wide, and this toy must not leak into other tests
+    markers_run = pytester.runpytest_subprocess("--markers")
+    markers_run.stdout.fnmatch_lines(["@pytest.mark.causal_lm_toy: causal LM invariant: toy head bias"])
+    result = pytester.runpytest_subprocess(
+        "--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-suite=only", "-m", "causal_lm_toy", "-v"
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_causal_lm_invariants.py::test_toy_head_bias[[]tiny-qwen3-cpu-float32[]] PASSED*",
+            "checkpoint-device-dtype toy*",
+            "tiny-qwen3-cpu-float32  ok*",
+            "legend: toy=toy head bias",
+        ]
+    )
