@@ -26,7 +26,13 @@ pytestmark = [
 def test_built_in_suite_passes_on_smollm2_135m_instruct(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(f"--causal-lm-checkpoint={SMOLLM2_GGUF}", "--causal-lm-suite=only", "-v")
     result.assert_outcomes(passed=RUN_BY_DEFAULT, skipped=SKIPPED_BY_DEFAULT)
-    result.stdout.fnmatch_lines(["*test_greedy_loop_parity?SmolLM2-135M-Instruct.Q4_1-cpu-float32? PASSED*"])
+    result.stdout.fnmatch_lines(
+        [
+            "causal-lm: loading *SmolLM2-135M-Instruct.Q4_1.gguf (0.10 GB) on cpu ...",
+            "causal-lm: SmolLM2-135M-Instruct.Q4_1-cpu-float32: load ended after * s",
+            "*test_greedy_loop_parity?SmolLM2-135M-Instruct.Q4_1-cpu-float32? PASSED*",
+        ]
+    )
     measured = [
         f"{report.nodeid.split('::')[-1]}: {value}"
         for report in result.reprec.getreports("pytest_runtest_logreport")

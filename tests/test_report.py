@@ -131,7 +131,19 @@ def test_model_repo_example_runs_suite_custom_prompts_and_benchmark(pytester: py
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0
     # 4 custom-prompt tests + the benchmark example + the built-in invariants
     assert outcomes["passed"] >= 5 + 13
-    assert (pytester.path / "causal-lm-report.md").read_text().startswith("## causal-lm verdict")
+    report = (pytester.path / "causal-lm-report.md").read_text()
+    assert report.startswith("## causal-lm verdict") and "✅ pass" in report
+    # a benchmark-only run skips the suite: it must not replace the verdict of the run that ran it
+    only = pytester.runpytest(
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-only",
+        "--causal-lm-benchmark-new-tokens=2",
+        "--causal-lm-benchmark-rounds=1",
+    )
+    assert only.parseoutcomes()["passed"] == 3  # this repo's benchmark, and the built-in one cached and uncached
+    only.stdout.fnmatch_lines(["causal-lm: no invariant ran in this session; the report was left as it was"])
+    assert (pytester.path / "causal-lm-report.md").read_text() == report
 
 
 def test_github_actions_example_uses_only_options_that_exist() -> None:

@@ -156,3 +156,17 @@ def test_the_example_model_repo_keeps_snapshots_for_its_checkpoint(pytester: pyt
         "test_my_prompts[tiny-qwen3-cpu-float32].json",
     ]
     pytester.runpytest("-k", "snapshot or my_prompts").assert_outcomes(passed=2)
+
+
+def test_a_divergence_between_tokens_that_decode_alike_shows_their_ids() -> None:
+    def record(ids: list[int], text: str) -> dict:
+        greedy = {"ids": ids, "text": text, "margins": [5.0] * len(ids)}
+        return {"prompts": [{"prompt": "p", "input_ids": [5], "greedy": greedy, "next_tokens": []}]}
+
+    problems, _ = compare_records(record([7, 300, 8], "x\ufffddefic"), record([7, 301, 8], "x\ufffddefic"))
+    assert problems == [
+        "greedy continuation of p diverges at step 1: was 'x\ufffddefic', now 'x\ufffddefic' "
+        "(ids from step 1: was [300, 8], now [301, 8]) (top-two margin 5 > tolerance 0)"
+    ]
+    problems, _ = compare_records(record([7, 9], "a dog"), record([7, 10], "a cat"))
+    assert "ids from step" not in problems[0]

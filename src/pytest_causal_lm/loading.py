@@ -187,8 +187,9 @@ def _check_local(checkpoint: str, location: str, gguf_file: str | None) -> None:
 
 
 # What a loadable checkpoint directory holds besides config.json, by file name patterns.
+_WEIGHTS = "weights (*.safetensors, pytorch_model*.bin)"
 _PARTS = {
-    "weights (*.safetensors, pytorch_model*.bin)": (
+    _WEIGHTS: (
         "*.safetensors",
         "*.safetensors.index.json",
         "*.bin",
@@ -323,6 +324,19 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
     model.requires_grad_(False)
     tolerance = tolerance_for(model.dtype, atol=atol, rtol=rtol)
     return CausalLM(target=target, model=model, tokenizer=tokenizer, tolerance=tolerance, seed=seed, source=source)
+
+
+def weights_size(checkpoint: str) -> int | None:
+    """Bytes of a local checkpoint's weight files (a .gguf file's size); None for a Hub id."""
+    if is_tiny(checkpoint):
+        return 0
+    path = Path(checkpoint).expanduser()
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return None
+    files = {f for pattern in (*_PARTS[_WEIGHTS], "*.gguf") for f in path.glob(pattern)}
+    return sum(f.stat().st_size for f in files)
 
 
 def _hub_access(checkpoint: str, revision: str | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ installed but never configure a checkpoint pay nothing for it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -315,7 +316,8 @@ def causal_lm(request: pytest.FixtureRequest, causal_lm_target: Target) -> Itera
     """
     session = session_of(request.config)
     try:
-        handle = session.models.get(causal_lm_target)
+        with _load_progress(request.config, causal_lm_target, session):
+            handle = session.models.get(causal_lm_target)
     except CheckpointLoadError as exc:
         problem = str(exc)
     else:
@@ -327,6 +329,40 @@ def causal_lm(request: pytest.FixtureRequest, causal_lm_target: Target) -> Itera
             item.user_properties.append(("causal_lm_load_error", problem))
         pytest.fail(f"cannot load {causal_lm_target.checkpoint}: {problem}", pytrace=False)
     yield handle
+
+
+# Checkpoints smaller than this load in about a second: no progress line for them.
+PROGRESS_MIN_BYTES = 50_000_000
+
+
+@contextmanager
+def _load_progress(config: pytest.Config, target: Target, session: CausalLMSession) -> Iterator[None]:
+    """Say on the terminal what is loading, how big it is and how long it took (setup output is captured)."""
+    import time
+
+    from .loading import weights_size
+
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    size = weights_size(target.checkpoint)
+    if reporter is None or target in session.models.loaded or (size is not None and size < PROGRESS_MIN_BYTES):
+        yield
+        return
+
+    def say(line: str) -> None:
+        if capture is None:
+            reporter.write_line(line)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    shown = "size unknown" if size is None else f"{size / 1e9:.2f} GB"
+    say(f"causal-lm: loading {target.checkpoint} ({shown}) on {target.device_map or target.device} ...")
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        say(f"causal-lm: {target.id}: load ended after {time.perf_counter() - start:.1f} s")
 
 
 @pytest.fixture

@@ -189,10 +189,17 @@ def _compare_greedy(label: str, before: dict, after: dict, tolerance: float, not
     )
     margins = [m[step] for m in (before.get("margins", []), after.get("margins", [])) if step < len(m)]
     text = f"greedy continuation of {label} diverges at step {step}: was {before['text']!r}, now {after['text']!r}"
+    if _ambiguous(before["text"], after["text"]):  # different tokens can decode to the same characters
+        text += f" (ids from step {step}: was {old_ids[step : step + 6]}, now {new_ids[step : step + 6]})"
     if margins and min(margins) <= tolerance:
         notes.append(f"{text} (near-tie: top-two margin {min(margins):.4g} <= tolerance {tolerance:g})")
     else:
         yield text + (f" (top-two margin {min(margins):.4g} > tolerance {tolerance:g})" if margins else "")
+
+
+def _ambiguous(before: str, after: str) -> bool:
+    """Decoded text that cannot tell two token sequences apart: equal, or holding replacement/control characters."""
+    return before == after or any(ch == "\ufffd" or (ord(ch) < 32 and ch not in "\n\t") for ch in before + after)
 
 
 _EXTENSIONS: dict[str, type] = {}
