@@ -315,5 +315,8 @@ def test_a_checkpoint_without_tokenizer_files_names_the_tokenizer(pytester: pyte
     result = pytester.runpytest(f"--causal-lm-checkpoint={target}", "-k", "determinism")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
-        ["*cannot load *no-tokenizer: no usable tokenizer in *no-tokenizer (*). Fix: save the tokenizer*"]
+        [
+            "*cannot load *no-tokenizer: checkpoint directory *no-tokenizer has config.json but no tokenizer files "
+            "(tokenizer.json, *). Fix: write what is missing with model.save_pretrained(dir) / tokenizer.save_pretrained(dir)."
+        ]
     )

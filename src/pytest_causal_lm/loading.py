@@ -182,7 +182,7 @@ def _check_local(checkpoint: str, location: str, gguf_file: str | None) -> None:
     if missing:
         raise CheckpointLoadError(
             f"checkpoint directory {checkpoint} has config.json but no {' and no '.join(missing)}. "
-            "Fix: save both with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)."
+            "Fix: write what is missing with model.save_pretrained(dir) / tokenizer.save_pretrained(dir)."
         )
 
 
