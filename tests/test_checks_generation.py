@@ -242,14 +242,15 @@ def test_chat_template_catches_a_template_that_double_adds_bos(llama_path) -> No
         clm.assert_chat_template_consistent(model, tokenizer)
 
 
-def test_chat_template_catches_a_generation_prompt_that_does_not_open_an_assistant_turn(qwen3_path) -> None:
+def test_generation_prompt_catches_an_opener_that_is_not_how_an_answered_turn_begins(qwen3_path) -> None:
     model, tokenizer = broken.with_chat_template(
         qwen3_path, lambda template: template.replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>assistent\\n' }}")
     )
     with pytest.raises(
-        AssertionError, match=r"generation prompt\s+: '<\|im_start\|>assistent\\n' is not how the template opens"
-    ):
-        clm.assert_chat_template_consistent(model, tokenizer)
+        AssertionError, match=r"the generation prompt is not how the template opens an assistant turn"
+    ) as caught:
+        clm.assert_generation_prompt_opens_the_answer(model, tokenizer)
+    assert "the prompt has 'tart|>assistent\\n', the answered one 'tart|>assistant\\nFine, thanks." in str(caught.value)
 
 
 def test_chat_template_catches_a_template_kwarg_that_is_ignored(qwen3_path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import broken
@@ -86,8 +87,27 @@ def test_a_different_tokenizer_is_described_instead_of_compared(qwen3_reference,
     assert message.startswith("tokenizer differs from the reference")
     assert re.search(r"bos_token\s+: reference None, candidate '<\|begin_of_text\|>'", message)
     assert re.search(r"pad_token\s+: reference '<\|endoftext\|>', candidate '<\|pad\|>'", message)
-    assert re.search(r"encoding of 'Hi dog how are you\?'\s+: reference \[", message)
-    assert re.search(r"prompts encoded differently\s+: 5 of 5", message)
+    assert re.search(r"encoding of 'Hi dog how are you\?'\s+: from token 0: reference \[", message)
+    assert re.search(r"texts encoded differently\s+: 12 of 12", message)
+
+
+def test_a_converted_tokenizer_that_encodes_differently_lists_the_first_texts(
+    qwen3_reference, qwen3_path: Path, tmp_path: Path
+) -> None:
+    # a GGUF-style conversion that turned on add_prefix_space: same vocabulary, same special tokens, other ids
+    _, _, reference = qwen3_reference
+    shutil.copytree(qwen3_path, tmp_path / "converted")
+    file = tmp_path / "converted" / "tokenizer.json"
+    spec = json.loads(file.read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    file.write_text(json.dumps(spec))
+    model, tokenizer = broken.load_healthy(tmp_path / "converted")
+    with pytest.raises(AssertionError, match="tokenizer differs from the reference") as caught:
+        compare_to_reference(model, tokenizer, reference)
+    message = str(caught.value)
+    assert "vocabulary size" not in message and "bos_token" not in message
+    assert re.search(r"encoding of 'Hi dog how are you\?'\s+: from token 0: reference \[\d+, ", message)
+    assert re.search(r"encoding of 'def greet\(name\):\\n    if name:\\n'\s+: from token 0", message)
 
 
 def test_plugin_compares_every_checkpoint_with_the_reference(pytester: pytest.Pytester, qwen3_path: Path) -> None:

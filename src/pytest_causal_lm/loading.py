@@ -334,7 +334,7 @@ def weights_size(checkpoint: str) -> int | None:
     if path.is_file():
         return path.stat().st_size
     if not path.is_dir():
-        return None
+        return 0 if _looks_local(checkpoint) else None
     files = {f for pattern in (*_PARTS[_WEIGHTS], "*.gguf") for f in path.glob(pattern)}
     return sum(f.stat().st_size for f in files)
 

@@ -10,6 +10,12 @@ from .greedy import GenerationConfigWarning, NearTieWarning, assert_greedy_parit
 from .padding import assert_batch_independent, assert_padding_invariant
 from .reference import assert_close_to_reference
 from .shapes import assert_finite_logits, assert_logits_to_keep, assert_output_shapes
+from .tokenizer import assert_prompt_special_tokens, assert_tokenizer_round_trip
+from .turns import (
+    assert_chat_markers_are_tokens,
+    assert_generation_prompt_opens_the_answer,
+    assert_turn_terminator_stops_generation,
+)
 from .vocab import assert_special_tokens_agree, assert_vocab_alignment
 
 __all__ = [
@@ -19,19 +25,24 @@ __all__ = [
     "NearTieWarning",
     "assert_batch_independent",
     "assert_cache_effective",
+    "assert_chat_markers_are_tokens",
     "assert_chat_template_consistent",
     "assert_classification_head_equivalent",
     "assert_close_to_reference",
     "assert_deterministic",
     "assert_finite_logits",
+    "assert_generation_prompt_opens_the_answer",
     "assert_greedy_parity",
     "assert_kv_cache_parity",
     "assert_logits_to_keep",
     "assert_output_shapes",
     "assert_padding_invariant",
     "assert_prefix_causal",
+    "assert_prompt_special_tokens",
     "assert_same_continuation",
     "assert_special_tokens_agree",
+    "assert_tokenizer_round_trip",
+    "assert_turn_terminator_stops_generation",
     "assert_vocab_alignment",
     "greedy_loop",
     "load_score_head_classifier",

@@ -15,6 +15,7 @@ from typing import Any
 from ..tolerances import Tolerance
 from ._common import failure, resolve_tolerance, text_of, token
 from .greedy import greedy_generate
+from .tokenizer import ROUND_TRIP_CORPUS
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -81,6 +82,7 @@ class ReferenceOutputs:
     greedy_logprobs: list[list[Any]]  # per prompt, per step: (vocab,)
     perplexity: float
     tokenizer_facts: dict[str, Any]
+    corpus_ids: dict[str, list[int]] = field(default_factory=dict)  # the tokenizer corpus, encoded by the reference
 
 
 @dataclass
@@ -166,6 +168,7 @@ def reference_outputs(
         greedy_logprobs=[],
         perplexity=_perplexity(model, tokenizer),
         tokenizer_facts=_tokenizer_facts(tokenizer),
+        corpus_ids={text: tokenizer(text)["input_ids"] for text in ROUND_TRIP_CORPUS},
     )
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
@@ -188,15 +191,22 @@ def _tokenizer_differences(reference: ReferenceOutputs, tokenizer: Any) -> list[
     for name, value in reference.tokenizer_facts["special"].items():
         if facts["special"].get(name) != value:
             problems.append((name, f"reference {value!r}, candidate {facts['special'].get(name)!r}"))
-    differing = [
-        (prompt, ids, tokenizer(prompt)["input_ids"])
-        for prompt, ids in zip(reference.prompts, reference.input_ids, strict=True)
-        if tokenizer(prompt)["input_ids"] != ids
-    ]
-    for prompt, ids, theirs in differing[:3]:
-        problems.append((f"encoding of {prompt[:30]!r}", f"reference {ids[:12]}, candidate {theirs[:12]}"))
+    # the tokenizer corpus first (code, scripts, emoji, spacing: where converted tokenizers part), then the prompts
+    texts = {**reference.corpus_ids, **dict(zip(reference.prompts, reference.input_ids, strict=True))}
+    differing = [(text, ids, tokenizer(text)["input_ids"]) for text, ids in texts.items()]
+    differing = [(text, ids, theirs) for text, ids, theirs in differing if theirs != ids]
+    for text, ids, theirs in differing[:3]:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(ids, theirs, strict=False)) if a != b), min(len(ids), len(theirs))
+        )
+        problems.append(
+            (
+                f"encoding of {text[:30]!r}",
+                f"from token {first}: reference {ids[first : first + 8]}, candidate {theirs[first : first + 8]}",
+            )
+        )
     if differing:
-        problems.append(("prompts encoded differently", f"{len(differing)} of {len(reference.prompts)}"))
+        problems.append(("texts encoded differently", f"{len(differing)} of {len(texts)}"))
     return problems
 
 

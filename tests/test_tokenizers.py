@@ -1,0 +1,180 @@
+"""Tokenizer and chat-template invariants: real conventions pass, realistic conversion bugs fail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conventions import CONVENTIONS, convention, drop_added_token, edit_tokenizer_json
+
+import pytest_causal_lm as clm
+
+TOKENIZER_CHECKS = (
+    clm.assert_tokenizer_round_trip,
+    clm.assert_prompt_special_tokens,
+    clm.assert_chat_markers_are_tokens,
+    clm.assert_generation_prompt_opens_the_answer,
+    clm.assert_turn_terminator_stops_generation,
+    clm.assert_chat_template_consistent,
+)
+
+
+@pytest.mark.parametrize("name", sorted(CONVENTIONS))
+def test_real_chat_conventions_pass_every_tokenizer_check(name: str, qwen3_path: Path, tmp_path: Path) -> None:
+    model, tokenizer = convention(qwen3_path, name, tmp_path)
+    for check in TOKENIZER_CHECKS:
+        check(model, tokenizer)
+
+
+def test_qwen3_convention_renders_its_reasoning_block(qwen3_path: Path, tmp_path: Path) -> None:
+    _, tokenizer = convention(qwen3_path, "qwen3", tmp_path)
+    answered = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]
+    assert tokenizer.apply_chat_template(answered, tokenize=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nYes.<|im_end|>\n"
+    )
+
+
+def test_healthy_tiny_checkpoints_pass_every_tokenizer_check(healthy: clm.CausalLM) -> None:
+    for check in TOKENIZER_CHECKS:
+        check(healthy.model, healthy.tokenizer)
+
+
+# --- round trip -------------------------------------------------------------------------------------------------
+
+
+def test_round_trip_catches_a_prefix_space_added_in_conversion(qwen3_path: Path, tmp_path: Path) -> None:
+    convention(qwen3_path, "qwen3", tmp_path)
+    model, tokenizer = edit_tokenizer_json(tmp_path, lambda spec: spec["pre_tokenizer"].update(add_prefix_space=True))
+    with pytest.raises(AssertionError, match=r"tokenizer round trip changes the text at character 0") as failure:
+        clm.assert_tokenizer_round_trip(model, tokenizer)
+    message = str(failure.value)
+    assert "expected     : 'Hi dog how are '" in message and "decoded      : ' Hi dog how are'" in message
+    assert "tokens there : 'ĠH' (id " in message
+
+
+def test_round_trip_catches_a_lost_byte_decoder(qwen3_path: Path, tmp_path: Path) -> None:
+    convention(qwen3_path, "qwen3", tmp_path)
+    model, tokenizer = edit_tokenizer_json(tmp_path, lambda spec: spec.update(decoder=None))
+    with pytest.raises(AssertionError, match=r"round trip changes the text at character 3") as failure:
+        clm.assert_tokenizer_round_trip(model, tokenizer)
+    assert "decoded      : 'Hi Ġdog Ġhow Ġare '" in str(failure.value)
+
+
+def test_round_trip_allows_the_normalization_a_tokenizer_declares(qwen3_path: Path, tmp_path: Path) -> None:
+    convention(qwen3_path, "qwen3", tmp_path)
+    model, tokenizer = edit_tokenizer_json(tmp_path, lambda spec: spec.update(normalizer={"type": "Lowercase"}))
+    clm.assert_tokenizer_round_trip(model, tokenizer)  # an uncased vocabulary is lossy on purpose
+
+
+# --- what a plain encode adds -----------------------------------------------------------------------------------
+
+
+def test_prompt_special_tokens_catches_an_eos_appended_to_every_prompt(qwen3_path: Path, tmp_path: Path) -> None:
+    convention(qwen3_path, "qwen3", tmp_path)
+    eos_id = json.loads((tmp_path / "config.json").read_text())["eos_token_id"]
+    processor = {
+        "type": "TemplateProcessing",
+        "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "<|im_end|>", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_end|>": {"id": "<|im_end|>", "ids": [eos_id], "tokens": ["<|im_end|>"]}},
+    }
+    model, tokenizer = edit_tokenizer_json(tmp_path, lambda spec: spec.update(post_processor=processor))
+    with pytest.raises(AssertionError, match=r"a plain encode appends tokens after the prompt") as failure:
+        clm.assert_prompt_special_tokens(model, tokenizer)
+    assert f"appended     : '<|im_end|>' (id {eos_id})" in str(failure.value)
+    clm.assert_tokenizer_round_trip(model, tokenizer)  # decoding skips it: only this check sees it
+
+
+def test_prompt_special_tokens_catches_a_template_that_drops_the_bos_the_tokenizer_adds(
+    qwen3_path: Path, tmp_path: Path
+) -> None:
+    template = CONVENTIONS["llama3"]["template"].replace("bos_token + content", "content")
+    model, tokenizer = convention(qwen3_path, "llama3", tmp_path, template=template)
+    with pytest.raises(
+        AssertionError,
+        match=r"BOS disagrees between plain prompts and chat prompts: a plain encode adds BOS, but the chat "
+        r"template does not write it",
+    ):
+        clm.assert_prompt_special_tokens(model, tokenizer)
+
+
+# --- markers ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "marker"), [("qwen3", "<|im_start|>"), ("llama3", "<|start_header_id|>"), ("gemma", "<start_of_turn>")]
+)
+def test_markers_catch_a_conversion_that_loses_an_added_token(
+    qwen3_path: Path, tmp_path: Path, name: str, marker: str
+) -> None:
+    convention(qwen3_path, name, tmp_path)
+    model, tokenizer = drop_added_token(tmp_path, marker)
+    with pytest.raises(
+        AssertionError, match=rf"chat markers are not single tokens: '{__import__('re').escape(marker)}'"
+    ) as failure:
+        clm.assert_chat_markers_are_tokens(model, tokenizer)
+    assert f"{marker} " in str(failure.value) and "encodes to " in str(failure.value)
+
+
+def test_markers_catch_a_think_tag_that_is_no_longer_one_token(qwen3_path: Path, tmp_path: Path) -> None:
+    convention(qwen3_path, "qwen3", tmp_path)
+    model, tokenizer = drop_added_token(tmp_path, "<think>")
+    with pytest.raises(AssertionError, match=r"chat markers are not single tokens: '<think>'"):
+        clm.assert_chat_markers_are_tokens(model, tokenizer)
+
+
+# --- the generation prompt ----------------------------------------------------------------------------------------
+
+
+def test_generation_prompt_catches_a_template_that_never_opens_the_assistant_turn(
+    qwen3_path: Path, tmp_path: Path
+) -> None:
+    # a port that dropped the add_generation_prompt branch: the prompt ends after the user's turn
+    template = CONVENTIONS["llama3"]["template"].split("{% if add_generation_prompt %}")[0]
+    model, tokenizer = convention(qwen3_path, "llama3", tmp_path, template=template)
+    with pytest.raises(AssertionError, match=r"the generation prompt is not how the template opens") as failure:
+        clm.assert_generation_prompt_opens_the_answer(model, tokenizer)
+    assert "an answered turn writes '<|start_header_id|>assistant<|end_header_id|>\\n\\n' before the answer" in str(
+        failure.value
+    )
+
+
+def test_generation_prompt_passes_a_template_without_an_assistant_opener(qwen3_path: Path, tmp_path: Path) -> None:
+    mistral_style = (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}"
+        "{% endif %}{% endfor %}"
+    )
+    model, tokenizer = convention(qwen3_path, "llama3", tmp_path, template=mistral_style)
+    clm.assert_generation_prompt_opens_the_answer(model, tokenizer)
+
+
+# --- the turn terminator ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "stop", "terminator"),
+    [
+        ("qwen3", ["<|endoftext|>"], "<|im_end|>"),  # the base model's eos only
+        ("llama3", ["<|end_of_text|>"], "<|eot_id|>"),  # Llama 3 Instruct's first generation_config
+        ("gemma", ["<eos>"], "<end_of_turn>"),
+    ],
+)
+def test_turn_terminator_catches_a_generation_config_that_does_not_stop_at_it(
+    qwen3_path: Path, tmp_path: Path, name: str, stop: list[str], terminator: str
+) -> None:
+    model, tokenizer = convention(qwen3_path, name, tmp_path, stop=stop)
+    pattern = rf"generate does not stop at '{__import__('re').escape(terminator)}' \(id \d+\), the token that ends"
+    with pytest.raises(AssertionError, match=pattern) as failure:
+        clm.assert_turn_terminator_stops_generation(model, tokenizer)
+    assert f"generated after forcing it     : ['{terminator}', '{terminator}', '{terminator}']" in str(failure.value)
+
+
+def test_turn_terminator_skips_a_template_that_writes_no_terminator(qwen3_path: Path, tmp_path: Path) -> None:
+    plain = "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+    model, tokenizer = convention(
+        qwen3_path, "qwen3", tmp_path, template=plain + "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(pytest.skip.Exception, match="ends an assistant turn with no special token"):
+        clm.assert_turn_terminator_stops_generation(model, tokenizer)
