@@ -251,3 +251,21 @@ def with_chat_template(path: Any, edit) -> tuple[Any, Any]:
     model, tokenizer = load_healthy(path)
     tokenizer.chat_template = edit(tokenizer.chat_template)
     return model, tokenizer
+
+
+def rmsnorm_without_upcast(path: Any, channel: int = 5, scale: float = 3000.0) -> tuple[Any, Any]:
+    """A port whose RMSNorm squares the hidden states in the run dtype instead of float32, on a model with one
+    large residual channel (real LLMs have a few): fine in float32 and bfloat16, overflows in float16."""
+    model, tokenizer = load_healthy(path)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, channel] *= scale  # a massive-activation channel
+
+    def forward(self, hidden_states):  # transformers' LlamaRMSNorm, without `.to(torch.float32)`
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = forward.__get__(module)
+    model.config.dtype = torch.float16  # the checkpoint ships in float16
+    return model, tokenizer

@@ -43,3 +43,42 @@ def test_built_in_suite_passes_on_smollm2_135m_instruct(pytester: pytest.Pyteste
     measuring = {"logits_to_keep", "prefix_causality", "determinism", "kv_cache_parity", "cache_effectiveness"}
     measuring |= {"greedy_loop_parity", "classification_head", "padding_invariance", "batch_independence"}
     assert {line.split("[")[0].removeprefix("test_") for line in measured} >= measuring
+
+
+@pytest.fixture(scope="module")
+def smollm2_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 dequantised once into a safetensors folder: the half-precision runs load it in a second or two."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = SMOLLM2_GGUF.parent, SMOLLM2_GGUF.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config  # the dequantised weights are plain float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    target = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_built_in_suite_passes_on_smollm2_in_half_precision(
+    pytester: pytest.Pytester, smollm2_safetensors: Path, dtype: str
+) -> None:
+    result = pytester.runpytest(
+        f"--causal-lm-checkpoint={smollm2_safetensors}", f"--causal-lm-dtype={dtype}", "--causal-lm-suite=only", "-v"
+    )
+    result.assert_outcomes(passed=RUN_BY_DEFAULT, skipped=SKIPPED_BY_DEFAULT)
+    result.stdout.fnmatch_lines([f"*test_dtype_parity?SmolLM2-135M-Instruct-cpu-{dtype}? PASSED*"])
+    tolerances = {
+        value["tolerance"]
+        for report in result.reprec.getreports("pytest_runtest_logreport")
+        for name, value in report.user_properties
+        if name == "causal_lm" and report.when == "call" and value.get("tolerance")
+    }
+    print(tolerances)  # the calibrated tolerance the closing note quotes (pytest -s)
+    assert len(tolerances) == 1 and "noise floor" in next(iter(tolerances))

@@ -19,6 +19,7 @@ from .checks import (
     assert_classification_head_equivalent,
     assert_close_to_reference,
     assert_deterministic,
+    assert_dtype_parity,
     assert_finite_logits,
     assert_generation_prompt_opens_the_answer,
     assert_greedy_parity,
@@ -38,6 +39,7 @@ from .checks import (
 )
 from .invariants import Invariant, invariant_for_test, invariants, register_invariant, suite_test
 from .loading import CausalLM, CheckpointLoadError, Target
+from .precision import NoiseFloor, calibrated_tolerance, measure_noise_floor
 from .session import CausalLMSession, session_of
 from .snapshot import behaviour_record
 from .tolerances import DEFAULT_TOLERANCES, Tolerance, tolerance_for
@@ -54,6 +56,7 @@ __all__ = [
     "GenerationConfigWarning",
     "Invariant",
     "NearTieWarning",
+    "NoiseFloor",
     "Target",
     "Tolerance",
     "assert_batch_independent",
@@ -63,6 +66,7 @@ __all__ = [
     "assert_classification_head_equivalent",
     "assert_close_to_reference",
     "assert_deterministic",
+    "assert_dtype_parity",
     "assert_finite_logits",
     "assert_generation_prompt_opens_the_answer",
     "assert_greedy_parity",
@@ -79,11 +83,13 @@ __all__ = [
     "assert_vocab_alignment",
     "behaviour_record",
     "benchmark_generation",
+    "calibrated_tolerance",
     "forced_generate",
     "greedy_loop",
     "invariant_for_test",
     "invariants",
     "load_score_head_classifier",
+    "measure_noise_floor",
     "register_invariant",
     "session_of",
     "suite_test",

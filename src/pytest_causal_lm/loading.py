@@ -6,10 +6,13 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .tiny import TINY_PREFIX, is_tiny, materialize
 from .tolerances import Tolerance
+
+if TYPE_CHECKING:
+    from .precision import NoiseFloor
 
 __all__ = ["CausalLM", "CheckpointLoadError", "ModelCache", "Target", "load", "with_unique_labels"]
 
@@ -104,6 +107,7 @@ class CausalLM:
     tolerance: Tolerance
     seed: int = 0
     source: str = ""
+    noise: NoiseFloor | None = None  # measured rounding noise of a half-precision run (precision.py)
 
     @property
     def checkpoint(self) -> str:
@@ -286,6 +290,7 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
     Raises ``CheckpointLoadError`` with a one-paragraph explanation on any failure.
     """
     from .devices import torch_dtype
+    from .precision import calibrated_tolerance, measure_noise_floor
     from .tolerances import tolerance_for
 
     source = _build_tiny(target.checkpoint) if is_tiny(target.checkpoint) else target.checkpoint
@@ -323,7 +328,16 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
     model.eval()
     model.requires_grad_(False)
     tolerance = tolerance_for(model.dtype, atol=atol, rtol=rtol)
-    return CausalLM(target=target, model=model, tokenizer=tokenizer, tolerance=tolerance, seed=seed, source=source)
+    noise = None if atol is not None else measure_noise_floor(model, tokenizer)  # an explicit atol is the user's
+    return CausalLM(
+        target=target,
+        model=model,
+        tokenizer=tokenizer,
+        tolerance=calibrated_tolerance(tolerance, noise),
+        seed=seed,
+        source=source,
+        noise=noise,
+    )
 
 
 def weights_size(checkpoint: str) -> int | None:

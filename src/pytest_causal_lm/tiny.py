@@ -23,7 +23,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "13"
+_RECIPE_VERSION = "14"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -408,6 +408,9 @@ def _build_any_architecture(model_type: str, tokenizer: Any) -> tuple[Any, Any]:
     if count > MAX_TINY_PARAMETERS:
         raise TinyBuildError(f"{model_type}: {count:,} parameters after shrinking (limit {MAX_TINY_PARAMETERS:,})")
     model.generation_config.do_sample = False
+    for name, value in specials.items():  # as a chat checkpoint ships it: generate stops at the turn terminator
+        if getattr(model.generation_config, name, None) is None:
+            setattr(model.generation_config, name, value)
     return model, config
 
 

@@ -14,17 +14,24 @@ __all__ = ["DEFAULT_TOLERANCES", "Tolerance", "tolerance_for"]
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Elementwise closeness: ``|actual - expected| <= atol + rtol * |expected|``."""
+    """Elementwise closeness: ``|actual - expected| <= atol + rtol * |expected|``.
+
+    In half precision ``atol`` may be raised to a multiple of the target's measured
+    noise floor (``noise``; see precision.py), which failures then report.
+    """
 
     atol: float
     rtol: float
+    noise: float | None = None
+    noise_source: str = ""
 
     def bound(self, expected: float) -> float:
         """The allowed difference around one expected value."""
         return self.atol + self.rtol * abs(expected)
 
     def __str__(self) -> str:
-        return f"atol={self.atol:g}, rtol={self.rtol:g}"
+        text = f"atol={self.atol:.3g}, rtol={self.rtol:g}"
+        return f"{text} (atol from the {self.noise_source})" if self.noise is not None else text
 
 
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {

@@ -6,6 +6,7 @@ from .causality import assert_prefix_causal
 from .chat import ChatTemplateWarning, assert_chat_template_consistent
 from .classification import assert_classification_head_equivalent, load_score_head_classifier
 from .determinism import assert_deterministic
+from .dtype_parity import assert_dtype_parity
 from .greedy import GenerationConfigWarning, NearTieWarning, assert_greedy_parity, assert_same_continuation, greedy_loop
 from .padding import assert_batch_independent, assert_padding_invariant
 from .reference import assert_close_to_reference
@@ -30,6 +31,7 @@ __all__ = [
     "assert_classification_head_equivalent",
     "assert_close_to_reference",
     "assert_deterministic",
+    "assert_dtype_parity",
     "assert_finite_logits",
     "assert_generation_prompt_opens_the_answer",
     "assert_greedy_parity",

@@ -169,6 +169,11 @@ class ScoreMismatch:
                 f"score of {token(tokenizer, self.worst_token_id)}: expected {self.expected:.6g}, got {self.actual:.6g}",
             ),
             ("tolerance", str(tolerance)),
+            *(
+                [("vs noise floor", f"difference {self.greatest_difference / tolerance.noise:.1f}x the noise floor")]
+                if tolerance.noise
+                else []
+            ),
             ("mismatched elements", f"{self.mismatched} / {self.total} ({share:.2f}%)"),
         ]
 

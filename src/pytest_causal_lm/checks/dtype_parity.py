@@ -1,0 +1,191 @@
+"""dtype parity: the checkpoint in half precision says what it says in float32, on the same weights.
+
+A missing float32 upcast in RMSNorm, softmax or rotary embeddings, or a float16
+overflow in a residual stream, leaves float32 correct and breaks the dtype the
+checkpoint ships in. The run dtype is compared with float32 (or, for a float32
+run of a half-precision checkpoint, with the stored dtype): finite scores, no
+constant score rows, KL divergence and top-1 agreement over positions, and
+greedy agreement up to the first divergence, which must be a near-tie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from ..tolerances import Tolerance, tolerance_for
+from ._common import CheckResult, encode, eos_ids, failure, forward_logits, resolve_tolerance, text_of, token
+from .greedy import greedy_loop
+
+__all__ = ["DTYPE_PARITY_TEXTS", "assert_dtype_parity"]
+
+DTYPE_PARITY_TEXTS: tuple[str, ...] = (
+    "Hi dog how are you?",
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+)
+MAX_KL_MEAN = 0.05  # nats; SmolLM2 bfloat16 vs float32 measures 0.002
+
+
+def _half(dtype: Any) -> bool:
+    import torch
+
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _other_dtype(model: Any) -> Any:
+    """float32 for a half-precision run; the stored dtype for a float32 run of a half-precision checkpoint."""
+    import torch
+
+    if _half(model.dtype):
+        return torch.float32
+    stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    stored = getattr(torch, str(stored).removeprefix("torch."), None) if stored else None
+    if _half(stored):
+        return stored
+    pytest.skip(
+        "a float32 run of a float32 checkpoint: no other dtype to compare (run with --causal-lm-dtype=auto, "
+        "bfloat16 or float16)"
+    )
+    return None
+
+
+def _run(model: Any, tokenizer: Any, texts: Sequence[str], max_new_tokens: int) -> list[tuple[Any, Any]]:
+    """Per text: (scores at every position, the uncached greedy loop with its step scores)."""
+    stop = eos_ids(model, tokenizer)
+    runs = []
+    for text in texts:
+        ids = encode(tokenizer, text, model.device)
+        loop = greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop)
+        runs.append((forward_logits(model, ids)[0].cpu(), loop))
+    return runs
+
+
+def assert_dtype_parity(
+    model: Any,
+    tokenizer: Any,
+    *,
+    texts: Sequence[str] = DTYPE_PARITY_TEXTS,
+    max_new_tokens: int = 8,
+    tolerance: Tolerance | None = None,
+) -> CheckResult:
+    """The run dtype agrees with float32 on the same weights (see the module docstring)."""
+    __tracebackhide__ = True
+    import torch
+
+    from ..precision import room_for, weights_in
+
+    other = _other_dtype(model)
+    fits, cost = room_for(model, other)
+    if not fits:
+        pytest.skip(f"dtype parity needs the weights in {str(other).removeprefix('torch.')} too: {cost}")
+    tolerance = resolve_tolerance(model, tolerance)
+    run = _run(model, tokenizer, texts, max_new_tokens)
+    with weights_in(model, other):
+        reference = _run(model, tokenizer, texts, max_new_tokens)
+    half, exact = (run, reference) if _half(model.dtype) else (reference, run)
+    label = str(model.dtype if _half(model.dtype) else other).removeprefix("torch.")
+    clear = tolerance_for(label).atol  # top choices closer than this in float32 are not a clear order
+    result = CheckResult("dtype parity", tolerance=tolerance)
+    kls = []
+    for text, (half_scores, half_run), (exact_scores, exact_run) in zip(texts, half, exact, strict=True):
+        ids = encode(tokenizer, text, "cpu")[0]
+        _check_rows(model, tokenizer, ids, half_scores, exact_scores, label)
+        _check_top1(model, tokenizer, ids, half_scores, exact_scores, label, clear)
+        _check_greedy(model, tokenizer, ids, half_run, exact_run, label)
+        kls.append(_kl(exact_scores, half_scores))
+        result.observe(exact_scores, half_scores)
+    kl = torch.cat(kls)
+    result.figure = ("KL mean", float(kl.mean()))
+    if float(kl.mean()) > MAX_KL_MEAN:
+        raise failure(
+            f"{label} scores drift from float32: KL mean {float(kl.mean()):.3g} > {MAX_KL_MEAN}",
+            model,
+            [("KL max", f"{float(kl.max()):.3g}"), ("texts", [t[:30] for t in texts])],
+            figure=result.figure,
+        )
+    return result
+
+
+def _kl(exact: Any, half: Any) -> Any:
+    p = exact.float().log_softmax(-1)
+    q = half.float().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).clamp(min=0)
+
+
+def _check_rows(model: Any, tokenizer: Any, ids: Any, half: Any, exact: Any, label: str) -> None:
+    """Every half-precision score is finite, and no row is constant where float32's is not."""
+    __tracebackhide__ = True
+    import torch
+
+    bad = ~torch.isfinite(half)
+    constant = (half.float().std(-1) == 0) & (exact.float().std(-1) > 0)
+    rows = bad.any(-1) | constant
+    if not bool(rows.any()):
+        return
+    position = int(rows.nonzero()[0])
+    what = "non-finite scores" if bool(bad[position].any()) else "a constant score row (every token scored alike)"
+    raise failure(
+        f"{label} gives {what} at position {position}, where float32 is finite and varied",
+        model,
+        [
+            ("prefix", text_of(tokenizer, ids[: position + 1])),
+            ("token there", token(tokenizer, int(ids[position]))),
+            ("positions affected", sorted(int(p) for p in rows.nonzero().flatten())[:20]),
+            (
+                "likely cause",
+                "an overflow in float16 (a large residual channel) or a norm/softmax computed without the float32 upcast",
+            ),
+        ],
+        figure=("position", position),
+    )
+
+
+def _check_top1(model: Any, tokenizer: Any, ids: Any, half: Any, exact: Any, label: str, clear: float) -> None:
+    """The half-precision top-1 is within float32's top 5 wherever float32's top 5 stand clear of the rest."""
+    __tracebackhide__ = True
+    top6 = exact.float().topk(6, -1)
+    decisive = (top6.values[:, 0] - top6.values[:, 5]) > clear
+    choice = half.float().argmax(-1)
+    wrong = decisive & ~(top6.indices[:, :5] == choice[:, None]).any(-1)
+    if not bool(wrong.any()):
+        return
+    position = int(wrong.nonzero()[0])
+    expected = int(exact[position].argmax())
+    raise failure(
+        f"{label} picks another token than float32 at position {position}, outside float32's top 5",
+        model,
+        [
+            ("prefix", text_of(tokenizer, ids[: position + 1])),
+            ("float32 top-1", f"{token(tokenizer, expected)} score {float(exact[position, expected]):.4g}"),
+            (f"{label} top-1", token(tokenizer, int(choice[position]))),
+            ("positions affected", sorted(int(p) for p in wrong.nonzero().flatten())[:20]),
+        ],
+        figure=("position", position),
+    )
+
+
+def _check_greedy(model: Any, tokenizer: Any, ids: Any, half: Any, exact: Any, label: str) -> None:
+    """Greedy continuations agree up to the first divergence, where each side's token is in the other's top 5
+    (vLLM's check_logprobs_close); after it the prefixes differ and nothing more is compared."""
+    __tracebackhide__ = True
+    step = next((i for i, (a, b) in enumerate(zip(half.tokens, exact.tokens, strict=False)) if a != b), None)
+    if step is None:
+        return
+    half_top5 = half.step_scores[step].topk(5).indices.tolist()
+    exact_top5 = exact.step_scores[step].topk(5).indices.tolist()
+    if exact.tokens[step] in half_top5 and half.tokens[step] in exact_top5:
+        return
+    raise failure(
+        f"greedy continuation in {label} leaves float32's top 5 at step {step}",
+        model,
+        [
+            ("prompt", text_of(tokenizer, ids)),
+            ("shared prefix", text_of(tokenizer, [*ids.tolist(), *exact.tokens[:step]])),
+            ("float32", f"{token(tokenizer, exact.tokens[step])}, then {text_of(tokenizer, exact.tokens[step + 1 :])}"),
+            (label, f"{token(tokenizer, half.tokens[step])}, then {text_of(tokenizer, half.tokens[step + 1 :])}"),
+        ],
+        figure=("step", step),
+    )
