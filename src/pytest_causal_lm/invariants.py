@@ -255,7 +255,7 @@ _BUILT_IN = (
         "greedy-loop parity",
         "grdy",
         "generation",
-        "the tutorial's loop (forward, argmax of the last position, append, stop at eos), without and with the cache, gives the same tokens as `model.generate` with an explicit greedy config, on plain and chat-formatted prompts",
+        "the tutorial's loop (forward, argmax of the last position, append, stop at eos) gives the same tokens as `model.generate` with an explicit greedy config, on plain and chat-formatted prompts: with the cache step by step, and without it in one pass along generate's tokens (the scores the uncached loop would see, given prefix causality)",
         lambda lm: checks.assert_greedy_parity(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_greedy_parity",
     ),

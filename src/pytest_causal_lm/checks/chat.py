@@ -39,21 +39,20 @@ def assert_chat_template_consistent(
     with no doubled BOS; extra template kwargs (``enable_thinking=False`` by default) reach templates that
     use them. Skips without a template. (The generation prompt and turn markers have invariants of their own.)"""
     __tracebackhide__ = True
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        pytest.skip("the tokenizer has no chat template")
+    require_chat_template(tokenizer)
+    template = tokenizer.chat_template
     template_source = template if isinstance(template, str) else " ".join(map(str, dict(template).values()))
     template_kwargs = {"enable_thinking": False} if template_kwargs is None else dict(template_kwargs)
     result = CheckResult("chat template")
     messages = _messages_the_template_accepts(tokenizer, [dict(m) for m in messages], result)
-    rendered = _render(tokenizer, messages, True)
+    rendered = render(tokenizer, messages, True)
     via_template = _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
     via_text = _ids(tokenizer(rendered, add_special_tokens=False))
     problems = _token_problems(tokenizer, rendered, via_template, via_text, result)
     for name, value in template_kwargs.items():
         if name not in template_source:
             result.note(f"template does not use {name}; not checked")
-        elif _render(tokenizer, messages, True, **{name: value}) == rendered:
+        elif render(tokenizer, messages, True, **{name: value}) == rendered:
             problems.append((name, f"passing {name}={value!r} does not change the rendered prompt"))
     if problems:
         raise failure(
@@ -64,8 +63,17 @@ def assert_chat_template_consistent(
     return result
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, **kwargs: Any) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+def require_chat_template(tokenizer: Any) -> None:
+    """Skip, saying so, when the tokenizer has no chat template (every chat check needs one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        pytest.skip("the tokenizer has no chat template")
+
+
+def render(tokenizer: Any, messages: Sequence[Mapping[str, str]], generation_prompt: bool, **kwargs: Any) -> str:
+    """The template's text for ``messages``."""
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+    )
 
 
 def _messages_the_template_accepts(
@@ -73,7 +81,7 @@ def _messages_the_template_accepts(
 ) -> list[dict[str, str]]:
     """``messages``, without the system turn when the template rejects one (Gemma, Mistral)."""
     try:
-        _render(tokenizer, messages, True)
+        render(tokenizer, messages, True)
     except Exception as exc:
         if messages[0]["role"] != "system":
             raise

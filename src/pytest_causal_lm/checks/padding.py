@@ -13,7 +13,6 @@ from ._common import (
     CheckResult,
     check_scores,
     encode,
-    eos_ids,
     forward_logits,
     mismatch_failure,
     pad_id,
@@ -22,7 +21,7 @@ from ._common import (
     text_of,
     token,
 )
-from .greedy import compare_continuations, greedy_generate, greedy_loop
+from .greedy import compare_continuations, greedy_generate, greedy_loop_along
 
 __all__ = ["assert_batch_independent", "assert_padding_invariant"]
 
@@ -46,7 +45,6 @@ def assert_padding_invariant(
     ids, mask, positions = padded_batch(tokenizer, prompts, model.device, pad)
     batch_last = forward_logits(model, ids, attention_mask=mask, position_ids=positions)[:, -1]
     batch_generated = greedy_generate(model, tokenizer, ids, attention_mask=mask, max_new_tokens=max_new_tokens)
-    stop = eos_ids(model, tokenizer)
     for row, text in enumerate(prompts):
         alone_ids = encode(tokenizer, text, model.device)
         padding = int((mask[row] == 0).sum())
@@ -66,7 +64,7 @@ def assert_padding_invariant(
                 tolerance,
                 position_label="row",
             )
-        alone = greedy_loop(model, alone_ids, max_new_tokens=max_new_tokens, stop_ids=stop)
+        alone = greedy_loop_along(model, alone_ids, batch_generated[row])
         try:
             compare_continuations(
                 model,

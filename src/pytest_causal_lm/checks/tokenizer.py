@@ -130,10 +130,9 @@ BOS_PROBE = "\u2063BOS-PROBE\u2063"
 
 def template_writes_bos(tokenizer: Any, messages: Sequence[dict[str, str]]) -> bool:
     """Whether the chat template writes the tokenizer's BOS (probed by renaming it, not by reading the source)."""
-    rendered = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=True, bos_token=BOS_PROBE
-    )
-    return BOS_PROBE in rendered
+    from .chat import render
+
+    return BOS_PROBE in render(tokenizer, messages, True, bos_token=BOS_PROBE)
 
 
 def _find(sequence: list[int], part: list[int]) -> int | None:

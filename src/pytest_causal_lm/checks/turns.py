@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from ._common import eos_ids, failure, pad_id
+from .chat import render, require_chat_template
 
 __all__ = [
     "ANSWER",
@@ -33,15 +34,6 @@ _REASONING_BLOCK = re.compile(r"^\s*<(think|thinking|reasoning)>.*?</\1>\s*", re
 _PREFILLED_REASONING = re.compile(r"<(think|thinking|reasoning)>[^<]*</\1>\s*$")
 
 
-def _require_template(tokenizer: Any) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        pytest.skip("the tokenizer has no chat template")
-
-
-def _render(tokenizer: Any, messages: Sequence[Mapping[str, str]], prompt: bool, **kwargs: Any) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=prompt, **kwargs)
-
-
 def _markers(tokenizer: Any, rendered: str) -> list[str]:
     """The markup the template wrote; bracket markers only where the vocabulary registers some."""
     found = dict.fromkeys(_ANGLE_MARKER.findall(rendered))
@@ -57,9 +49,9 @@ def assert_chat_markers_are_tokens(
     """Every marker the template writes (``<|im_start|>``, ``<start_of_turn>``, ``<think>``, ...) is one
     registered special or added token, inside the embedding rows, and stays one token inside the rendered chat."""
     __tracebackhide__ = True
-    _require_template(tokenizer)
+    require_chat_template(tokenizer)
     answered = [*messages, {"role": "assistant", "content": ANSWER}]
-    rendered = _render(tokenizer, answered, False) + _render(tokenizer, messages, True)
+    rendered = render(tokenizer, answered, False) + render(tokenizer, messages, True)
     rendered_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     registered = set(getattr(tokenizer, "added_tokens_encoder", {}).values()) | set(tokenizer.all_special_ids)
     rows = model.get_input_embeddings().weight.shape[0]
@@ -99,8 +91,8 @@ def _prompt_and_answer(
     tokenizer: Any, messages: Sequence[Mapping[str, str]], kwargs: dict[str, Any]
 ) -> tuple[str, str]:
     """(the conversation with the generation prompt, the same conversation answered by the assistant)."""
-    prompted = _render(tokenizer, messages, True, **kwargs)
-    answered = _render(tokenizer, [*messages, {"role": "assistant", "content": ANSWER}], False, **kwargs)
+    prompted = render(tokenizer, messages, True, **kwargs)
+    answered = render(tokenizer, [*messages, {"role": "assistant", "content": ANSWER}], False, **kwargs)
     return prompted, answered
 
 
@@ -120,7 +112,7 @@ def assert_generation_prompt_opens_the_answer(
     pass; one that never writes the opener into the prompt fails.
     """
     __tracebackhide__ = True
-    _require_template(tokenizer)
+    require_chat_template(tokenizer)
     kwargs = dict(template_kwargs or {})
     prompted, answered = _prompt_and_answer(tokenizer, messages, kwargs)
     prompted = _PREFILLED_REASONING.sub("", prompted)
@@ -158,7 +150,7 @@ def assert_turn_terminator_stops_generation(
     the model runs on into the next turn.
     """
     __tracebackhide__ = True
-    _require_template(tokenizer)
+    require_chat_template(tokenizer)
     prompted, answered = _prompt_and_answer(tokenizer, messages, dict(template_kwargs or {}))
     after = answered[answered.rfind(ANSWER) + len(ANSWER) :] if ANSWER in answered else ""
     terminator = _first_special(tokenizer, after)

@@ -1,0 +1,193 @@
+"""The built-in suite's probes as one plain script: load once, run every probe, no pytest, no plugin.
+
+The reference the suite's own cost is measured against (benchmarks/test_suite_cost.py):
+the same inputs, forwards and generate calls the invariants make, written the way
+a careful engineer would write them by hand, sharing what is naturally shared.
+
+    python benchmarks/plain_probes.py CHECKPOINT
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+TEXTS = (
+    "Hi dog how are you?",
+    "Text generation is sequence classification in a for-loop.",
+    "The quick brown fox jumps over the lazy dog.",
+)
+CORPUS = (
+    "Hi dog how are you?",
+    "def greet(name):\n    if name:\n        return name\n",
+    "café 東京 👋",
+    "  two  spaces\n",
+)
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits.float()
+
+
+def left_padded(tokenizer, texts, pad):
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def generate(model, ids, mask, n, pad, eos):
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad, eos_token_id=eos
+        )
+    return out[:, ids.shape[1] :]
+
+
+def cached_loop(model, ids, n):
+    tokens, cache, step_ids = [], None, ids
+    with torch.no_grad():
+        for _ in range(n):
+            out = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+            step_ids = torch.tensor([[tokens[-1]]])
+    return tokens
+
+
+def probes(model, tokenizer, checkpoint):
+    encode = [tokenizer(t, return_tensors="pt")["input_ids"] for t in TEXTS]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    high = min(len(tokenizer), model.config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    # shapes, vocab, logits_to_keep, determinism (first pass shared)
+    with torch.no_grad():
+        first = [model(input_ids=ids, output_hidden_states=True, use_cache=True).logits.float() for ids in encode]
+    ids, mask, positions = left_padded(tokenizer, TEXTS, pad)
+    logits(model, ids, attention_mask=mask)
+    assert torch.allclose(logits(model, encode[1], logits_to_keep=1)[0, -1], first[1][0, -1], atol=1e-4)
+    for ids_, before in zip(encode, first, strict=True):
+        assert torch.allclose(logits(model, ids_), before, atol=1e-4)
+    # prefix causality: natural text and random ids, 7 changes each
+    for base in (encode[0], torch.randint(0, high, (1, 16), generator=g)):
+        full, n = logits(model, base)[0], base.shape[1]
+        variants = [(base[:, : n // 2], n // 2)]
+        variants += [(torch.cat([base, torch.randint(0, high, (1, k), generator=g)], 1), n) for k in (1, 4)]
+        for position in (1, n // 2, n - 1):
+            changed = base.clone()
+            changed[0, position] = (changed[0, position] + 1) % high
+            variants.append((changed, position))
+        tail = base.clone()
+        tail[0, n // 2 :] = torch.randint(0, high, (n - n // 2,), generator=g)
+        variants.append((tail, n // 2))
+        for variant, kept in variants:
+            assert torch.allclose(logits(model, variant)[0, :kept], full[:kept], atol=1e-4)
+    # KV-cache parity: step by step, 2 and 3 chunks, left-padded batch extended by 4 tokens
+    text, full = encode[1], first[1][0]
+    n = text.shape[1]
+    with torch.no_grad():
+        cache = model(input_ids=text[:, : n // 3], use_cache=True).past_key_values
+        for p in range(n // 3, n):
+            out = model(input_ids=text[:, p : p + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            assert torch.allclose(out.logits[0, 0].float(), full[p], atol=1e-4)
+        for chunks in (2, 3):
+            bounds, cache = torch.linspace(0, n, chunks + 1).round().long().tolist(), None
+            for a, b in itertools.pairwise(bounds):
+                out = model(input_ids=text[:, a:b], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                assert torch.allclose(out.logits[0].float(), full[a:b], atol=1e-4)
+        extra = torch.randint(0, high, (3, 4), generator=g)
+        all_ids, all_mask = torch.cat([ids, extra], 1), torch.cat([mask, torch.ones_like(extra)], 1)
+        all_pos = (all_mask.cumsum(-1) - 1).clamp(min=0)
+        batch_full = logits(model, all_ids, attention_mask=all_mask, position_ids=all_pos)
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+        for at in range(ids.shape[1], all_ids.shape[1]):
+            out = model(
+                input_ids=all_ids[:, at : at + 1],
+                attention_mask=all_mask[:, : at + 1],
+                position_ids=all_pos[:, at : at + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            assert torch.allclose(out.logits[:, 0].float(), batch_full[:, at], atol=1e-4)
+    # cache effectiveness: a batch generate of 6 tokens with a forward hook counting tokens per step
+    fed = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: fed.append(k["input_ids"].shape), with_kwargs=True)
+    generate(model, ids[:2], mask[:2], 6, pad, eos)
+    hook.remove()
+    assert all(shape[1] == 1 for shape in fed[1:])
+    # greedy-loop parity: generate, the cached loop and the uncached loop (one pass along generate's tokens)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How are you?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    for prompt in (encode[0], encode[1], chat):
+        generated = generate(model, prompt, torch.ones_like(prompt), 12, pad, eos)[0].tolist()
+        assert cached_loop(model, prompt, len(generated)) == generated
+        along = logits(model, torch.cat([prompt, torch.tensor([generated])], 1))[0, prompt.shape[1] - 1 : -1]
+        assert along.argmax(-1).tolist() == generated
+    # classification head: the tutorial's classifier, alone, left- and right-padded, and generating 8 tokens
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        checkpoint, num_labels=model.config.vocab_size, key_mapping={r"^lm_head\.weight$": "score.weight"}
+    ).eval()
+    with torch.no_grad():
+        classifier.score.weight.copy_(model.get_output_embeddings().weight)
+        classifier.config.pad_token_id = pad
+        for ids_, before in zip(encode, first, strict=True):
+            assert torch.allclose(classifier(input_ids=ids_).logits[0], before[0, -1], atol=1e-4)
+        classifier(input_ids=ids, attention_mask=mask, position_ids=positions)
+        rows = [tokenizer(t)["input_ids"] for t in TEXTS]
+        width = max(map(len, rows))
+        right = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        classifier(input_ids=right, attention_mask=(right != pad).long())
+        classifier.config.pad_token_id = None
+        for prompt in encode[:2]:
+            generated = generate(model, prompt, torch.ones_like(prompt), 8, pad, eos)[0].tolist()
+            loop, step = [], prompt
+            for _ in range(len(generated)):
+                loop.append(int(classifier(input_ids=step).logits[0].argmax()))
+                step = torch.cat([step, torch.tensor([[loop[-1]]])], 1)
+            assert loop == generated
+    # padding invariance and batch independence
+    batch_last = logits(model, ids, attention_mask=mask, position_ids=positions)[:, -1]
+    batch_generated = generate(model, ids, mask, 8, pad, eos)
+    for row, prompt in enumerate(encode):
+        assert torch.allclose(batch_last[row], first[row][0, -1], atol=1e-4)
+        along = torch.cat([prompt, batch_generated[row : row + 1]], 1)
+        assert logits(model, along)[0, prompt.shape[1] - 1 : -1].argmax(-1).tolist() == batch_generated[row].tolist()
+    for _ in range(2):
+        other = torch.randint(0, high, encode[0].shape, generator=g)
+        assert torch.allclose(logits(model, torch.cat([encode[0], other]))[0], first[0][0], atol=1e-4)
+    # tokenizer and chat statics: round trip, what encode adds, markers, generation prompt, turn terminator
+    for text in CORPUS:
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    answered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine."}], tokenize=False
+    )
+    prompted = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert answered.startswith(prompted)
+    terminator = tokenizer(answered[answered.rfind("Fine.") + 5 :], add_special_tokens=False)["input_ids"][0]
+    forced = generate(model, chat, torch.ones_like(chat), 3, pad, eos)  # the forced-terminator generate's cost
+    return terminator, forced
+
+
+def main(checkpoint: str) -> float:
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    probes(model, tokenizer, checkpoint)
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    print(f"plain probes: {main(sys.argv[1]):.2f} s")
