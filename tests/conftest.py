@@ -9,11 +9,17 @@ import pytest
 
 # pytester's in-process runs drop modules first imported inside them; importing the
 # heavy ones here keeps torch's C extension and transformers' model classes loaded once.
-import torch  # noqa: F401
+import torch
 import transformers
 
 from pytest_causal_lm.loading import CausalLM, Target, load
 from pytest_causal_lm.tiny import materialize
+
+# One intra-op thread: the tests' models are tiny, and on 2 cores shared with a second busy process two
+# threads wait on each other (measured: 69 s with two threads, 23 s with one, for the checks' tests under load).
+# The environment variable carries it to the pytester subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 for _name in ("Qwen3ForCausalLM", "LlamaForCausalLM", "PreTrainedTokenizerFast", "DynamicCache", "GenerationConfig"):
     getattr(transformers, _name)
