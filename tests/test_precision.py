@@ -170,3 +170,15 @@ def test_dtype_auto_runs_a_bfloat16_checkpoint_in_bfloat16_against_float32(
     result.stdout.fnmatch_lines(
         ["*test_dtype_parity?bf16-cpu-auto? PASSED*", "*bf16-cpu-auto dtype parity ok KL mean *"]
     )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_tiny_checkpoints_pass_the_whole_suite_in_half_precision(pytester: pytest.Pytester, dtype: str) -> None:
+    from test_plugin import FLOAT32_SKIPS, RUN_BY_DEFAULT
+
+    result = pytester.runpytest(
+        "--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-checkpoint=tiny:llama", f"--causal-lm-dtype={dtype}", "-q"
+    )
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-3000:]
+    assert outcomes["passed"] == 2 * (RUN_BY_DEFAULT + FLOAT32_SKIPS)  # dtype parity runs in half precision
