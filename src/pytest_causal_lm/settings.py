@@ -88,7 +88,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "device",
         "Device to test on: auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps; repeat to test "
-        "several. An unavailable device skips its tests. Default: auto.",
+        "several. A device named here that this machine lacks is a usage error; only auto falls back. Default: auto.",
         default=("auto",),
         multiple=True,
     ),
