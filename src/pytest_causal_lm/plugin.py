@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .invariants import invariant_for_test
+from .invariants import invariant_for_test, invariants
 from .invariants import markers as invariant_markers
 from .loading import CausalLM, CheckpointLoadError, Target, with_unique_labels
 from .session import CausalLMSession, has_session, session_of, start_session
@@ -62,6 +62,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_VerdictListener(session), "causal-lm-verdict")
     if settings.report and not settings.report.endswith((".md", ".json")):
         raise pytest.UsageError(f"--causal-lm-report: {settings.report!r} must end in .md or .json")
+    unknown = set(settings.known_limitations) - {i.key for i in invariants()}
+    if unknown:
+        raise pytest.UsageError(
+            f"--causal-lm-known-limitations: no invariant {', '.join(sorted(unknown))}; "
+            f"choose from {', '.join(i.key for i in invariants())}"
+        )
     if settings.checkpoint:
         _require_named_devices(settings)
     if settings.checkpoint and settings.suite == "only":
@@ -131,9 +137,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.get_closest_marker("causal_lm_benchmark") and not session.benchmarks_enabled():
             item.add_marker(skip)
         invariant = invariant_for_test(getattr(item, "originalname", item.name))
-        reason = invariant.opt_in(config) if invariant is not None and invariant.opt_in else None
-        if reason and item.get_closest_marker("causal_lm"):
+        if invariant is None or not item.get_closest_marker("causal_lm"):
+            continue
+        reason = invariant.opt_in(config) if invariant.opt_in else None
+        if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+        elif invariant.key in session.settings.known_limitations:
+            why = "a known limitation this project acknowledges (causal_lm_known_limitations)"
+            item.add_marker(pytest.mark.xfail(reason=why, strict=True))
 
 
 class _VerdictListener:

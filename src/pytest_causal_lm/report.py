@@ -131,7 +131,9 @@ class VerdictTable:
         self.devices.setdefault(target, where.get("device", ""))
         row = self.cells.setdefault(target, {})
         data = properties.get("causal_lm") or {}
-        if report.skipped:
+        if report.skipped and hasattr(report, "wasxfail"):  # an acknowledged known limitation that still fails
+            row[test] = Cell.measured("lim", data, data.get("title") or report.wasxfail)
+        elif report.skipped:
             row[test] = Cell("skip", detail=_skip_reason(report))
         elif report.failed:
             detail = data.get("title") or _failure_title(report)
@@ -181,7 +183,7 @@ class VerdictTable:
                 cell = row.get(invariant.test_name)
                 if cell is None:
                     continue
-                if cell.outcome in ("FAIL", "err", "tie") or (verbosity > 0 and (cell.figure or cell.detail)):
+                if cell.outcome in ("FAIL", "err", "tie", "lim") or (verbosity > 0 and (cell.figure or cell.detail)):
                     figure = f" {cell.figure_text}" if cell.figure else ""
                     detail = f": {cell.detail}" if cell.detail and (verbosity > 0 or cell.outcome != "tie") else ""
                     lines.append(f"  {label} {invariant.name} {cell.outcome}{figure}{detail}"[:300])
@@ -225,7 +227,14 @@ class VerdictTable:
 
     def to_markdown(self, versions: dict[str, str], settings: list[str]) -> str:
         columns = self._columns()
-        symbol = {"ok": "✅ pass", "tie": "✅ pass (near-tie)", "FAIL": "❌ FAIL", "err": "❌ error", "skip": "⏭ skip"}
+        symbol = {
+            "ok": "✅ pass",
+            "tie": "✅ pass (near-tie)",
+            "FAIL": "❌ FAIL",
+            "err": "❌ error",
+            "skip": "⏭ skip",
+            "lim": "⚠ known limitation",
+        }
         lines = ["## causal-lm verdict", ""]
         lines.append("| checkpoint-device-dtype | " + " | ".join(i.name for i in columns) + " |")
         lines.append("|---" * (len(columns) + 1) + "|")

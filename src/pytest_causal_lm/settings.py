@@ -123,6 +123,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         default="on",
         choices=SUITE_CHOICES,
     ),
+    OptionSpec(
+        "known_limitations",
+        "Invariants (keys such as padding_invariance) this project acknowledges its checkpoint fails: they run as "
+        "strict xfail, so the verdict says 'known' and a fix shows as XPASS. Repeat or comma-separate. Default: none.",
+        default=(),
+        multiple=True,
+        metavar="KEY",
+    ),
     OptionSpec("atol", "Absolute tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("rtol", "Relative tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("seed", "Seed for random test inputs. Default: 0.", default=0, parse=_parse_int),

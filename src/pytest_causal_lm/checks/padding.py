@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import pytest
-
 from ..tolerances import Tolerance
 from ._common import (
     DEFAULT_TEXTS,
@@ -53,13 +51,17 @@ def assert_padding_invariant(
         alone_last = forward_logits(model, alone_ids, position_ids=alone_positions)[0, -1:]
         mismatch = check_scores(result, alone_last, batch_last[row : row + 1], tolerance)
         if mismatch:
-            _skip_if_padding_cannot_apply(model, ids[row : row + 1], mask[row : row + 1])
+            cause = _padding_limitation(model, ids[row : row + 1], mask[row : row + 1])
             raise mismatch_failure(
                 f"padding changes scores: row {row} of a left-padded batch ({padding} pad tokens, id {pad}) "
                 "gives different last-token scores than the prompt alone",
                 model,
                 tokenizer,
-                [("prompt", repr(text)), ("batch", f"{len(prompts)} prompts left-padded to {ids.shape[1]} tokens")],
+                [
+                    ("prompt", repr(text)),
+                    ("batch", f"{len(prompts)} prompts left-padded to {ids.shape[1]} tokens"),
+                    *([("likely cause", cause)] if cause else []),
+                ],
                 mismatch,
                 tolerance,
                 position_label="row",
@@ -78,21 +80,24 @@ def assert_padding_invariant(
                 result=result,
                 title=f"padding changes the greedy continuation of {text!r} ({padding} pad tokens)",
             )
-        except AssertionError:
-            _skip_if_padding_cannot_apply(model, ids[row : row + 1], mask[row : row + 1])
+        except AssertionError as exc:
+            cause = _padding_limitation(model, ids[row : row + 1], mask[row : row + 1])
+            if cause:
+                exc.args = (f"{exc.args[0]}\n  likely cause : {cause}",)
             raise
     return result
 
 
-def _skip_if_padding_cannot_apply(model: Any, padded_ids: Any, padded_mask: Any) -> None:
-    """Skip, naming the cause, when the model's design rules out left padding; otherwise return.
+def _padding_limitation(model: Any, padded_ids: Any, padded_mask: Any) -> str | None:
+    """Why this model's design gives left-padded rows other answers, or None when it should not.
 
     A forward that does not use ``position_ids`` cannot be told where a
-    left-padded row's tokens sit, so absolute positions shift with the padding
-    (transformers' own tests skip left-padding tests for these models); a
+    left-padded row's tokens sit, so absolute positions shift with the padding; a
     recurrent model that also ignores ``attention_mask`` folds the pad tokens into
-    its state. Both are probed, not read from the signature: ``forward(**kwargs)``
-    hides what a custom model uses.
+    its state. Either way batched generation with left padding gives users wrong
+    text, so it is a failure with its cause, not a skip (a model repo may
+    acknowledge it with causal_lm_known_limitations). Both are probed, not read from
+    the signature: ``forward(**kwargs)`` hides what a custom model uses.
     """
     import torch
 
@@ -106,16 +111,10 @@ def _skip_if_padding_cannot_apply(model: Any, padded_ids: Any, padded_mask: Any)
     except TypeError:
         uses_positions = False
     if uses_positions:
-        return
+        return None
     if torch.equal(masked, forward_logits(model, padded_ids)[0, -1]):
-        pytest.skip(
-            f"{name}.forward uses neither attention_mask nor position_ids: pad tokens enter its state, "
-            "so a left-padded row cannot match the prompt alone"
-        )
-    pytest.skip(
-        f"{name}.forward does not use position_ids: left padding shifts every token's position, "
-        "so a left-padded row cannot match the prompt alone"
-    )
+        return f"{name}.forward uses neither attention_mask nor position_ids: pad tokens enter its state"
+    return f"{name}.forward does not use position_ids: left padding shifts every token's position"
 
 
 def assert_batch_independent(
