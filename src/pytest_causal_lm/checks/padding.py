@@ -66,26 +66,41 @@ def assert_padding_invariant(
                 tolerance,
                 position_label="row",
             )
-        alone = greedy_loop_along(model, alone_ids, batch_generated[row])
-        try:
-            compare_continuations(
-                model,
-                tokenizer,
-                alone_ids,
-                alone,
-                batch_generated[row],
-                reference_label="prompt alone",
-                other_label=f"row {row} of padded batch",
-                tolerance=tolerance,
-                result=result,
-                title=f"padding changes the greedy continuation of {text!r} ({padding} pad tokens)",
-            )
-        except AssertionError as exc:
-            cause = _padding_limitation(model, ids[row : row + 1], mask[row : row + 1])
-            if cause:
-                exc.args = (f"{exc.args[0]}\n  likely cause : {cause}",)
-            raise
+        title = f"padding changes the greedy continuation of {text!r} ({padding} pad tokens)"
+        _check_continuation(model, tokenizer, alone_ids, batch_generated[row], (ids, mask, row), title, result)
     return result
+
+
+def _check_continuation(
+    model: Any,
+    tokenizer: Any,
+    alone_ids: Any,
+    batch_row: list[int],
+    batch: tuple[Any, Any, int],
+    title: str,
+    result: CheckResult,
+) -> None:
+    """The prompt alone continues as its row of the padded batch did; a failure names a padding limitation."""
+    __tracebackhide__ = True
+    ids, mask, row = batch
+    try:
+        compare_continuations(
+            model,
+            tokenizer,
+            alone_ids,
+            greedy_loop_along(model, alone_ids, batch_row),
+            batch_row,
+            reference_label="prompt alone",
+            other_label=f"row {row} of padded batch",
+            tolerance=result.tolerance,
+            result=result,
+            title=title,
+        )
+    except AssertionError as exc:
+        cause = _padding_limitation(model, ids[row : row + 1], mask[row : row + 1])
+        if cause:
+            exc.args = (f"{exc.args[0]}\n  likely cause : {cause}",)
+        raise
 
 
 def _padding_limitation(model: Any, padded_ids: Any, padded_mask: Any) -> str | None:
