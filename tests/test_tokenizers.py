@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conventions import CONVENTIONS, convention, drop_added_token, edit_tokenizer_json
 
 import pytest_causal_lm as clm
@@ -178,3 +179,15 @@ def test_turn_terminator_skips_a_template_that_writes_no_terminator(qwen3_path: 
     )
     with pytest.raises(pytest.skip.Exception, match="ends an assistant turn with no special token"):
         clm.assert_turn_terminator_stops_generation(model, tokenizer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tokenizer_and_chat_broken_models_fail_in_every_dtype(qwen3_path: Path, tmp_path: Path, dtype) -> None:
+    # the terminator check generates, so its verdict could depend on the dtype; the others read the tokenizer
+    model, tokenizer = convention(qwen3_path, "llama3", tmp_path / "stop", stop=["<|end_of_text|>"])
+    with pytest.raises(AssertionError, match=r"generate does not stop at '<\|eot_id\|>'"):
+        clm.assert_turn_terminator_stops_generation(model.to(dtype), tokenizer)
+    convention(qwen3_path, "qwen3", tmp_path / "lost")
+    model, tokenizer = drop_added_token(tmp_path / "lost", "<|im_start|>")
+    with pytest.raises(AssertionError, match=r"chat markers are not single tokens"):
+        clm.assert_chat_markers_are_tokens(model.to(dtype), tokenizer)

@@ -169,8 +169,7 @@ def _reference_drift(lm: CausalLM, causal_lm_reference: Any, causal_lm_settings:
         thresholds=causal_lm_settings.reference_thresholds(),
         tolerance=lm.tolerance,
     )
-    result = CheckResult("reference drift", figure=("KL mean", report.kl_mean), notes=[str(report)])
-    return result
+    return CheckResult("reference drift", figure=("KL mean", report.kl_mean), notes=[str(report)])
 
 
 _NO_CACHE = r"returns no past_key_values|returns no cache"
