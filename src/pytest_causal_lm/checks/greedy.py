@@ -32,6 +32,7 @@ __all__ = [
     "assert_greedy_parity",
     "assert_same_continuation",
     "compare_continuations",
+    "generate_scored",
     "generation_config_deviations",
     "greedy_generate",
     "greedy_loop",
@@ -157,6 +158,62 @@ def _clean_generation_config(model: Any, tokenizer: Any) -> Iterator[Any]:
         model.generation_config = original
 
 
+@dataclass
+class ScoredGeneration:
+    """What ``generate`` returned: each row's new tokens (cut after its first eos), the raw scores of every
+    step, ``(batch, steps, vocab)`` float32 on CPU, and the cache it ended with."""
+
+    rows: list[list[int]]
+    logits: Any
+    past_key_values: Any = None
+
+
+def generate_scored(
+    model: Any,
+    tokenizer: Any,
+    input_ids: Any = None,
+    *,
+    max_new_tokens: int,
+    attention_mask: Any = None,
+    min_new_tokens: int | None = None,
+    use_cache: bool = True,
+    config_fields: dict[str, Any] | None = None,
+    **inputs: Any,
+) -> ScoredGeneration:
+    """``model.generate`` with an explicit greedy configuration, keeping the scores of every step.
+
+    ``config_fields`` go into the GenerationConfig (``cache_implementation``, ``prompt_lookup_num_tokens``...);
+    ``inputs`` go to ``generate`` itself (``inputs_embeds``, ``past_key_values``, ``assistant_model``).
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    stop = eos_ids(model, tokenizer)
+    if attention_mask is None and input_ids is not None:
+        attention_mask = torch.ones_like(input_ids)
+    with _clean_generation_config(model, tokenizer) as clean, torch.no_grad():
+        config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            use_cache=use_cache,
+            eos_token_id=clean.eos_token_id,
+            pad_token_id=clean.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **(config_fields or {}),
+        )
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **inputs)
+    prompt_length = 0 if input_ids is None else input_ids.shape[1]  # from inputs_embeds, only new tokens return
+    rows = []
+    for row in out.sequences[:, prompt_length:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+        rows.append(row[:cut])
+    logits = torch.stack([step.float().cpu() for step in out.logits], dim=1)
+    return ScoredGeneration(rows, logits, getattr(out, "past_key_values", None))
+
+
 def greedy_generate(
     model: Any,
     tokenizer: Any,
@@ -168,28 +225,15 @@ def greedy_generate(
     use_cache: bool = True,
 ) -> list[list[int]]:
     """``model.generate`` with an explicit greedy configuration; each row cut after its first eos."""
-    import torch
-    from transformers import GenerationConfig
-
-    stop = eos_ids(model, tokenizer)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    with _clean_generation_config(model, tokenizer) as clean, torch.no_grad():
-        config = GenerationConfig(
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            use_cache=use_cache,
-            eos_token_id=clean.eos_token_id,
-            pad_token_id=clean.pad_token_id,
-        )
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    rows = []
-    for row in out[:, input_ids.shape[1] :].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
-        rows.append(row[:cut])
-    return rows
+    return generate_scored(
+        model,
+        tokenizer,
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        attention_mask=attention_mask,
+        min_new_tokens=min_new_tokens,
+        use_cache=use_cache,
+    ).rows
 
 
 def compare_continuations(

@@ -1,0 +1,296 @@
+"""Long context: KV-cache parity and prefix causality on a sequence that crosses every boundary the config
+declares (sliding windows, attention chunks, the original context of a RoPE scaling).
+
+Bugs live at those boundaries: a sliding-window mask off by one, a cache that evicts a token too many, a RoPE
+scaling that switches per call once a sequence passes the original context. The length comes from the config,
+capped by ``max_position_embeddings`` and a token budget; the scores compared are those around each boundary
+and a sample of the rest, so a 1B model stays within seconds on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from ..tolerances import Tolerance
+from ._common import DEFAULT_TEXTS, CheckResult, cache_kind, check_scores, mismatch_failure, resolve_tolerance, token
+
+__all__ = ["Boundary", "assert_long_context_consistent", "context_boundaries", "default_context_budget"]
+
+# RoPE types whose frequencies depend on the length of the call: a cached prefix and a longer forward differ.
+_PER_CALL_ROPE = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A position where the model's attention or positions change behaviour, and the length that crosses it."""
+
+    name: str
+    position: int
+    crossing_length: int
+
+
+def default_context_budget(device: Any) -> int:
+    """The longest sequence the check builds by default: 4096 tokens on CPU, 32768 on an accelerator."""
+    return 4096 if str(device).startswith("cpu") else 32768
+
+
+def _sliding_window(text: Any) -> int | None:
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and not any("sliding" in str(kind) for kind in layer_types):
+        return None  # a window is configured but no layer uses it (Qwen2's use_sliding_window=False)
+    if getattr(text, "use_sliding_window", True) is False:
+        return None
+    window = getattr(text, "sliding_window", None)
+    if not window and "local" in str(getattr(text, "attention_layers", "")):
+        window = getattr(text, "window_size", None)  # GPT-Neo's local layers
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
+def _rope_parameter_sets(text: Any) -> list[dict[str, Any]]:
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return []
+    if "rope_type" in rope or "type" in rope:
+        return [rope]
+    return [value for value in rope.values() if isinstance(value, dict)]  # one set per layer type
+
+
+def context_boundaries(config: Any) -> list[Boundary]:
+    """Every context boundary ``config`` declares, in order of position."""
+    text = config.get_text_config()
+    found = []
+    window = _sliding_window(text)
+    if window:
+        found.append(Boundary(f"sliding window {window}", window, 2 * window + 8))
+    chunk = getattr(text, "attention_chunk_size", None)
+    if isinstance(chunk, int) and chunk > 0:
+        found.append(Boundary(f"attention chunk {chunk}", chunk, 2 * chunk + 8))
+    for rope in _rope_parameter_sets(text):
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        original = rope.get("original_max_position_embeddings")
+        if kind == "dynamic":  # dynamic NTK scales from max_position_embeddings on, by design past it
+            original = original or getattr(text, "max_position_embeddings", None)
+        if isinstance(original, int) and original > 0 and kind != "default":
+            name = f"RoPE {kind} original context {original}"
+            if all(b.name != name for b in found):
+                found.append(Boundary(name, original, original + max(16, original // 16)))
+    return sorted(found, key=lambda b: b.position)
+
+
+def _length_cap(config: Any, budget: int) -> int:
+    text = config.get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    dynamic = any(r.get("rope_type", r.get("type")) == "dynamic" for r in _rope_parameter_sets(text))
+    return budget if dynamic or not isinstance(limit, int) else min(limit, budget)
+
+
+def _long_ids(tokenizer: Any, length: int, device: Any) -> Any:
+    """``(1, length)`` ids of natural text: the prompt texts, repeated."""
+    import torch
+
+    text = " ".join(DEFAULT_TEXTS)
+    ids = tokenizer(text)["input_ids"]
+    more = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+    while len(ids) < length:
+        ids += more
+    return torch.tensor([ids[:length]], device=device)
+
+
+def _compared_positions(boundaries: list[Boundary], length: int) -> list[int]:
+    """Around each boundary, plus a sample of the rest and the last position."""
+    positions = {length - 1, *range(0, length, max(1, length // 32))}
+    for boundary in boundaries:
+        positions.update(range(max(0, boundary.position - 2), min(length, boundary.position + 3)))
+    return sorted(positions)
+
+
+def _segments(boundaries: list[Boundary], length: int) -> list[tuple[int, int]]:
+    """How the cached pass feeds the sequence: at each boundary a 4-token chunk whose edge lies across it,
+    then three single-token steps past it; long chunks in between (longer than a window, where one is)."""
+    edges: list[tuple[int, int]] = []
+    cursor = 0
+    for boundary in boundaries:
+        b = boundary.position
+        if b - 3 <= cursor:
+            continue
+        edges += [(cursor, b - 3), (b - 3, b + 1), (b + 1, b + 2), (b + 2, b + 3), (b + 3, b + 4)]
+        cursor = b + 4
+    edges.append((cursor, length))
+    return [(start, stop) for start, stop in edges if start < stop <= length]
+
+
+def _scores_at(model: Any, ids: Any, rows: list[int], **kwargs: Any) -> tuple[Any, Any]:
+    """``(scores of ``rows`` of this forward, output)``: ``logits_to_keep`` keeps only those rows where the
+    forward supports index tensors; otherwise the full logits are sliced."""
+    import torch
+
+    index = torch.tensor(rows, device=ids.device)
+    with torch.no_grad():
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            try:
+                out = model(input_ids=ids, logits_to_keep=index, **kwargs)
+            except (TypeError, RuntimeError, IndexError):  # a forward that takes only an int count
+                out = None
+            if out is not None and out.logits.shape[1] == len(rows):
+                return out.logits[0].float(), out
+        out = model(input_ids=ids, **kwargs)
+    return out.logits[0, index].float(), out
+
+
+def _likely_cause(boundaries: list[Boundary]) -> str | None:
+    switching = [b for b in boundaries if any(f"RoPE {kind} " in b.name for kind in _PER_CALL_ROPE)]
+    if switching:
+        return (
+            f"{switching[0].name}: this RoPE type picks its frequencies from each call's length, so keys cached "
+            "by a shorter call and a longer forward use different ones"
+        )
+    return None
+
+
+def _absolute(mismatch: Any, positions: list[int]) -> Any:
+    """A mismatch over the compared rows, with its positions mapped back to the sequence."""
+    return dataclasses.replace(
+        mismatch, first_position=positions[mismatch.first_position], worst_position=positions[mismatch.worst_position]
+    )
+
+
+def assert_long_context_consistent(
+    model: Any, tokenizer: Any, *, budget: int | None = None, tolerance: Tolerance | None = None
+) -> CheckResult:
+    """KV-cache parity and prefix causality on a sequence crossing every declared context boundary.
+
+    The cached pass feeds long chunks, a chunk straddling each boundary and single steps past it; prefixes
+    ending just before and just after each boundary are scored alone. Both must give the full forward's
+    scores at the compared positions. ``budget`` caps the length (default: ``default_context_budget``).
+    """
+    __tracebackhide__ = True
+    tolerance = resolve_tolerance(model, tolerance)
+    declared = context_boundaries(model.config)
+    if not declared:
+        pytest.skip(
+            "the config declares no context boundary (sliding window, attention chunk, RoPE scaling's original context)"
+        )
+    cap = _length_cap(model.config, budget or default_context_budget(model.device))
+    reached = [b for b in declared if b.position + 4 <= cap]
+    if not reached:
+        pytest.skip(
+            f"{declared[0].name} needs {declared[0].position + 4}+ tokens, beyond the cap of {cap} "
+            "(max_position_embeddings, or the budget: raise --causal-lm-long-context-tokens)"
+        )
+    length = min(cap, max(b.crossing_length for b in reached))
+    ids = _long_ids(tokenizer, length, model.device)
+    kind = cache_kind(model, ids)
+    if kind != "kv":
+        held = "a recurrent/state-space cache (cache_params)" if kind == "recurrent" else "no past_key_values"
+        pytest.skip(f"{type(model).__name__} returns {held}; the long-context check feeds a key/value cache")
+    positions = _compared_positions(reached, length)
+    full, _ = _scores_at(model, ids, positions)
+    result = CheckResult("long context", tolerance=tolerance)
+    result.note(f"{length} tokens across {', '.join(b.name for b in reached)}; {len(positions)} positions compared")
+    _check_cached_pass(model, tokenizer, ids, full, positions, reached, result)
+    _check_prefixes(model, tokenizer, ids, full, positions, reached, result)
+    for boundary in declared[len(reached) :]:
+        result.note(f"{boundary.name} not reached: the cap is {cap} tokens")
+    return result
+
+
+def _fail(
+    title: str,
+    model: Any,
+    tokenizer: Any,
+    ids: Any,
+    mismatch: Any,
+    result: CheckResult,
+    how: str,
+    boundaries: list[Boundary],
+) -> AssertionError:
+    cause = _likely_cause(boundaries)
+    return mismatch_failure(
+        f"long context: {title}",
+        model,
+        tokenizer,
+        [
+            ("sequence", f"{ids.shape[1]} tokens of repeated natural text"),
+            ("boundaries", ", ".join(f"{b.name} (position {b.position})" for b in boundaries)),
+            ("how", how),
+            *([("likely cause", cause)] if cause else []),
+        ],
+        mismatch,
+        result.tolerance,
+    )
+
+
+def _check_cached_pass(
+    model: Any,
+    tokenizer: Any,
+    ids: Any,
+    full: Any,
+    positions: list[int],
+    boundaries: list[Boundary],
+    result: CheckResult,
+) -> None:
+    """Feed the sequence through the cache in ``_segments``; the compared rows of each equal the full forward's."""
+    __tracebackhide__ = True
+    segments = _segments(boundaries, ids.shape[1])
+    cache = None
+    for number, (start, stop) in enumerate(segments, 1):
+        rows = [p for p in positions if start <= p < stop]
+        kept = [p - start for p in rows] or [stop - start - 1]  # a segment between sampled rows still feeds the cache
+        scores, out = _scores_at(model, ids[:, start:stop], kept, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        if not rows:
+            continue
+        expected = full[[positions.index(p) for p in rows]]
+        mismatch = check_scores(result, expected, scores, result.tolerance)
+        if mismatch:
+            mismatch = _absolute(mismatch, rows)
+            at = int(ids[0, mismatch.first_position])
+            raise _fail(
+                f"cached pass, segment {number} of {len(segments)} (positions {start}..{stop - 1}) differs from the "
+                f"full forward from position {mismatch.first_position} (token {token(tokenizer, at)})",
+                model,
+                tokenizer,
+                ids,
+                mismatch,
+                result,
+                "prefill and decode with past_key_values: " + ", ".join(f"{a}..{b - 1}" for a, b in segments),
+                boundaries,
+            )
+
+
+def _check_prefixes(
+    model: Any,
+    tokenizer: Any,
+    ids: Any,
+    full: Any,
+    positions: list[int],
+    boundaries: list[Boundary],
+    result: CheckResult,
+) -> None:
+    """A prefix ending just before, and one just after, each boundary scores its positions as the full forward."""
+    __tracebackhide__ = True
+    for boundary in boundaries:
+        for end in (boundary.position - 1, boundary.position + 2):
+            rows = [p for p in positions if p < end]
+            if not rows or end >= ids.shape[1]:
+                continue
+            scores, _ = _scores_at(model, ids[:, :end], rows, use_cache=False)
+            mismatch = check_scores(result, full[: len(rows)], scores, result.tolerance)
+            if mismatch:
+                mismatch = _absolute(mismatch, rows)
+                raise _fail(
+                    f"prefix causality: the first {end} tokens alone score position {mismatch.first_position} "
+                    f"unlike the full {ids.shape[1]}-token forward",
+                    model,
+                    tokenizer,
+                    ids,
+                    mismatch,
+                    result,
+                    f"forward of the prefix ending before position {end}, around {boundary.name}",
+                    boundaries,
+                )

@@ -1,0 +1,315 @@
+"""The other ways into ``generate``: static cache, ``inputs_embeds``, continuing from a returned cache,
+assisted and prompt-lookup decoding.
+
+Each path must score every step as one plain forward pass over the same tokens does: the scores the
+tutorial's uncached loop would see (given prefix causality, an invariant of its own). Comparing the raw
+scores of every step, not only the chosen tokens, catches a wrong path even where its argmax survives.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from ..tolerances import Tolerance
+from ._common import (
+    DEFAULT_TEXTS,
+    CheckResult,
+    cache_kind,
+    check_scores,
+    default_positions_differ,
+    encode,
+    forward_logits,
+    mismatch_failure,
+    pad_id,
+    padded_batch,
+    resolve_tolerance,
+    text_of,
+)
+from .greedy import ScoredGeneration, generate_scored
+
+__all__ = [
+    "assert_assisted_decoding_matches",
+    "assert_continuation_matches",
+    "assert_generation_matches_forward",
+    "assert_inputs_embeds_match",
+    "assert_static_cache_matches",
+]
+
+# A prompt that repeats itself, so prompt-lookup decoding finds n-grams to propose and verifies them.
+REPEATING_TEXT = (
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick brown"
+)
+
+
+def assert_generation_matches_forward(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Any,
+    generated: ScoredGeneration,
+    *,
+    title: str,
+    result: CheckResult,
+    attention_mask: Any = None,
+    details: Sequence[tuple[str, object]] = (),
+) -> None:
+    """Every step's scores of ``generated`` equal one forward pass over the prompt and the generated tokens.
+
+    A row is compared up to and including its first eos; a padded batch gets its mask and positions counted
+    from the mask, as ``generate`` passes them.
+    """
+    __tracebackhide__ = True
+    import torch
+
+    steps = generated.logits.shape[1]
+    new = torch.full((prompt_ids.shape[0], steps), pad_id(model, tokenizer), dtype=prompt_ids.dtype)
+    for index, row in enumerate(generated.rows):
+        new[index, : len(row)] = torch.tensor(row, dtype=prompt_ids.dtype)
+    ids = torch.cat([prompt_ids, new.to(prompt_ids.device)], dim=1)
+    kwargs: dict[str, Any] = {}
+    if attention_mask is not None and not bool(attention_mask.all()):
+        mask = torch.cat([attention_mask, torch.ones_like(new).to(attention_mask.device)], dim=1)
+        kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    full = forward_logits(model, ids, **kwargs)
+    start = prompt_ids.shape[1] - 1
+    for index, row in enumerate(generated.rows):
+        expected = full[index, start : start + len(row)]
+        mismatch = check_scores(result, expected, generated.logits[index, : len(row)], result.tolerance)
+        if mismatch:
+            cause = default_positions_differ(model, prompt_ids[index : index + 1], result.tolerance)
+            raise mismatch_failure(
+                f"{title}: step {mismatch.first_position} of row {index} scores differently from one forward pass "
+                "over the same tokens",
+                model,
+                tokenizer,
+                [
+                    *details,
+                    ("generated", text_of(tokenizer, row)),
+                    *([("likely cause", cause)] if cause else []),
+                ],
+                mismatch,
+                result.tolerance,
+                position_label="step",
+            )
+
+
+def _require_kv_cache(model: Any, input_ids: Any, what: str) -> None:
+    kind = cache_kind(model, input_ids)
+    if kind != "kv":
+        held = "a recurrent/state-space cache (cache_params)" if kind == "recurrent" else "no past_key_values"
+        pytest.skip(f"{type(model).__name__} returns {held}; {what} needs a key/value cache")
+
+
+def _generate_or_skip(refusal: str, model: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> ScoredGeneration:
+    """``generate_scored``, skipping with transformers' own words when it refuses the path for this model
+    (a refusal is an error the user sees, not a wrong answer)."""
+    try:
+        return generate_scored(model, tokenizer, *args, **kwargs)
+    except (ValueError, NotImplementedError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        pytest.skip(f"{refusal}: {first_line[:300]}")
+
+
+def assert_static_cache_matches(
+    model: Any,
+    tokenizer: Any,
+    *,
+    texts: Sequence[str] = DEFAULT_TEXTS,
+    max_new_tokens: int = 6,
+    compile: bool = False,
+    tolerance: Tolerance | None = None,
+) -> CheckResult:
+    """``generate(cache_implementation="static")`` scores every step as a forward pass does: on a long prompt,
+    then a shorter one (the reused static cache must not keep the first call's keys), then a left-padded batch.
+
+    With ``compile``, the static cache runs under ``torch.compile`` (on every device; transformers compiles
+    static-cache generation by itself only on accelerators). Without it, compilation is turned off.
+    """
+    __tracebackhide__ = True
+    tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("static cache" + (" + compile" if compile else ""), tolerance=tolerance)
+    fields: dict[str, Any] = {"cache_implementation": "static", "disable_compile": not compile}
+    if compile:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(mode="default")
+        compile_config._compile_all_devices = True
+        fields["compile_config"] = compile_config
+    longer, shorter = sorted(texts[:2], key=len, reverse=True)
+    ids = encode(tokenizer, longer, model.device)
+    _require_kv_cache(model, ids, "a static cache")
+    cases = [("first call", ids, None), ("second call, shorter prompt", encode(tokenizer, shorter, model.device), None)]
+    batch, mask, _ = padded_batch(tokenizer, texts, model.device, pad_id(model, tokenizer))
+    cases.append((f"left-padded batch of {len(texts)}", batch, mask))
+    refusal = f"{type(model).__name__} does not generate with cache_implementation='static'"
+    for label, prompt, prompt_mask in cases:
+        generated = _generate_or_skip(
+            refusal,
+            model,
+            tokenizer,
+            prompt,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new_tokens,
+            config_fields=fields,
+        )
+        assert_generation_matches_forward(
+            model,
+            tokenizer,
+            prompt,
+            generated,
+            title=f"{result.invariant} differs ({label})",
+            result=result,
+            attention_mask=prompt_mask,
+            details=[("prompt", text_of(tokenizer, prompt[-1]))],
+        )
+    result.note(f"{len(cases)} static-cache generations, compile {'on' if compile else 'off'}")
+    return result
+
+
+def assert_inputs_embeds_match(
+    model: Any,
+    tokenizer: Any,
+    *,
+    text: str = DEFAULT_TEXTS[1],
+    max_new_tokens: int = 6,
+    tolerance: Tolerance | None = None,
+) -> CheckResult:
+    """``forward(inputs_embeds=get_input_embeddings()(ids))`` equals ``forward(input_ids=ids)``, and ``generate``
+    from those embeddings scores every step as a forward pass over the same tokens does.
+
+    An embedding scale (Gemma's sqrt(hidden_size)) or a per-token input transform applied on one path only
+    shows here.
+    """
+    __tracebackhide__ = True
+    import torch
+
+    if "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        pytest.skip(f"{type(model).__name__}.forward has no inputs_embeds argument")
+    tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("inputs_embeds", tolerance=tolerance)
+    ids = encode(tokenizer, text, model.device)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        from_embeds = model(inputs_embeds=embeds).logits.float()
+    mismatch = check_scores(result, forward_logits(model, ids)[0], from_embeds[0], tolerance)
+    if mismatch:
+        raise mismatch_failure(
+            "forward(inputs_embeds=get_input_embeddings()(ids)) differs from forward(input_ids=ids)",
+            model,
+            tokenizer,
+            [
+                ("input", repr(text)),
+                ("likely cause", "an input transform (embedding scale, position or token-type term) on one path only"),
+            ],
+            mismatch,
+            tolerance,
+        )
+    refusal = f"{type(model).__name__} does not generate from inputs_embeds"
+    generated = _generate_or_skip(
+        refusal,
+        model,
+        tokenizer,
+        None,
+        inputs_embeds=embeds,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+    )
+    assert_generation_matches_forward(
+        model,
+        tokenizer,
+        ids,
+        generated,
+        title="generate(inputs_embeds=...)",
+        result=result,
+        details=[("input", repr(text))],
+    )
+    return result
+
+
+def assert_continuation_matches(
+    model: Any,
+    tokenizer: Any,
+    *,
+    text: str = DEFAULT_TEXTS[1],
+    next_turn: str = " And what does that mean for the dog?",
+    steps: int = 4,
+    tolerance: Tolerance | None = None,
+) -> CheckResult:
+    """Continuing ``generate`` from the ``past_key_values`` it returned scores every step as one forward pass
+    over the whole conversation does: after ``steps`` tokens, then again after a new multi-token turn is
+    appended (multi-turn chat reuses the cache that way), ``steps`` more each time."""
+    __tracebackhide__ = True
+    import torch
+
+    tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("continuation", tolerance=tolerance)
+    ids = encode(tokenizer, text, model.device)
+    _require_kv_cache(model, ids, "continuing from a returned cache")
+    turn = tokenizer(next_turn, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    generated = generate_scored(model, tokenizer, ids, max_new_tokens=steps, min_new_tokens=steps)
+    cases = [("continued", None), (f"continued after a new turn {next_turn!r}", turn)]
+    for label, appended in cases:
+        ids = torch.cat([ids, torch.tensor([generated.rows[0]], device=ids.device)], dim=1)
+        if appended is not None:
+            ids = torch.cat([ids, appended], dim=1)
+        cache = generated.past_key_values
+        generated = generate_scored(
+            model, tokenizer, ids, max_new_tokens=steps, min_new_tokens=steps, past_key_values=cache
+        )
+        assert_generation_matches_forward(
+            model,
+            tokenizer,
+            ids,
+            generated,
+            title=f"generate {label} from its returned past_key_values",
+            result=result,
+            details=[("conversation", text_of(tokenizer, ids[0]))],
+        )
+    return result
+
+
+def assert_assisted_decoding_matches(
+    model: Any,
+    tokenizer: Any,
+    *,
+    text: str = DEFAULT_TEXTS[1],
+    repeating_text: str = REPEATING_TEXT,
+    max_new_tokens: int = 8,
+    tolerance: Tolerance | None = None,
+) -> CheckResult:
+    """Assisted decoding with the model as its own assistant, and prompt-lookup decoding on a prompt that
+    repeats itself, score every step as one forward pass does (both verify several proposed tokens per
+    forward, with ``logits_to_keep`` > 1, and crop the cache after a rejection)."""
+    __tracebackhide__ = True
+    tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("assisted decoding", tolerance=tolerance)
+    ids = encode(tokenizer, text, model.device)
+    _require_kv_cache(model, ids, "assisted decoding")
+    repeating = encode(tokenizer, repeating_text, model.device)
+    cases = [
+        ("assisted by itself", ids, {}, {"assistant_model": model}),
+        ("prompt lookup", repeating, {"prompt_lookup_num_tokens": 3}, {}),
+    ]
+    for label, prompt, fields, inputs in cases:
+        generated = _generate_or_skip(
+            f"{type(model).__name__} does not support {label} decoding",
+            model,
+            tokenizer,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            config_fields=fields,
+            **inputs,
+        )
+        assert_generation_matches_forward(
+            model,
+            tokenizer,
+            prompt,
+            generated,
+            title=f"{label} decoding",
+            result=result,
+            details=[("prompt", text_of(tokenizer, prompt[0]))],
+        )
+    return result
