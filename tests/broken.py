@@ -269,3 +269,117 @@ def rmsnorm_without_upcast(path: Any, channel: int = 5, scale: float = 3000.0) -
             module.forward = forward.__get__(module)
     model.config.dtype = torch.float16  # the checkpoint ships in float16
     return model, tokenizer
+
+
+def _sdpa_without_scale(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A port's sdpa call that drops ``scale=``: right only where the model's scaling is 1/sqrt(head_dim)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    causal = attention_mask is None and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=causal)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("sdpa_without_scale", _sdpa_without_scale)
+AttentionMaskInterface.register("sdpa_without_scale", sdpa_mask)
+
+
+def sdpa_forgets_the_scale(granite_path: Any) -> tuple[Any, Any]:
+    """Granite (attention_multiplier instead of 1/sqrt(head_dim)) under a kernel that forgets the scale."""
+    return load_healthy(granite_path, attn_implementation="sdpa_without_scale")
+
+
+def longrope_switches_per_call(path: Any, original: int = 64) -> tuple[Any, Any]:
+    """A config edit that extends the context Phi-3 style: longrope with an original context of ``original``.
+    Its frequencies follow each call's length, so a cache filled by shorter calls disagrees with one long pass."""
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10_000.0,
+        "short_factor": [1.0] * 4,
+        "long_factor": [4.0] * 4,
+        "original_max_position_embeddings": original,
+    }
+    return load_healthy(path, rope_parameters=rope)
+
+
+def static_cache_reused_without_reset(path: Any, allocated: int = 256) -> tuple[Any, Any]:
+    """A port that allocates its static cache once and reuses it, zeroing the tensors but not the write
+    position: the second generate call writes after the first call's tokens."""
+    model, tokenizer = load_healthy(path)
+    original = model._prepare_static_cache
+    kept: dict[int, Any] = {}
+
+    def prepare(cache_implementation, batch_size, max_cache_len, *args, **kwargs):
+        cache = kept.get(batch_size)
+        if cache is None:
+            cache = kept[batch_size] = original(cache_implementation, batch_size, allocated, *args, **kwargs)
+        for layer in cache.layers:
+            if layer.is_initialized:
+                layer.keys.zero_()
+                layer.values.zero_()
+        return cache
+
+    model._prepare_static_cache = prepare
+    return model, tokenizer
+
+
+def embedding_scale_on_ids_only(path: Any) -> tuple[Any, Any]:
+    """A Gemma-style port that multiplies by sqrt(hidden_size) where it looks up input_ids, so embeddings
+    passed as inputs_embeds arrive unscaled."""
+    model, tokenizer = load_healthy(path)
+    decoder = model.model
+    original = decoder.forward
+    normalizer = model.config.hidden_size**0.5
+
+    def forward(input_ids=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = decoder.embed_tokens(input_ids) * normalizer
+        return original(input_ids=None, inputs_embeds=inputs_embeds, **kwargs)
+
+    decoder.forward = forward
+    return model, tokenizer
+
+
+def cached_steps_feed_one_token(path: Any) -> tuple[Any, Any]:
+    """prepare_inputs_for_generation that assumes a step with a filled cache feeds one token: right for
+    decoding, wrong when a new turn or proposed tokens are appended to a cached conversation."""
+    model, tokenizer = load_healthy(path)
+    original = model.prepare_inputs_for_generation
+
+    def prepare(input_ids, next_sequence_length=None, past_key_values=None, **kwargs):
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            next_sequence_length = 1
+        return original(input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values, **kwargs)
+
+    model.prepare_inputs_for_generation = prepare
+    return model, tokenizer
+
+
+def logits_to_keep_as_a_flag(path: Any) -> tuple[Any, Any]:
+    """A head that reads logits_to_keep as "last row only": right for generate's 1, wrong for k > 1."""
+    model, tokenizer = load_healthy(path)
+    original = model.forward
+
+    def forward(*args: Any, logits_to_keep: Any = 0, **kwargs: Any) -> Any:
+        return original(
+            *args, logits_to_keep=1 if isinstance(logits_to_keep, int) and logits_to_keep else logits_to_keep, **kwargs
+        )
+
+    model.forward = forward
+    return model, tokenizer
+
+
+def cache_crop_skips_a_layer(path: Any, layer: int = 1) -> tuple[Any, Any]:
+    """A cache whose crop() misses one layer, as a port with its own layer type can: only decoding that
+    rolls back rejected proposals (assisted, prompt lookup) keeps the stale keys."""
+    model, tokenizer = load_healthy(path)
+
+    def patch(module, args, kwargs, output):
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and not getattr(cache.layers[layer], "crop_patched", False):
+            cache.layers[layer].crop = lambda max_length: None
+            cache.layers[layer].crop_patched = True
+        return output
+
+    model.register_forward_hook(patch, with_kwargs=True)
+    return model, tokenizer

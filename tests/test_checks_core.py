@@ -100,7 +100,7 @@ def test_logits_to_keep_catches_rows_kept_from_the_wrong_end(qwen3_path) -> None
     with pytest.raises(AssertionError) as caught:
         clm.assert_logits_to_keep(model, tokenizer)
     message = str(caught.value)
-    assert "logits_to_keep=1 scores differ from the full forward's last row" in message
+    assert "logits_to_keep=1 scores differ from the full forward's last 1 row(s)" in message
     assert re.search(r"greatest \|difference\|\s+: [0-9.e-]+ at row 0", message)
 
 

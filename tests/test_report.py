@@ -50,7 +50,7 @@ def test_terminal_table_shows_pass_fail_and_skip_cells_with_figures(noisy: pytes
             "checkpoint-device-dtype shap keep det  chat snap",
             "tiny-qwen3-cpu-float32  ok   FAIL FAIL ok   skip",
             "legend: shap=output shapes, keep=logits_to_keep, det=determinism, chat=chat template, snap=*",
-            "  tiny-qwen3-cpu-float32 logits_to_keep FAIL Δ * logits_to_keep=1 scores differ from the full forward's last row",
+            "  tiny-qwen3-cpu-float32 logits_to_keep FAIL Δ * logits_to_keep=1 scores differ from the full forward's last 1 row(s)",
             "  tiny-qwen3-cpu-float32 determinism FAIL Δ *: non-deterministic scores: the same input gave different scores at position 0",
         ]
     )

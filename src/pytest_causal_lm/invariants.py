@@ -172,7 +172,20 @@ def _reference_drift(lm: CausalLM, causal_lm_reference: Any, causal_lm_settings:
     return CheckResult("reference drift", figure=("KL mean", report.kl_mean), notes=[str(report)])
 
 
+def _static_cache(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
+    return checks.assert_static_cache_matches(
+        lm.model, lm.tokenizer, compile=causal_lm_settings.compile, tolerance=lm.tolerance
+    )
+
+
+def _long_context(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
+    return checks.assert_long_context_consistent(
+        lm.model, lm.tokenizer, budget=causal_lm_settings.long_context_tokens, tolerance=lm.tolerance
+    )
+
+
 _NO_CACHE = r"returns no past_key_values|returns no cache"
+_NEEDS_KV = r"needs a key/value cache|feeds a key/value cache"
 _BUILT_IN = (
     Invariant(
         "output_shapes",
@@ -188,7 +201,7 @@ _BUILT_IN = (
         "logits_to_keep",
         "keep",
         "shapes",
-        "`logits_to_keep=1` returns the last row only, equal to the full forward's (skipped when `forward` has no such argument)",
+        "`logits_to_keep=k` returns the last `k` rows only, equal to the full forward's, for k = 1 (what `generate` asks) and 3 (assisted decoding asks for its proposals + 1); skipped when `forward` has no such argument",
         lambda lm: checks.assert_logits_to_keep(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_logits_to_keep",
         healthy_skips=(r"has no logits_to_keep argument",),
@@ -250,6 +263,28 @@ _BUILT_IN = (
         healthy_skips=(_NO_CACHE,),
     ),
     Invariant(
+        "static_cache",
+        "static cache",
+        "stat",
+        "cache",
+        '`generate(cache_implementation="static")` scores every step as one forward pass over the same tokens: a prompt, then a shorter one (no state kept from the first call), then a left-padded batch; with `--causal-lm-compile` under `torch.compile` too',
+        _static_cache,
+        helper="assert_static_cache_matches",
+        fixtures=("causal_lm_settings",),
+        healthy_skips=(r"does not generate with cache_implementation='static'", _NEEDS_KV),
+    ),
+    Invariant(
+        "long_context",
+        "long context",
+        "long",
+        "context",
+        "KV-cache parity and prefix causality on a sequence crossing every boundary the config declares (sliding window, attention chunk, RoPE scaling's original context): chunks straddling each boundary and single steps past it, prefixes ending on either side; around each boundary and a sample of the rest; length from the config, capped by `max_position_embeddings` and `--causal-lm-long-context-tokens`",
+        _long_context,
+        helper="assert_long_context_consistent",
+        fixtures=("causal_lm_settings",),
+        healthy_skips=(r"declares no context boundary", r"beyond the cap of", _NEEDS_KV),
+    ),
+    Invariant(
         "greedy_loop_parity",
         "greedy-loop parity",
         "grdy",
@@ -257,6 +292,46 @@ _BUILT_IN = (
         "the tutorial's loop (forward, argmax of the last position, append, stop at eos) gives the same tokens as `model.generate` with an explicit greedy config, on plain and chat-formatted prompts: with the cache step by step, and without it in one pass along generate's tokens (the scores the uncached loop would see, given prefix causality)",
         lambda lm: checks.assert_greedy_parity(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_greedy_parity",
+    ),
+    Invariant(
+        "continuation",
+        "continuation",
+        "cont",
+        "generation",
+        "`generate` continued from the `past_key_values` it returned (after its own tokens, then after an appended multi-token turn, as multi-turn chat does) scores every step as one forward pass over the whole conversation",
+        lambda lm: checks.assert_continuation_matches(lm.model, lm.tokenizer, tolerance=lm.tolerance),
+        helper="assert_continuation_matches",
+        healthy_skips=(_NEEDS_KV,),
+    ),
+    Invariant(
+        "assisted_decoding",
+        "assisted decoding",
+        "asst",
+        "generation",
+        "assisted decoding with the model as its own assistant, and prompt-lookup decoding on a prompt that repeats itself, score every step as one forward pass (several proposed tokens verified per forward, the cache cropped after a rejection)",
+        lambda lm: checks.assert_assisted_decoding_matches(lm.model, lm.tokenizer, tolerance=lm.tolerance),
+        helper="assert_assisted_decoding_matches",
+        healthy_skips=(r"does not support .* decoding", _NEEDS_KV),
+    ),
+    Invariant(
+        "inputs_embeds",
+        "inputs_embeds",
+        "emb",
+        "embeddings",
+        "`forward(inputs_embeds=get_input_embeddings()(ids))` equals `forward(input_ids=ids)` (an embedding scale such as Gemma's applies on both paths), and `generate(inputs_embeds=...)` scores every step as a forward pass over the same tokens",
+        lambda lm: checks.assert_inputs_embeds_match(lm.model, lm.tokenizer, tolerance=lm.tolerance),
+        helper="assert_inputs_embeds_match",
+        healthy_skips=(r"has no inputs_embeds argument", r"does not generate from inputs_embeds"),
+    ),
+    Invariant(
+        "attention_implementations",
+        "attention implementations",
+        "attn",
+        "attention",
+        "every attention implementation the model supports and the machine has (eager, sdpa; flash-attention and flex on accelerators) gives eager's scores, plain and on a left-padded batch, and its greedy continuation; the verdict notes which were compared",
+        lambda lm: checks.assert_attention_implementations_agree(lm.model, lm.tokenizer, tolerance=lm.tolerance),
+        helper="assert_attention_implementations_agree",
+        healthy_skips=(r"can run here",),
     ),
     Invariant(
         "classification_head",

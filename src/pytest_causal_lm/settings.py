@@ -131,6 +131,22 @@ OPTIONS: tuple[OptionSpec, ...] = (
         multiple=True,
         metavar="KEY",
     ),
+    OptionSpec(
+        "compile",
+        "Also run static-cache generation under torch.compile and compare it with a forward pass (the "
+        "static_cache invariant). Opt-in: compiling costs 10-20 s even for a tiny model on CPU. Default: off.",
+        default=False,
+        flag=True,
+        parse=_parse_bool,
+    ),
+    OptionSpec(
+        "long_context_tokens",
+        "Longest sequence the long-context invariant builds to cross the config's boundaries (sliding window, "
+        "attention chunk, RoPE original context). Default: 4096 on CPU, 32768 on an accelerator.",
+        None,
+        parse=_parse_int,
+        metavar="N",
+    ),
     OptionSpec("atol", "Absolute tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("rtol", "Relative tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("seed", "Seed for random test inputs. Default: 0.", default=0, parse=_parse_int),

@@ -1,12 +1,21 @@
 """Families of invariants; each helper raises AssertionError with a full message."""
 
 from ._common import CheckResult
+from .attention import assert_attention_implementations_agree
 from .cache import assert_cache_effective, assert_kv_cache_parity
 from .causality import assert_prefix_causal
 from .chat import ChatTemplateWarning, assert_chat_template_consistent
 from .classification import assert_classification_head_equivalent, load_score_head_classifier
+from .context import assert_long_context_consistent
 from .determinism import assert_deterministic
 from .dtype_parity import assert_dtype_parity
+from .generation_paths import (
+    assert_assisted_decoding_matches,
+    assert_continuation_matches,
+    assert_generation_matches_forward,
+    assert_inputs_embeds_match,
+    assert_static_cache_matches,
+)
 from .greedy import GenerationConfigWarning, NearTieWarning, assert_greedy_parity, assert_same_continuation, greedy_loop
 from .padding import assert_batch_independent, assert_padding_invariant
 from .reference import assert_close_to_reference
@@ -24,25 +33,32 @@ __all__ = [
     "CheckResult",
     "GenerationConfigWarning",
     "NearTieWarning",
+    "assert_assisted_decoding_matches",
+    "assert_attention_implementations_agree",
     "assert_batch_independent",
     "assert_cache_effective",
     "assert_chat_markers_are_tokens",
     "assert_chat_template_consistent",
     "assert_classification_head_equivalent",
     "assert_close_to_reference",
+    "assert_continuation_matches",
     "assert_deterministic",
     "assert_dtype_parity",
     "assert_finite_logits",
+    "assert_generation_matches_forward",
     "assert_generation_prompt_opens_the_answer",
     "assert_greedy_parity",
+    "assert_inputs_embeds_match",
     "assert_kv_cache_parity",
     "assert_logits_to_keep",
+    "assert_long_context_consistent",
     "assert_output_shapes",
     "assert_padding_invariant",
     "assert_prefix_causal",
     "assert_prompt_special_tokens",
     "assert_same_continuation",
     "assert_special_tokens_agree",
+    "assert_static_cache_matches",
     "assert_tokenizer_round_trip",
     "assert_turn_terminator_stops_generation",
     "assert_vocab_alignment",

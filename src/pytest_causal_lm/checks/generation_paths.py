@@ -22,6 +22,7 @@ from ._common import (
     check_scores,
     default_positions_differ,
     encode,
+    failure,
     forward_logits,
     mismatch_failure,
     pad_id,
@@ -113,6 +114,19 @@ def _generate_or_skip(refusal: str, model: Any, tokenizer: Any, *args: Any, **kw
         pytest.skip(f"{refusal}: {first_line[:300]}")
 
 
+def _generate_or_fail(title: str, model: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> ScoredGeneration:
+    """``generate_scored`` on a path that already worked once: an exception now is the bug (a stale state)."""
+    try:
+        return generate_scored(model, tokenizer, *args, **kwargs)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise failure(
+            f"{title}: generate raised {type(exc).__name__} after an earlier call on this path succeeded",
+            model,
+            [("error", first_line), ("likely cause", "state kept from the earlier call (a cache not reset)")],
+        ) from exc
+
+
 def assert_static_cache_matches(
     model: Any,
     tokenizer: Any,
@@ -145,16 +159,12 @@ def assert_static_cache_matches(
     batch, mask, _ = padded_batch(tokenizer, texts, model.device, pad_id(model, tokenizer))
     cases.append((f"left-padded batch of {len(texts)}", batch, mask))
     refusal = f"{type(model).__name__} does not generate with cache_implementation='static'"
-    for label, prompt, prompt_mask in cases:
-        generated = _generate_or_skip(
-            refusal,
-            model,
-            tokenizer,
-            prompt,
-            attention_mask=prompt_mask,
-            max_new_tokens=max_new_tokens,
-            config_fields=fields,
-        )
+    for number, (label, prompt, prompt_mask) in enumerate(cases):
+        kwargs = {"attention_mask": prompt_mask, "max_new_tokens": max_new_tokens, "config_fields": fields}
+        if number == 0:
+            generated = _generate_or_skip(refusal, model, tokenizer, prompt, **kwargs)
+        else:
+            generated = _generate_or_fail(f"{result.invariant} ({label})", model, tokenizer, prompt, **kwargs)
         assert_generation_matches_forward(
             model,
             tokenizer,

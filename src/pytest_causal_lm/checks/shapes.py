@@ -154,9 +154,17 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
 
 
 def assert_logits_to_keep(
-    model: Any, tokenizer: Any, *, text: str = DEFAULT_TEXTS[1], tolerance: Tolerance | None = None
+    model: Any,
+    tokenizer: Any,
+    *,
+    text: str = DEFAULT_TEXTS[1],
+    counts: Sequence[int] = (1, 3),
+    tolerance: Tolerance | None = None,
 ) -> CheckResult:
-    """``logits_to_keep=1`` returns only the last row, equal to the full forward's last row."""
+    """``logits_to_keep=k`` returns only the last ``k`` rows, equal to the full forward's last ``k`` rows.
+
+    ``generate`` asks for 1; assisted and prompt-lookup decoding ask for the proposed tokens plus one.
+    """
     __tracebackhide__ = True
     import torch
 
@@ -164,25 +172,28 @@ def assert_logits_to_keep(
         pytest.skip(f"{type(model).__name__}.forward has no logits_to_keep argument")
     tolerance = resolve_tolerance(model, tolerance)
     input_ids = encode(tokenizer, text, model.device)
+    result = CheckResult("logits_to_keep", tolerance=tolerance)
     with torch.no_grad():
         full = model(input_ids=input_ids).logits
-        kept = model(input_ids=input_ids, logits_to_keep=1).logits
-    if tuple(kept.shape) != (1, 1, full.shape[-1]):
-        raise failure(
-            "logits_to_keep=1 did not return the last position only",
-            model,
-            [("input", repr(text)), ("shape", f"{tuple(kept.shape)}, expected {(1, 1, full.shape[-1])}")],
-        )
-    result = CheckResult("logits_to_keep", tolerance=tolerance)
-    mismatch = check_scores(result, full[0, -1:], kept[0], tolerance)
-    if mismatch:
-        raise mismatch_failure(
-            "logits_to_keep=1 scores differ from the full forward's last row",
-            model,
-            tokenizer,
-            [("input", repr(text))],
-            mismatch,
-            tolerance,
-            position_label="row",
-        )
+    for count in counts:
+        with torch.no_grad():
+            kept = model(input_ids=input_ids, logits_to_keep=count).logits
+        expected_shape = (1, count, full.shape[-1])
+        if tuple(kept.shape) != expected_shape:
+            raise failure(
+                f"logits_to_keep={count} did not return the last {count} position(s)",
+                model,
+                [("input", repr(text)), ("shape", f"{tuple(kept.shape)}, expected {expected_shape}")],
+            )
+        mismatch = check_scores(result, full[0, -count:], kept[0], tolerance)
+        if mismatch:
+            raise mismatch_failure(
+                f"logits_to_keep={count} scores differ from the full forward's last {count} row(s)",
+                model,
+                tokenizer,
+                [("input", repr(text)), ("rows", f"row 0 is position {input_ids.shape[1] - count}")],
+                mismatch,
+                tolerance,
+                position_label="row",
+            )
     return result

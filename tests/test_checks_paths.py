@@ -1,0 +1,218 @@
+"""Beyond the short-prompt corner: long context, attention implementations, static cache, inputs_embeds,
+continuation and assisted decoding. Healthy checkpoints pass; each broken model fails the invariant meant
+for it, with position, token and difference, and every other one it trips is named with the reason."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import broken
+import pytest
+from transformers import AutoConfig
+
+import pytest_causal_lm as clm
+from pytest_causal_lm.checks.context import context_boundaries
+from pytest_causal_lm.tiny import materialize, write_tiny_checkpoint
+
+NEW_CHECKS = {
+    "long": clm.assert_long_context_consistent,
+    "attn": clm.assert_attention_implementations_agree,
+    "stat": clm.assert_static_cache_matches,
+    "emb": clm.assert_inputs_embeds_match,
+    "cont": clm.assert_continuation_matches,
+    "asst": clm.assert_assisted_decoding_matches,
+    "keep": clm.assert_logits_to_keep,
+    "kv": clm.assert_kv_cache_parity,
+    "caus": clm.assert_prefix_causal,
+    "grdy": clm.assert_greedy_parity,
+    "pad": clm.assert_padding_invariant,
+}
+
+
+@pytest.fixture(scope="session")
+def granite_path(tiny_cache: Path) -> Path:
+    """Granite scales attention by attention_multiplier, not 1/sqrt(head_dim)."""
+    return materialize("tiny:granite")
+
+
+@pytest.fixture(scope="session")
+def mistral_window_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mistral whose sliding window (32) the long-context check crosses in 72 tokens."""
+    path = write_tiny_checkpoint("mistral", tmp_path_factory.mktemp("mistral") / "mistral")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "sliding_window": 32}))
+    return path
+
+
+def _outcomes(model, tokenizer) -> dict[str, str]:
+    """Each check's outcome on one model: ok, skip or FAIL."""
+    outcomes = {}
+    for column, check in NEW_CHECKS.items():
+        try:
+            check(model, tokenizer)
+            outcomes[column] = "ok"
+        except AssertionError:
+            outcomes[column] = "FAIL"
+        except pytest.skip.Exception:
+            outcomes[column] = "skip"
+    return outcomes
+
+
+def test_healthy_tiny_checkpoints_pass_the_new_invariants(healthy: clm.CausalLM) -> None:
+    model, tokenizer = healthy.model, healthy.tokenizer
+    for check in (
+        clm.assert_attention_implementations_agree,
+        clm.assert_static_cache_matches,
+        clm.assert_inputs_embeds_match,
+        clm.assert_continuation_matches,
+        clm.assert_assisted_decoding_matches,
+    ):
+        result = check(model, tokenizer)
+        assert result.greatest_difference < 1e-4, str(result)
+        assert result.greatest_difference > 0 or check is clm.assert_inputs_embeds_match  # really compared
+
+
+def test_a_healthy_sliding_window_passes_the_long_context_check(mistral_window_path: Path) -> None:
+    model, tokenizer = broken.load_healthy(mistral_window_path)
+    result = clm.assert_long_context_consistent(model, tokenizer)
+    assert "72 tokens across sliding window 32" in str(result)
+    assert 0 < result.greatest_difference < 1e-4
+
+
+def test_the_long_context_budget_skips_with_the_option_named(mistral_window_path: Path) -> None:
+    model, tokenizer = broken.load_healthy(mistral_window_path)
+    with pytest.raises(pytest.skip.Exception, match=r"beyond the cap of 30 .*--causal-lm-long-context-tokens"):
+        clm.assert_long_context_consistent(model, tokenizer, budget=30)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "edit", "expected"),
+    [
+        ("mistral", {"sliding_window": 4096}, ["sliding window 4096"]),
+        ("qwen2", {"sliding_window": 64, "use_sliding_window": False}, []),
+        ("gemma3_text", {"sliding_window": 16}, ["sliding window 16"]),
+        ("llama", {}, []),
+        (
+            "phi3",
+            {
+                "max_position_embeddings": 4096,
+                "original_max_position_embeddings": 256,  # Phi-3 keeps it at the top level too
+                "rope_parameters": {
+                    "rope_type": "longrope",
+                    "rope_theta": 10000.0,
+                    "short_factor": [1.0] * 48,  # one per rotary pair of its 96-wide heads
+                    "long_factor": [2.0] * 48,
+                    "original_max_position_embeddings": 256,
+                },
+            },
+            ["RoPE longrope original context 256"],
+        ),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+            ["RoPE dynamic original context 2048"],
+        ),
+        ("llama4_text", {"attention_chunk_size": 64}, ["attention chunk 64"]),
+    ],
+)
+def test_context_boundaries_come_from_the_config(model_type: str, edit: dict, expected: list[str]) -> None:
+    config = AutoConfig.for_model(model_type, **edit)
+    assert [b.name for b in context_boundaries(config)] == expected
+
+
+def test_long_context_catches_a_rope_scaling_that_switches_per_call(llama_path: Path) -> None:
+    model, tokenizer = broken.longrope_switches_per_call(llama_path)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_long_context_consistent(model, tokenizer)
+    message = str(caught.value)
+    assert re.search(r"cached pass, segment 1 of \d+ .* from position \d+ \(token '.*' \(id \d+\)\)", message)
+    assert "RoPE longrope original context 64: this RoPE type picks its frequencies from each call's length" in message
+    assert re.search(r"greatest \|difference\| : [0-9.]+ at position \d+", message)
+
+
+def test_attention_implementations_catch_a_kernel_that_forgets_the_scale(granite_path: Path) -> None:
+    model, tokenizer = broken.sdpa_forgets_the_scale(granite_path)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_attention_implementations_agree(model, tokenizer)
+    message = str(caught.value)
+    assert message.startswith("attention implementation 'sdpa_without_scale' differs from 'eager'")
+    assert re.search(r"greatest \|difference\| : [0-9.]+ at position \d+, score of '.*' \(id \d+\)", message)
+    assert model.config._attn_implementation == "sdpa_without_scale"  # switched back after the check
+
+
+def test_attention_implementations_say_which_were_compared(granite_path: Path) -> None:
+    model, tokenizer = broken.load_healthy(granite_path)
+    result = clm.assert_attention_implementations_agree(model, tokenizer)
+    assert "compared with eager: sdpa (loaded: sdpa)" in str(result)
+    assert "flex_attention (compiles its kernel" in str(result)
+
+
+def test_static_cache_catches_a_cache_reused_without_resetting_its_write_position(llama_path: Path) -> None:
+    model, tokenizer = broken.static_cache_reused_without_reset(llama_path)
+    with pytest.raises(AssertionError, match=r"static cache \(second call, shorter prompt\)"):
+        clm.assert_static_cache_matches(model, tokenizer)
+
+
+def test_static_cache_under_compile(qwen3_path: Path) -> None:
+    model, tokenizer = broken.load_healthy(qwen3_path)
+    result = clm.assert_static_cache_matches(model, tokenizer, compile=True)
+    assert "compile on" in str(result) and result.greatest_difference < 1e-4
+
+
+def test_inputs_embeds_catches_an_embedding_scale_on_the_ids_path_only(llama_path: Path) -> None:
+    model, tokenizer = broken.embedding_scale_on_ids_only(llama_path)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_inputs_embeds_match(model, tokenizer)
+    message = str(caught.value)
+    assert message.startswith("forward(inputs_embeds=get_input_embeddings()(ids)) differs from forward(input_ids=ids)")
+    assert "embedding scale" in message and re.search(r"at position \d+, score of", message)
+
+
+def test_continuation_catches_a_new_turn_cut_to_its_last_token(llama_path: Path) -> None:
+    model, tokenizer = broken.cached_steps_feed_one_token(llama_path)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_continuation_matches(model, tokenizer)
+    message = str(caught.value)
+    assert message.startswith("generate continued after a new turn")  # continuing by one token still works
+    assert re.search(r"at step \d+, score of '.*' \(id \d+\): expected", message)
+
+
+def test_assisted_decoding_catches_a_cache_crop_that_misses_a_layer(llama_path: Path) -> None:
+    model, tokenizer = broken.cache_crop_skips_a_layer(llama_path)
+    with pytest.raises(AssertionError, match=r"(assisted by itself|prompt lookup) decoding: step \d+ of row 0"):
+        clm.assert_assisted_decoding_matches(model, tokenizer)
+
+
+def test_logits_to_keep_catches_a_head_that_keeps_one_row_whatever_it_is_asked(llama_path: Path) -> None:
+    model, tokenizer = broken.logits_to_keep_as_a_flag(llama_path)
+    with pytest.raises(AssertionError, match=r"logits_to_keep=3 did not return the last 3 position\(s\)"):
+        clm.assert_logits_to_keep(model, tokenizer)
+
+
+# Which invariants each broken model trips, and why the others it trips are tripped too.
+EXPECTED_FAILURES = {
+    # its frequencies follow each call's length: a shorter prompt and a longer forward disagree only past 64 tokens
+    "longrope_switches_per_call": {"long"},
+    "static_cache_reused_without_reset": {"stat"},
+    "embedding_scale_on_ids_only": {"emb"},
+    # a cached step fed one token: assisted decoding appends its proposals to a cached conversation too
+    "cached_steps_feed_one_token": {"cont", "asst"},
+    "cache_crop_skips_a_layer": {"asst"},
+    # assisted decoding asks for its proposals + 1 rows and gets one
+    "logits_to_keep_as_a_flag": {"keep", "asst"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FAILURES))
+def test_each_broken_model_fails_its_invariant_and_only_the_named_others(name: str, llama_path: Path) -> None:
+    model, tokenizer = getattr(broken, name)(llama_path)
+    failed = {column for column, outcome in _outcomes(model, tokenizer).items() if outcome == "FAIL"}
+    assert failed == EXPECTED_FAILURES[name]
+
+
+def test_the_scale_kernel_fails_only_the_attention_check(granite_path: Path) -> None:
+    model, tokenizer = broken.sdpa_forgets_the_scale(granite_path)
+    failed = {column for column, outcome in _outcomes(model, tokenizer).items() if outcome == "FAIL"}
+    assert failed == {"attn"}
