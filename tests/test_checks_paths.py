@@ -216,3 +216,30 @@ def test_the_scale_kernel_fails_only_the_attention_check(granite_path: Path) -> 
     model, tokenizer = broken.sdpa_forgets_the_scale(granite_path)
     failed = {column for column, outcome in _outcomes(model, tokenizer).items() if outcome == "FAIL"}
     assert failed == {"attn"}
+
+
+def test_the_long_context_budget_and_compile_options_reach_the_suite(
+    pytester: pytest.Pytester, mistral_window_path: Path, qwen3_path: Path
+) -> None:
+    window = f"--causal-lm-checkpoint={mistral_window_path}"
+    capped = pytester.runpytest(
+        window, "--causal-lm-suite=only", "-m", "causal_lm_context", "-rs", "--causal-lm-long-context-tokens=30"
+    )
+    capped.assert_outcomes(skipped=1)
+    capped.stdout.fnmatch_lines(["*sliding window 32 needs 36+ tokens, beyond the cap of 30*"])
+    report = pytester.path / "report.md"
+    full = pytester.runpytest(
+        window, "--causal-lm-suite=only", "-m", "causal_lm_context", f"--causal-lm-report={report}"
+    )
+    full.assert_outcomes(passed=1)
+    assert "72 tokens across sliding window 32" in report.read_text()
+    compiled = pytester.runpytest(
+        f"--causal-lm-checkpoint={qwen3_path}",
+        "--causal-lm-suite=only",
+        "-k",
+        "static_cache",
+        "--causal-lm-compile",
+        f"--causal-lm-report={report}",
+    )
+    compiled.assert_outcomes(passed=1)
+    assert "compile on" in report.read_text()

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import pytest_causal_lm as clm
+from pytest_causal_lm.tiny import materialize
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -66,6 +67,29 @@ BROKEN: dict[str, tuple[Callable[[Path], tuple[Any, Any]], Callable[..., Any], s
     "padding mask ignored": (broken.padding_mask_ignored, clm.assert_padding_invariant, r"padding changes"),
     "rows coupled": (broken.rows_coupled, clm.assert_batch_independent, r"rows are coupled"),
     "RMSNorm without upcast": (broken.rmsnorm_without_upcast, clm.assert_dtype_parity, r"constant score row"),
+    "longrope switches per call": (
+        broken.longrope_switches_per_call,
+        clm.assert_long_context_consistent,
+        r"long context",
+    ),
+    "sdpa forgets the scale": (
+        lambda _: broken.sdpa_forgets_the_scale(materialize("tiny:granite")),
+        clm.assert_attention_implementations_agree,
+        r"attention implementation 'sdpa_without_scale' differs",
+    ),
+    "static cache not reset": (
+        broken.static_cache_reused_without_reset,
+        clm.assert_static_cache_matches,
+        r"static cache \(second call",
+    ),
+    "embedding scale on ids only": (
+        broken.embedding_scale_on_ids_only,
+        clm.assert_inputs_embeds_match,
+        r"inputs_embeds",
+    ),
+    "new turn cut to one token": (broken.cached_steps_feed_one_token, clm.assert_continuation_matches, r"new turn"),
+    "cache crop misses a layer": (broken.cache_crop_skips_a_layer, clm.assert_assisted_decoding_matches, r"decoding"),
+    "logits_to_keep as a flag": (broken.logits_to_keep_as_a_flag, clm.assert_logits_to_keep, r"logits_to_keep=3"),
 }
 
 
