@@ -58,12 +58,10 @@ VERIFIED = [
     "cohere2",
     "cohere2_moe",
     "cohere_compass_text",
-    "ctrl",
     "cwm",
     "deepseek_v2",
     "deepseek_v3",
     "deepseek_v32",
-    "deepseek_v4",
     "diffllama",
     "doge",
     "dots1",
@@ -86,9 +84,7 @@ VERIFIED = [
     "gemma3",
     "gemma3_text",
     "gemma3n_text",
-    "gemma4",
     "gemma4_text",
-    "gemma4_unified",
     "gemma4_unified_text",
     "glm",
     "glm4",
@@ -148,7 +144,6 @@ VERIFIED = [
     "mixtral",
     "mllama",
     "modernbert-decoder",
-    "moshi",
     "moss_transcribe_diarize",
     "mpt",
     "nanochat",
@@ -177,7 +172,6 @@ VERIFIED = [
     "qwen3_next",
     "qwen4_exp",
     "qwen4_exp_text",
-    "recurrent_gemma",
     "rembert",
     "roc_bert",
     "roformer",
@@ -204,7 +198,17 @@ class Discrepancy:
 
 _POSITIONS_FROM_ZERO = r"likely cause\s+: the forward's default positions are not the ones generate passes"
 _ROBERTA_POSITIONS = Discrepancy(
-    {"test_greedy_loop_parity": _POSITIONS_FROM_ZERO, "test_padding_invariance": _POSITIONS_FROM_ZERO},
+    dict.fromkeys(
+        [
+            "test_greedy_loop_parity",
+            "test_padding_invariance",
+            "test_static_cache",
+            "test_continuation",
+            "test_assisted_decoding",
+            "test_inputs_embeds",
+        ],
+        _POSITIONS_FROM_ZERO,
+    ),
     "transformers 5's generate passes position_ids counted from 0; the forward, given none, counts from "
     "padding_idx + 1 (RoBERTa's convention), so generate decodes with other position embeddings than the model",
 )
@@ -215,6 +219,43 @@ _NO_POSITION_IDS = Discrepancy(
     "transformers' own tests skip left padding for these models",
 )
 KNOWN_DISCREPANCIES: dict[str, Discrepancy] = {
+    "ctrl": Discrepancy(
+        {"test_inputs_embeds": r"forward\(inputs_embeds=...\) changed the tensor it was given, in place"},
+        "CTRLModel scales the caller's inputs_embeds in place (`inputs_embeds *= np.sqrt(d_model_size)`), so a "
+        "second call with the same embeddings (a retry, generate after a forward) scales them again",
+    ),
+    "moshi": Discrepancy(
+        {
+            "test_long_context": r"long context: cached pass, segment 3 of 6 \(positions 33..33\)",
+            "test_continuation": r"generate continued after a new turn",
+            "test_assisted_decoding": r"prompt lookup decoding",
+        },
+        "Moshi's forward masks with create_causal_mask (no window) while its config's sliding_window makes the "
+        "DynamicCache keep only the last window - 1 keys: past the window, cached decoding sees fewer tokens than "
+        "the full forward (measured from position 33 with a window of 32)",
+    ),
+    "recurrent_gemma": Discrepancy(
+        {"test_attention_implementations": r"'sdpa' differs from 'eager' on a left-padded batch"},
+        "its recurrent blocks carry every position, pad tokens included, into the next ones; the attention "
+        "blocks give fully masked pad rows other values under eager than under sdpa, so a left-padded row's "
+        "real tokens score differently with the two (padding invariance holds under sdpa, the default)",
+    ),
+    "deepseek_v4": Discrepancy(
+        {
+            "test_static_cache": r"KeyError: 'heavily_compressed_attention'",
+            "test_inputs_embeds": r"'NoneType' object has no attribute 'reshape'",
+        },
+        "StaticCache has no layer class for DeepSeek-V4's compressed-attention layer types (KeyError instead of "
+        "a refusal), and its forward reads input_ids even when given inputs_embeds",
+    ),
+    **dict.fromkeys(
+        ["gemma4", "gemma4_unified"],
+        Discrepancy(
+            {"test_inputs_embeds": r"IndexError: index out of range in self"},
+            "its per-layer embeddings need input_ids; from inputs_embeds alone it recovers them by exact equality "
+            "with the scaled embedding rows, which generate(inputs_embeds=...) does not survive",
+        ),
+    ),
     **dict.fromkeys(
         ["camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod"],
         _ROBERTA_POSITIONS,
@@ -250,14 +291,19 @@ KNOWN_DISCREPANCIES: dict[str, Discrepancy] = {
         {
             "test_kv_cache_parity": r"KV-cache parity violated: left-padded batch",
             "test_padding_invariance": r"padding changes the greedy continuation",
+            "test_inputs_embeds": r"forward\(inputs_embeds=...\) changed the tensor it was given, in place",
         },
         "GIT widens a cached step's attention mask by its image-patch count even when no image was given, "
-        "so left-padded cached decoding masks the wrong positions",
+        "so left-padded cached decoding masks the wrong positions; GitEmbeddings adds the position embeddings "
+        "to the caller's inputs_embeds in place (`embeddings += ...`), so reusing them adds positions twice",
     ),
     "jamba": Discrepancy(
-        {"test_kv_cache_parity": r"KV-cache parity violated: chunk 2 of 2"},
+        {
+            "test_kv_cache_parity": r"KV-cache parity violated: chunk 2 of 2",
+            "test_continuation": r"generate continued after a new turn",
+        },
         "Jamba's torch Mamba path uses the cached SSM state only for one-token steps; a multi-token step after "
-        "a cache (chunked prefill) restarts from a zero state",
+        "a cache (chunked prefill, a new chat turn appended to a cached conversation) restarts from a zero state",
     ),
     "reformer": Discrepancy(
         {"test_padding_invariance": r"padding changes the greedy continuation"},
@@ -265,7 +311,10 @@ KNOWN_DISCREPANCIES: dict[str, Discrepancy] = {
         "generate reads the pad tokens",
     ),
     "whisper": Discrepancy(
-        {"test_padding_invariance": r"padding changes the greedy continuation"},
+        {
+            "test_padding_invariance": r"padding changes the greedy continuation",
+            "test_static_cache": r"static cache differs \(left-padded batch of 3\)",
+        },
         "WhisperForCausalLM takes position_ids only through **kwargs; generate passes position_ids only to a "
         "forward whose signature names them, so left-padded generation shifts every position",
     ),
@@ -292,10 +341,14 @@ KNOWN_DISCREPANCIES: dict[str, Discrepancy] = {
             "test_kv_cache_parity": r"KV-cache parity violated",
             "test_greedy_loop_parity": r"greedy-loop parity violated",
             "test_padding_invariance": r"ProphetNetForCausalLM\.forward does not use position_ids",
+            "test_static_cache": r"size of tensor a",
+            "test_continuation": r"generate continued from its returned past_key_values",
+            "test_inputs_embeds": r"generate\(inputs_embeds=...\): step 0",
         },
         "ProphetNetForCausalLM's logits come from its first n-gram predicting stream; run on its own, earlier "
-        "positions' scores change when tokens are appended and cached decoding differs; the leak inside the "
-        "n-gram attention is not traced further",
+        "positions' scores change when tokens are appended and cached decoding differs (so every cached path "
+        "into generate does), and its n-gram attention cannot size a static cache; the leak inside the n-gram "
+        "attention is not traced further",
     ),
     "cpmant": Discrepancy(
         {
@@ -305,6 +358,9 @@ KNOWN_DISCREPANCIES: dict[str, Discrepancy] = {
             "test_cache_effectiveness": r"cache not effective",
             "test_greedy_loop_parity": r"size of tensor a",
             "test_padding_invariance": r"CpmAntForCausalLM\.forward uses neither attention_mask nor position_ids",
+            "test_static_cache": r"index_copy_\(\): index \d+ is out of bounds",
+            "test_continuation": r"generate continued from its returned past_key_values",
+            "test_assisted_decoding": r"assisted by itself decoding",
         },
         "CPM-Ant prepends 32 internal prompt positions to every input and to its cache, so cached decoding "
         "cannot line up, and position 0's scores change when the input grows",

@@ -23,7 +23,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "14"
+_RECIPE_VERSION = "16"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -167,6 +167,9 @@ _TINY_SIZES: dict[str, Any] = {
     "num_key_value_heads": 2,
     "head_dim": 8,
     "max_position_embeddings": 512,
+    # a window the long-context invariant crosses in 72 tokens; the other invariants' prompts (up to 27 tokens)
+    # plus what they generate reach it too
+    "sliding_window": 32,
     "initializer_range": _INITIALIZER_RANGE,
     # mixture-of-experts, multi-latent attention, state-space and hybrid models
     "num_experts": 4,
@@ -239,7 +242,8 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 256},
     "xlnet": {"d_head": 8, "d_inner": 64},
     "mamba2": {"num_heads": 8, "head_dim": 8, "n_groups": 1},
-    "zaya": {"num_experts_per_tok": 1},
+    # its float32 rounding alone reached 9e-5 between static-cache generation and a forward at the wide init
+    "zaya": {"num_experts_per_tok": 1, **_GENTLER_INIT},
     "zamba": {  # the shared transformer block is tied across hybrid layers: it needs two of them
         "num_hidden_layers": 4,
         "layer_types": ["linear_attention", "hybrid"] * 2,

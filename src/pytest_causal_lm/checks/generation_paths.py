@@ -9,6 +9,7 @@ scores of every step, not only the chosen tokens, catches a wrong path even wher
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from ._common import (
     padded_batch,
     resolve_tolerance,
     text_of,
+    token,
 )
 from .greedy import ScoredGeneration, generate_scored
 
@@ -104,13 +106,19 @@ def _require_kv_cache(model: Any, input_ids: Any, what: str) -> None:
         pytest.skip(f"{type(model).__name__} returns {held}; {what} needs a key/value cache")
 
 
+# How transformers and model code say a generation path is not supported for a model: a refusal, not a wrong answer.
+_REFUSAL = re.compile(r"not supported|does not support|doesn't support|only supported|requires a cache|not implemented")
+
+
 def _generate_or_skip(refusal: str, model: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> ScoredGeneration:
     """``generate_scored``, skipping with transformers' own words when it refuses the path for this model
-    (a refusal is an error the user sees, not a wrong answer)."""
+    (a refusal is an error the user sees, not a wrong answer); any other exception propagates."""
     try:
         return generate_scored(model, tokenizer, *args, **kwargs)
-    except (ValueError, NotImplementedError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (ValueError, NotImplementedError, RuntimeError, AssertionError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, (RuntimeError, AssertionError)) and not _REFUSAL.search(first_line):
+            raise
         pytest.skip(f"{refusal}: {first_line[:300]}")
 
 
@@ -179,6 +187,33 @@ def assert_static_cache_matches(
     return result
 
 
+def _forward_from_embeddings(model: Any, tokenizer: Any, text: str, ids: Any) -> tuple[Any, Any]:
+    """``(embeddings of ids, forward(inputs_embeds=...) logits)``; fails if the forward changed the embeddings."""
+    __tracebackhide__ = True
+    import torch
+
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        given = embeds.clone()
+        from_embeds = model(inputs_embeds=embeds).logits.float()
+    if not torch.equal(embeds, given):
+        changed = int((embeds != given).any(dim=-1)[0].nonzero()[0])
+        raise failure(
+            "forward(inputs_embeds=...) changed the tensor it was given, in place",
+            model,
+            [
+                ("input", repr(text)),
+                ("first changed position", f"{changed} (token {token(tokenizer, int(ids[0, changed]))})"),
+                ("greatest change", f"{float((embeds - given).abs().max()):.6g}"),
+                (
+                    "effect",
+                    "a second call with the same embeddings (a retry, generate after a forward) sees other inputs",
+                ),
+            ],
+        )
+    return embeds, from_embeds
+
+
 def assert_inputs_embeds_match(
     model: Any,
     tokenizer: Any,
@@ -201,9 +236,7 @@ def assert_inputs_embeds_match(
     tolerance = resolve_tolerance(model, tolerance)
     result = CheckResult("inputs_embeds", tolerance=tolerance)
     ids = encode(tokenizer, text, model.device)
-    with torch.no_grad():
-        embeds = model.get_input_embeddings()(ids)
-        from_embeds = model(inputs_embeds=embeds).logits.float()
+    embeds, from_embeds = _forward_from_embeddings(model, tokenizer, text, ids)
     mismatch = check_scores(result, forward_logits(model, ids)[0], from_embeds[0], tolerance)
     if mismatch:
         raise mismatch_failure(
