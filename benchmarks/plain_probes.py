@@ -181,11 +181,75 @@ def probes(model, tokenizer, checkpoint):
     return terminator, forced
 
 
+def scored(model, ids, mask, n, pad, eos, prompt=None, **kwargs):
+    """generate keeping every step's scores, and one forward along its tokens to compare them with."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **kwargs,
+        )
+    new = out.sequences[:, -len(out.logits) :] if ids is not None else out.sequences
+    prompt = ids if prompt is None else prompt
+    along = logits(model, torch.cat([prompt, new], 1))[:, prompt.shape[1] - 1 : -1]
+    assert torch.allclose(torch.stack(out.logits, 1).float(), along, atol=1e-4)
+    return out
+
+
+def path_probes(model, tokenizer):
+    """The probes of the paths into generate: static cache, continuation, assisted, inputs_embeds, attention."""
+    encode = [tokenizer(t, return_tensors="pt")["input_ids"] for t in TEXTS]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    ones = torch.ones_like
+    full = logits(model, encode[1])
+    assert torch.allclose(logits(model, encode[1], logits_to_keep=3)[0], full[0, -3:], atol=1e-4)
+    for prompt in (encode[2], encode[0]):  # static cache: a prompt, then a shorter one, then a padded batch
+        scored(model, prompt, ones(prompt), 6, pad, eos, cache_implementation="static", disable_compile=True)
+    ids, mask, _ = left_padded(tokenizer, TEXTS, pad)
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            cache_implementation="static",
+            disable_compile=True,
+        )
+    out = scored(model, encode[1], ones(encode[1]), 4, pad, eos, min_new_tokens=4)  # continuation, then a new turn
+    turn = tokenizer(" And what does that mean for the dog?", add_special_tokens=False, return_tensors="pt")[
+        "input_ids"
+    ]
+    for appended in (None, turn):
+        ids_ = out.sequences if appended is None else torch.cat([out.sequences, appended], 1)
+        out = scored(model, ids_, ones(ids_), 4, pad, eos, min_new_tokens=4, past_key_values=out.past_key_values)
+    scored(model, encode[1], ones(encode[1]), 8, pad, eos, assistant_model=model)
+    repeating = tokenizer(" ".join([TEXTS[2]] * 2) + " The quick brown", return_tensors="pt")["input_ids"]
+    scored(model, repeating, ones(repeating), 8, pad, eos, prompt_lookup_num_tokens=3)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(encode[1])
+        assert torch.allclose(model(inputs_embeds=embeds).logits.float(), full, atol=1e-4)
+    scored(model, None, ones(encode[1]), 6, pad, eos, inputs_embeds=embeds, prompt=encode[1])
+    for implementation in ("eager", "sdpa"):
+        model.set_attn_implementation(implementation)
+        logits(model, encode[1]), logits(model, ids, attention_mask=mask)
+        generate(model, encode[1], ones(encode[1]), 6, pad, eos)
+
+
 def main(checkpoint: str) -> float:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     probes(model, tokenizer, checkpoint)
+    path_probes(model, tokenizer)
     return time.perf_counter() - start
 
 

@@ -23,7 +23,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "16"
+_RECIPE_VERSION = "17"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -170,6 +170,7 @@ _TINY_SIZES: dict[str, Any] = {
     # a window the long-context invariant crosses in 72 tokens; the other invariants' prompts (up to 27 tokens)
     # plus what they generate reach it too
     "sliding_window": 32,
+    "attention_chunk_size": 32,  # Llama 4's chunked attention, crossed the same way
     "initializer_range": _INITIALIZER_RANGE,
     # mixture-of-experts, multi-latent attention, state-space and hybrid models
     "num_experts": 4,
