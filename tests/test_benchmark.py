@@ -1,72 +1,132 @@
-"""The opt-in cached vs uncached benchmark, on a tiny checkpoint with very small settings."""
+"""The opt-in generation benchmark: modes, sweeps, figures that agree with each other, reports and plot.
+
+Nothing here asserts a speed: only that the figures are measured, consistent and land where users read them.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
 
+import broken
 import pytest
 
-from pytest_causal_lm.benchmark import BenchmarkCollector, Measurement, peak_bandwidth
+from pytest_causal_lm.benchmark import (
+    BenchmarkCase,
+    BenchmarkCollector,
+    Measurement,
+    benchmark_cases,
+    fitted_exponent,
+    percentile,
+    timed_generate,
+)
+from pytest_causal_lm.roofline import DevicePeaks, Roofline, device_peaks, peak_bandwidth, step_cost
 
 SMALL = (
     "--causal-lm-checkpoint=tiny:qwen3",
     "--causal-lm-benchmark-new-tokens=2,6",
-    "--causal-lm-benchmark-prompt-length=8",
-    "--causal-lm-benchmark-rounds=1",
+    "--causal-lm-benchmark-prompt-lengths=8",
+    "--causal-lm-benchmark-rounds=2",
     "-k",
     "generation_speed",
 )
+CPU_MODES = ("no_cache", "dynamic", "static")
 
 
 def test_ordinary_runs_skip_the_benchmarks_with_a_reason(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(*SMALL, "-rs")
-    result.assert_outcomes(skipped=4)
+    result.assert_outcomes(skipped=6)  # 3 CPU modes x 2 new-token counts
     result.stdout.fnmatch_lines(["*benchmarks are opt-in: pass --causal-lm-benchmark (or --benchmark-only)*"])
 
 
-def test_benchmark_writes_json_fields_a_table_and_a_png(pytester: pytest.Pytester) -> None:
+def test_the_sweep_covers_every_mode_over_new_tokens_then_prompt_lengths() -> None:
+    settings = SimpleNamespace(
+        benchmark_modes=(), benchmark_prompt_lengths=(), benchmark_new_tokens=(32, 8, 128), benchmark_batch_size=1
+    )
+    cpu = benchmark_cases(settings, ["cpu"])
+    assert [c.id for c in cpu[:3]] == ["no_cache-p32-n8", "dynamic-p32-n8", "static-p32-n8"]
+    assert {c.mode for c in cpu} == set(CPU_MODES) and len(cpu) == 12
+    assert [c.id for c in cpu[-3:]] == ["no_cache-p512-n32", "dynamic-p512-n32", "static-p512-n32"]
+    gpu = benchmark_cases(settings, ["cuda:0"])
+    assert {c.mode for c in gpu} == {*CPU_MODES, "static_compiled"}
+    assert sorted({c.prompt_length for c in gpu}) == [32, 1024, 8192]
+
+
+def test_benchmark_writes_every_figure_a_table_a_diagnosis_and_a_png(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(
         *SMALL, "--causal-lm-benchmark", "--benchmark-json=bench.json", "--causal-lm-benchmark-plot=plots/speed.png"
     )
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=6)
     result.stdout.fnmatch_lines(
         [
-            "*causal-lm benchmark: greedy generation, cached vs uncached*",
+            "*causal-lm benchmark: forced greedy generation*",
             "tiny-qwen3-cpu-float32",
-            "*new tokens  uncached tok/s  cached tok/s  speedup*",
-            "*2 *x",
-            "*6 *x",
-            f"plot of time vs new tokens: {pytester.path / 'plots' / 'speed.png'}",
+            "*mode*prompt*new*TTFT ms*ITL p50*p90*p99*tok/s*total s (min-max)*peak MB*MBU*bound",
+            "*no_cache * 8 * 6 *",
+            "*static (6 new tokens): decode bound by *: a step takes * ms; reading * MB at the peak * GB/s*",
+            f"plot of tokens/s vs new tokens and vs prompt length: {pytester.path / 'plots' / 'speed.png'}",
         ]
     )
     png = (pytester.path / "plots" / "speed.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     benchmarks = json.loads((pytester.path / "bench.json").read_text())["benchmarks"]
-    assert len(benchmarks) == 4
+    assert sorted(b["extra_info"]["mode"] for b in benchmarks) == sorted(CPU_MODES * 2)
     for entry in benchmarks:
         info = entry["extra_info"]
-        assert info["mode"] in ("cached", "uncached") and info["new_tokens"] in (2, 6)
-        assert info["prompt_length"] == 8 and info["device"] == "cpu" and info["dtype"] == "float32"
-        for field in ("median_seconds", "prefill_seconds", "decode_seconds_per_token", "tokens_per_second"):
-            assert info[field] > 0, field
-        assert info["speedup_cached_vs_uncached"] > 0
-        assert entry["group"] == f"tiny-qwen3-cpu-float32 new_tokens={info['new_tokens']}"
-        assert entry["stats"]["rounds"] == 1
+        assert info["prompt_length"] == 8 and info["new_tokens"] in (2, 6) and info["rounds"] == 2
+        for figure in ("median_seconds", "ttft_seconds", "itl_p50_seconds", "itl_p99_seconds", "tokens_per_second"):
+            assert info[figure] > 0, figure
+        assert info["min_seconds"] <= info["median_seconds"] <= info["max_seconds"]
+        assert info["peak_memory_mb"] > 0 and info["peak_memory_kind"] == "process RSS"
+        assert info["bound"] in ("per-step overhead", "memory bandwidth", "compute")
+        assert entry["group"] == f"tiny-qwen3-cpu-float32 prompt=8 new_tokens={info['new_tokens']}"
+        assert entry["stats"]["rounds"] == 2
+
+
+def test_the_reports_carry_the_benchmark(pytester: pytest.Pytester) -> None:
+    args = [*SMALL[:-1], "generation_speed or determinism", "--causal-lm-benchmark"]
+    pytester.runpytest(*args, "--causal-lm-report=report.md").assert_outcomes(passed=7)
+    markdown = (pytester.path / "report.md").read_text()
+    assert "### Generation benchmark: `tiny-qwen3-cpu-float32`" in markdown
+    assert (
+        "| mode | prompt | new | TTFT ms | ITL p50 ms |" in markdown
+        and "- static (6 new tokens): decode bound" in markdown
+    )
+    pytester.runpytest(*args, "--causal-lm-report=report.json").assert_outcomes(passed=7)
+    target = json.loads((pytester.path / "report.json").read_text())["targets"]
+    (bench,) = [t["benchmark"] for t in target.values()]
+    assert bench["summary"].startswith("tok/s at 6 new tokens: no_cache ")
+    assert len(bench["cells"]) == 6 and all("itl_p90_seconds" in cell for cell in bench["cells"])
 
 
 def test_benchmark_skip_and_only_behave_as_pytest_benchmark_users_expect(pytester: pytest.Pytester) -> None:
     skipped = pytester.runpytest(*SMALL, "--causal-lm-benchmark", "--benchmark-skip")
-    skipped.assert_outcomes(skipped=4)
+    skipped.assert_outcomes(skipped=6)
     only = pytester.runpytest(
-        "--causal-lm-checkpoint=tiny:qwen3",
-        "--causal-lm-benchmark-new-tokens=2",
-        "--causal-lm-benchmark-prompt-length=8",
-        "--causal-lm-benchmark-rounds=1",
+        *SMALL[:-2],
+        "--causal-lm-benchmark-modes=dynamic",
         "--benchmark-only",
         "-m",
         "causal_lm_benchmark or causal_lm_determinism",
     )
     only.assert_outcomes(passed=2, skipped=1)  # the invariant test is not a benchmark
+
+
+def test_a_prompt_longer_than_the_model_allows_skips_its_cell(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(
+        *SMALL[:3],
+        "--causal-lm-benchmark-prompt-lengths=8,600",
+        "--causal-lm-benchmark-modes=dynamic",
+        "--causal-lm-benchmark-rounds=1",
+        "--causal-lm-benchmark",
+        "-k",
+        "generation_speed",
+        "-rs",
+    )
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines(["*prompt 600 + 6 new tokens exceed max_position_embeddings 512*"])
 
 
 BROKEN_CACHE_CONFTEST = """
@@ -88,25 +148,88 @@ def causal_lm(causal_lm):
 """
 
 
-def test_benchmark_fails_when_cached_and_uncached_tokens_differ(pytester: pytest.Pytester) -> None:
+def test_benchmark_fails_when_modes_disagree_on_the_tokens(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(BROKEN_CACHE_CONFTEST)
-    result = pytester.runpytest(*SMALL, "--causal-lm-benchmark")
+    result = pytester.runpytest(*SMALL, "--causal-lm-benchmark", "--causal-lm-benchmark-modes=no_cache,dynamic")
     # with 2 new tokens the damaged cache is read once and happens to pick the same token; with 6 it diverges
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(
-        ["E * cached and uncached generation disagree (6 new tokens) at step * with a clear score margin*"]
+        ["E * no_cache and dynamic generation disagree (prompt 8, 6 new tokens) at step * with a clear score margin*"]
     )
 
 
-def test_speedup_table_and_bandwidth_lookup() -> None:
-    collector = BenchmarkCollector()
-    for use_cache, seconds in ((False, 4.0), (True, 1.0)):
-        collector.add(Measurement("t", use_cache, 8, 32, seconds, 0.1, [1] * 8, extra_info={}))
-    assert collector.table("t") == [
-        "new tokens  uncached tok/s  cached tok/s  speedup",
-        "         8             2.0           8.0    4.00x",
-    ]
-    assert collector.measurements[("t", True, 8)].extra_info["speedup_cached_vs_uncached"] == 4.0
+def test_static_compiled_mode_agrees_with_dynamic(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(
+        *SMALL[:1],
+        "--causal-lm-benchmark-new-tokens=6",
+        "--causal-lm-benchmark-prompt-lengths=8",
+        "--causal-lm-benchmark-rounds=1",
+        "--causal-lm-benchmark-modes=dynamic,static_compiled",
+        "--causal-lm-benchmark",
+        "-k",
+        "generation_speed",
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*static_compiled * 8 * 6 *"])
+
+
+@pytest.mark.parametrize("mode", ["no_cache", "dynamic", "static"])
+def test_the_figures_of_a_real_measurement_are_consistent_with_each_other(qwen3_path: Path, mode: str) -> None:
+    model, tokenizer = broken.load_healthy(qwen3_path)
+    prompt = tokenizer("Hi dog how are you?", return_tensors="pt")["input_ids"]
+    rounds = [timed_generate(model, tokenizer, prompt, 12, mode) for _ in range(3)]
+    case = BenchmarkCase(mode, prompt.shape[1], 12)
+    measurement = Measurement("t", case, 1, rounds, {})
+    for timed in rounds:
+        assert len(timed.tokens) == 12 and len(timed.step_seconds) == 11
+        arrival_of_last = timed.ttft_seconds + sum(timed.step_seconds)  # latencies add up to the last token
+        assert 0 < arrival_of_last <= timed.seconds
+        assert timed.seconds - arrival_of_last < 0.5 * timed.seconds  # what follows the last token is small
+    figures = measurement.figures()
+    assert math.isclose(figures["tokens_per_second"], 12 / measurement.seconds, rel_tol=1e-3)
+    steps = sorted(s for r in rounds for s in r.step_seconds)
+    assert steps[0] <= figures["itl_p50_seconds"] <= figures["itl_p90_seconds"] <= figures["itl_p99_seconds"]
+    assert figures["itl_p99_seconds"] <= steps[-1]
+    peaks = device_peaks(model.device, model.dtype)
+    cost = step_cost(model, context=case.prompt_length + 6, batch=1, cached=mode != "no_cache")
+    roofline = Roofline(figures["itl_p50_seconds"], cost, peaks)
+    assert math.isclose(roofline.achieved_bandwidth, cost.bytes / figures["itl_p50_seconds"])
+    assert math.isclose(roofline.bandwidth_utilisation, roofline.achieved_bandwidth / peaks.bandwidth)
+
+
+def test_step_cost_and_the_bound_follow_from_the_numbers(qwen3_path: Path) -> None:
+    model, _ = broken.load_healthy(qwen3_path)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    cached = step_cost(model, context=100, batch=1, cached=True)
+    # Qwen3 tiny: 2 layers x 2 kv heads x head_dim 8, keys and values, float32
+    assert cached.bytes == weights + 2 * 2 * 2 * 8 * 100 * 4
+    assert step_cost(model, context=100, batch=1, cached=False).flops > 50 * cached.flops  # recomputes 100 tokens
+    peaks = DevicePeaks(bandwidth=1e9, flops=1e12, bandwidth_source="test", flops_source="test")
+    memory_bound = Roofline(step_seconds=cached.bytes / 1e9 / 0.8, cost=cached, peaks=peaks)  # 80% of the peak
+    assert memory_bound.bound() == "memory bandwidth" and "MBU 80.0%" in memory_bound.diagnosis()
+    overhead_bound = Roofline(step_seconds=100 * cached.bytes / 1e9, cost=cached, peaks=peaks)
+    assert overhead_bound.bound() == "per-step overhead"
+
+
+def test_fitted_exponents_percentiles_and_the_bandwidth_table() -> None:
+    assert fitted_exponent([8, 32, 128], [0.1 * n**2 for n in (8, 32, 128)]) == pytest.approx(2.0)
+    assert fitted_exponent([8, 32, 128], [3.0, 3.0, 3.0]) == pytest.approx(0.0)
+    assert fitted_exponent([32], [1.0]) is None  # one point shows no growth
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert percentile([1.0, 2.0], 0.99) == pytest.approx(1.99)
     assert peak_bandwidth("NVIDIA H100 80GB HBM3") == 3350.0
     assert peak_bandwidth("NVIDIA H100 PCIe") == 2000.0
     assert peak_bandwidth("Intel Xeon") is None
+
+
+def test_the_collector_summarises_the_longest_run_per_mode() -> None:
+    collector = BenchmarkCollector()
+    for mode, seconds in (("no_cache", 4.0), ("dynamic", 1.0)):
+        for n in (8, 32):
+            rounds = [
+                SimpleNamespace(seconds=seconds * n / 8, ttft_seconds=0.1, step_seconds=[0.01], peak_memory_bytes=1)
+            ]
+            collector.add(Measurement("t", BenchmarkCase(mode, 16, n), 1, rounds, {}))  # type: ignore[arg-type]
+    assert collector.summary("t") == "tok/s at 32 new tokens: no_cache 2.0, dynamic 8.0"
+    dynamic = collector.measurements[("t", BenchmarkCase("dynamic", 16, 32))]
+    assert collector.reference_for(dynamic).case.mode == "no_cache"

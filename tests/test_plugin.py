@@ -16,7 +16,7 @@ import pytest_causal_lm as clm
 FLOAT32_SKIPS = 1  # test_dtype_parity: a float32 run of a float32 checkpoint has no other dtype to compare
 NO_BOUNDARY_SKIPS = 1  # test_long_context: the tiny checkpoints and SmolLM2 declare no sliding window or RoPE scaling
 RUN_BY_DEFAULT = len([i for i in clm.invariants() if not i.opt_in]) - FLOAT32_SKIPS - NO_BOUNDARY_SKIPS
-BENCHMARKS = 6  # test_generation_speed: 3 new-token counts x cached/uncached, opt-in, skipped otherwise
+BENCHMARKS = 12  # test_generation_speed: 3 CPU modes x (3 new-token counts + 1 more prompt length), opt-in
 SKIPPED_BY_DEFAULT = len([i for i in clm.invariants() if i.opt_in]) + BENCHMARKS + FLOAT32_SKIPS + NO_BOUNDARY_SKIPS
 
 USER_TEST = """

@@ -1,60 +1,46 @@
-"""Cached vs uncached greedy generation, measured with pytest-benchmark, summarised as a table and a plot.
+"""Greedy generation timed per mode (no cache, dynamic cache, static cache, static cache + compile), swept over
+new tokens and prompt length, measured with pytest-benchmark and summarised as a table, a diagnosis and a plot.
 
-Without the cache every step re-reads the whole sequence; with it, every step
-reads one new token plus the cache. Every figure here is computed from
-measurements; nothing is asserted about speed.
+Every step is timed where the user sees it: a streamer records when each new token leaves ``generate``
+(the copy to the host synchronises an accelerator), so compiled forwards are timed like eager ones. Every
+figure is computed from measurements; nothing is asserted about speed.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import statistics
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .roofline import PEAK_BANDWIDTH_GBPS, Roofline, device_peaks, peak_bandwidth, step_cost
+
 __all__ = [
+    "MODES",
     "PEAK_BANDWIDTH_GBPS",
+    "BenchmarkCase",
     "BenchmarkCollector",
     "Measurement",
     "TimedGeneration",
-    "bandwidth_figures",
+    "benchmark_cases",
     "benchmark_generation",
+    "fitted_exponent",
     "forced_generate",
     "peak_bandwidth",
     "random_prompt",
     "timed_generate",
 ]
 
-# Peak memory bandwidth (GB/s) of common GPUs, matched against torch.cuda.get_device_name().
-PEAK_BANDWIDTH_GBPS: dict[str, float] = {
-    "H200": 4800.0,
-    "H100 SXM": 3350.0,
-    "H100 80GB HBM3": 3350.0,
-    "H100 NVL": 3900.0,
-    "H100 PCIe": 2000.0,
-    "H100": 3350.0,
-    "GH200": 4000.0,
-    "B200": 8000.0,
-    "A100-SXM4-80GB": 2039.0,
-    "A100 80GB PCIe": 1935.0,
-    "A100": 1555.0,
-    "L40S": 864.0,
-    "L40": 864.0,
-    "L4": 300.0,
-    "A10G": 600.0,
-    "A10": 600.0,
-    "T4": 320.0,
-    "V100": 900.0,
-    "RTX 4090": 1008.0,
-    "RTX 3090": 936.0,
-}
-
-
-def peak_bandwidth(device_name: str) -> float | None:
-    """The table's peak bandwidth for a device name (longest matching key wins), or None."""
-    matches = [key for key in PEAK_BANDWIDTH_GBPS if key.lower() in device_name.lower()]
-    return PEAK_BANDWIDTH_GBPS[max(matches, key=len)] if matches else None
+MODES = ("no_cache", "dynamic", "static", "static_compiled")
+# Compiling costs tens of seconds, and on CPU buys little: it runs by default on accelerators only.
+DEFAULT_MODES = {"cpu": MODES[:3], "accelerator": MODES}
+DEFAULT_PROMPT_LENGTHS = {"cpu": (32, 512), "accelerator": (32, 1024, 8192)}
 
 
 def synchronize(device: Any) -> None:
@@ -65,200 +51,320 @@ def synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_prompt(model: Any, tokenizer: Any, length: int, seed: int = 0) -> Any:
-    """``(1, length)`` ids drawn from ordinary (non-special) tokens."""
+def random_prompt(model: Any, tokenizer: Any, length: int, seed: int = 0, batch: int = 1) -> Any:
+    """``(batch, length)`` ids drawn from ordinary (non-special) tokens."""
     import torch
 
     special = set(tokenizer.all_special_ids)
     high = min(len(tokenizer), model.config.get_text_config().vocab_size)
     pool = torch.tensor([i for i in range(high) if i not in special])
     generator = torch.Generator().manual_seed(seed)
-    return pool[torch.randint(0, len(pool), (1, length), generator=generator)].to(model.device)
+    return pool[torch.randint(0, len(pool), (batch, length), generator=generator)].to(model.device)
 
 
-def forced_generate(model: Any, tokenizer: Any, input_ids: Any, new_tokens: int, use_cache: bool) -> list[int]:
-    """Greedy ``generate`` forced to exactly ``new_tokens`` tokens (eos cannot stop it early)."""
+def generation_options(mode: str | bool) -> tuple[bool, dict[str, Any]]:
+    """``(use_cache, GenerationConfig fields)`` of a mode; ``True``/``False`` mean dynamic / no cache."""
+    mode = {True: "dynamic", False: "no_cache"}.get(mode, mode) if isinstance(mode, bool) else mode
+    if mode == "no_cache":
+        return False, {}
+    if mode == "dynamic":
+        return True, {}
+    if mode == "static":
+        return True, {"cache_implementation": "static", "disable_compile": True}
+    if mode == "static_compiled":
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig()  # transformers' own choice: reduce-overhead (CUDA graphs where available)
+        compile_config._compile_all_devices = True  # transformers compiles only on accelerators by itself
+        return True, {"cache_implementation": "static", "compile_config": compile_config}
+    raise ValueError(f"unknown benchmark mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def forced_generate(
+    model: Any, tokenizer: Any, input_ids: Any, new_tokens: int, mode: str | bool = "dynamic", streamer: Any = None
+) -> list[int]:
+    """Greedy ``generate`` forced to exactly ``new_tokens`` tokens (eos cannot stop it early); row 0's tokens.
+
+    ``mode``: one of ``MODES`` (``True``/``False`` are kept for dynamic / no cache).
+    """
     from .checks.greedy import greedy_generate
 
-    tokens = greedy_generate(
-        model, tokenizer, input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=use_cache
-    )[0]
+    use_cache, fields = generation_options(mode)
+    rows = greedy_generate(
+        model,
+        tokenizer,
+        input_ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        use_cache=use_cache,
+        config_fields=fields,
+        **({"streamer": streamer} if streamer is not None else {}),
+    )
     synchronize(model.device)
-    return tokens
+    return rows[0]
+
+
+class StepClock:
+    """A ``generate`` streamer that notes the time each new token arrives (the first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if self._prompt_seen:
+            self.arrivals.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+@contextmanager
+def peak_memory(device: Any) -> Iterator[list[int]]:
+    """Yields a one-element list that holds, on exit, the peak bytes: the CUDA allocator's peak, or the
+    process's resident set size sampled every 2 ms on CPU (Linux ``/proc``; elsewhere ``ru_maxrss``)."""
+    import torch
+
+    peak = [0]
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        yield peak
+        peak[0] = torch.cuda.max_memory_allocated(device)
+        return
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        import resource
+
+        yield peak
+        peak[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    done = threading.Event()
+
+    def sample() -> None:
+        while True:
+            peak[0] = max(peak[0], int(statm.read_text().split()[1]) * page)
+            if done.wait(0.002):
+                return
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
 
 
 @dataclass
 class TimedGeneration:
-    """One forced generation, timed forward by forward: the prefill, then every decoding step."""
+    """One forced generation: its tokens, total time, time to the first token, each later step, peak memory."""
 
     tokens: list[int]
     seconds: float
-    prefill_seconds: float  # from the call to the end of the first forward: the time to the first token
-    step_seconds: list[float]  # each later forward, end to end
+    ttft_seconds: float  # from the call to the first new token
+    step_seconds: list[float]  # between consecutive new tokens
+    peak_memory_bytes: int = 0
+
+
+def timed_generate(model: Any, tokenizer: Any, input_ids: Any, new_tokens: int, mode: str | bool) -> TimedGeneration:
+    """``forced_generate`` with the arrival of every new token timed."""
+    clock = StepClock()
+    with peak_memory(model.device) as peak:
+        start = time.perf_counter()
+        tokens = forced_generate(model, tokenizer, input_ids, new_tokens, mode, streamer=clock)
+        seconds = time.perf_counter() - start
+    arrivals = clock.arrivals or [start + seconds]
+    steps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    return TimedGeneration(tokens, seconds, arrivals[0] - start, steps, peak[0])
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """Linear-interpolated percentile (``share`` in 0..1) of ``values``."""
+    ordered = sorted(values)
+    position = share * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def fitted_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """The slope of log(y) against log(x), least squares: y grows like x**slope over the measured range."""
+    if len(xs) < 2 or len(set(xs)) < 2:
+        return None
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
+
+
+@dataclass(frozen=True)
+class BenchmarkCase:
+    """One cell of the sweep."""
+
+    mode: str
+    prompt_length: int
+    new_tokens: int
 
     @property
-    def decode_seconds_per_token(self) -> float | None:
-        """Mean time of a decoding step: measured steps only, so never zero or negative; None for one new token."""
-        return sum(self.step_seconds) / len(self.step_seconds) if self.step_seconds else None
+    def id(self) -> str:
+        return f"{self.mode}-p{self.prompt_length}-n{self.new_tokens}"
 
 
-def timed_generate(model: Any, tokenizer: Any, input_ids: Any, new_tokens: int, use_cache: bool) -> TimedGeneration:
-    """``forced_generate`` with the end of every forward pass timed (synchronised on CUDA)."""
-    ends: list[float] = []
-
-    def mark(*_: Any) -> None:
-        synchronize(model.device)
-        ends.append(time.perf_counter())
-
-    handle = model.register_forward_hook(mark)
-    try:
-        start = time.perf_counter()
-        tokens = forced_generate(model, tokenizer, input_ids, new_tokens, use_cache)
-        seconds = time.perf_counter() - start
-    finally:
-        handle.remove()
-    steps = [later - earlier for earlier, later in itertools.pairwise(ends)]
-    return TimedGeneration(tokens, seconds, ends[0] - start if ends else seconds, steps)
-
-
-def bytes_per_decode_token(model: Any, context_length: float) -> float:
-    """Bytes a cached decode step must read: every weight once, plus the K and V cache of the context."""
-    config = model.config.get_text_config()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = next(model.parameters()).element_size()
-    cache = 2 * config.num_hidden_layers * heads * head_dim * context_length * element
-    return weights + cache
-
-
-def bandwidth_figures(model: Any, measurement: Measurement, peak_gbps: float | None = None) -> dict[str, float | str]:
-    """Achieved memory bandwidth of cached decoding on CUDA, and its fraction of the device's peak."""
-    import torch
-
-    if not measurement.use_cache or model.device.type != "cuda" or not measurement.decode_seconds_per_token:
-        return {}
-    moved = bytes_per_decode_token(model, measurement.prompt_length + measurement.new_tokens / 2)
-    achieved = moved / measurement.decode_seconds_per_token / 1e9
-    name = torch.cuda.get_device_name(model.device)
-    figures: dict[str, float | str] = {"device_name": name, "achieved_bandwidth_gbps": round(achieved, 1)}
-    peak = peak_gbps or peak_bandwidth(name)
-    if peak:
-        figures.update(peak_bandwidth_gbps=peak, bandwidth_fraction=round(achieved / peak, 3))
-    return figures
+def benchmark_cases(settings: Any, devices: Sequence[str]) -> list[BenchmarkCase]:
+    """Every mode over the new-token counts at the first prompt length, then over the other prompt lengths at
+    the middle new-token count. Modes and prompt lengths default per device kind (accelerator if any is)."""
+    kind = "accelerator" if any(not str(d).startswith("cpu") for d in devices) else "cpu"
+    modes = list(dict.fromkeys(settings.benchmark_modes or DEFAULT_MODES[kind]))
+    lengths = list(dict.fromkeys(settings.benchmark_prompt_lengths or DEFAULT_PROMPT_LENGTHS[kind]))
+    counts = sorted(set(settings.benchmark_new_tokens))
+    cases = [BenchmarkCase(mode, lengths[0], n) for n in counts for mode in modes]
+    cases += [BenchmarkCase(mode, length, counts[len(counts) // 2]) for length in lengths[1:] for mode in modes]
+    return cases
 
 
 @dataclass
 class Measurement:
-    """One benchmark: a target (by key), a cache mode and a number of new tokens."""
+    """One cell for one target: the timed rounds' medians and percentiles, and what bounds its steps."""
 
     target_key: str
-    use_cache: bool
-    new_tokens: int
-    prompt_length: int
-    seconds: float
-    prefill_seconds: float
-    tokens: list[int]
+    case: BenchmarkCase
+    batch: int
+    rounds: list[TimedGeneration]
     extra_info: dict[str, Any]
-    decode_seconds_per_token: float | None = None
     label: str = ""
+    roofline: Roofline | None = None
+    memory_kind: str = "process RSS"  # or "CUDA allocator"
 
-    @classmethod
-    def from_rounds(
-        cls, target: Any, use_cache: bool, rounds: list[TimedGeneration], prompt_length: int, extra_info: dict[str, Any]
-    ) -> Measurement:
-        """The median of the timed rounds, figure by figure."""
-        decode = [r.decode_seconds_per_token for r in rounds if r.decode_seconds_per_token is not None]
-        return cls(
-            target_key=target.key,
-            label=target.id,
-            use_cache=use_cache,
-            new_tokens=len(rounds[-1].tokens),
-            prompt_length=prompt_length,
-            seconds=_median([r.seconds for r in rounds]),
-            prefill_seconds=_median([r.prefill_seconds for r in rounds]),
-            tokens=rounds[-1].tokens,
-            extra_info=extra_info,
-            decode_seconds_per_token=_median(decode) if decode else None,
-        )
+    @property
+    def tokens(self) -> list[int]:
+        return self.rounds[-1].tokens
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(r.seconds for r in self.rounds)
+
+    @property
+    def ttft_seconds(self) -> float:
+        return statistics.median(r.ttft_seconds for r in self.rounds)
+
+    @property
+    def steps(self) -> list[float]:
+        return [s for r in self.rounds for s in r.step_seconds]
+
+    def itl(self, share: float) -> float | None:
+        """Inter-token latency percentile over every step of every timed round."""
+        return percentile(self.steps, share) if self.steps else None
 
     @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds
+        return self.batch * self.case.new_tokens / self.seconds
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return max(r.peak_memory_bytes for r in self.rounds)
 
     def figures(self) -> dict[str, Any]:
-        """What goes into pytest-benchmark's extra_info."""
-        decode = self.decode_seconds_per_token
+        """What goes into pytest-benchmark's extra_info and the reports."""
+        totals = [r.seconds for r in self.rounds]
+        itl = {f"itl_p{p}_seconds": _rounded(self.itl(p / 100)) for p in (50, 90, 99)}
         return {
-            "mode": "cached" if self.use_cache else "uncached",
-            "new_tokens": self.new_tokens,
-            "prompt_length": self.prompt_length,
-            "median_seconds": round(self.seconds, 6),
-            "prefill_seconds": round(self.prefill_seconds, 6),
-            "decode_seconds_per_token": None if decode is None else float(f"{decode:.6g}"),
+            "mode": self.case.mode,
+            "prompt_length": self.case.prompt_length,
+            "new_tokens": self.case.new_tokens,
+            "batch_size": self.batch,
+            "rounds": len(self.rounds),
+            "median_seconds": _rounded(self.seconds),
+            "min_seconds": _rounded(min(totals)),
+            "max_seconds": _rounded(max(totals)),
+            "ttft_seconds": _rounded(self.ttft_seconds),
+            **itl,
             "tokens_per_second": round(self.tokens_per_second, 3),
+            "peak_memory_mb": round(self.peak_memory_bytes / 2**20, 1),
+            "peak_memory_kind": self.memory_kind,
+            **(self.roofline.figures() if self.roofline else {}),
         }
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.6g}")
 
 
 @dataclass
 class BenchmarkCollector:
-    """Measurements of the session, for the speedups, the terminal table and the plot."""
+    """Measurements of the session, for the agreement check, the terminal table, the reports and the plot."""
 
-    measurements: dict[tuple[str, bool, int], Measurement] = field(default_factory=dict)
+    measurements: dict[tuple[str, BenchmarkCase], Measurement] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)  # target key -> display name
 
     def add(self, measurement: Measurement) -> None:
         self.labels[measurement.target_key] = measurement.label or measurement.target_key
-        self.measurements[(measurement.target_key, measurement.use_cache, measurement.new_tokens)] = measurement
-        pair = [
-            self.measurements.get((measurement.target_key, cache, measurement.new_tokens)) for cache in (False, True)
-        ]
-        if all(pair):
-            uncached, cached = pair
-            speedup = uncached.seconds / cached.seconds
-            for m in pair:
-                m.extra_info["speedup_cached_vs_uncached"] = round(speedup, 3)
+        self.measurements[(measurement.target_key, measurement.case)] = measurement
 
-    def counterpart(self, measurement: Measurement) -> Measurement | None:
-        return self.measurements.get((measurement.target_key, not measurement.use_cache, measurement.new_tokens))
+    def reference_for(self, measurement: Measurement) -> Measurement | None:
+        """The first other mode measured for the same target, prompt length and new tokens."""
+        case = measurement.case
+        return next(
+            (
+                m
+                for (key, other), m in self.measurements.items()
+                if key == measurement.target_key
+                and other.mode != case.mode
+                and (other.prompt_length, other.new_tokens) == (case.prompt_length, case.new_tokens)
+            ),
+            None,
+        )
 
     def targets(self) -> list[str]:
-        return list(dict.fromkeys(key[0] for key in self.measurements))
+        return list(dict.fromkeys(key for key, _ in self.measurements))
 
-    def sizes(self, target: str) -> list[int]:
-        """The new-token counts measured for ``target`` (a target key)."""
-        return sorted({n for key, _, n in self.measurements if key == target})
-
-    def speedup_summary(self, target: str) -> str:
-        """``3.77x@128, ...``: cached/uncached speedup per new-token count."""
-        parts = []
-        for n in self.sizes(target):
-            uncached, cached = (self.measurements.get((target, c, n)) for c in (False, True))
-            if uncached and cached:
-                parts.append(f"{uncached.seconds / cached.seconds:.2f}x@{n}")
-        return ", ".join(parts)
+    def of(self, target: str) -> list[Measurement]:
+        return [m for (key, _), m in self.measurements.items() if key == target]
 
     def table(self, target: str) -> list[str]:
-        """Rows: new tokens, uncached and cached tokens/s, speedup."""
-        lines = [f"{'new tokens':>10} {'uncached tok/s':>15} {'cached tok/s':>13} {'speedup':>8}"]
-        for n in self.sizes(target):
-            uncached = self.measurements.get((target, False, n))
-            cached = self.measurements.get((target, True, n))
-            speedup = f"{uncached.seconds / cached.seconds:7.2f}x" if uncached and cached else "      -"
+        """One row per cell: TTFT, inter-token latency percentiles, tokens/s, peak memory, MBU, bound."""
+        lines = [
+            f"{'mode':<16}{'prompt':>7}{'new':>5}{'TTFT ms':>9}{'ITL p50':>9}{'p90':>8}{'p99':>8}"
+            f"{'tok/s':>9}  {'total s (min-max)':<24}{'peak MB':>8}{'MBU':>7}  bound"
+        ]
+        for m in self.of(target):
+            f = m.figures()
+            ms = [(f[f"itl_p{p}_seconds"] or 0) * 1e3 for p in (50, 90, 99)]
+            spread = f"{f['median_seconds']:.3g} ({f['min_seconds']:.3g}-{f['max_seconds']:.3g})"
+            mbu = f"{f['memory_bandwidth_utilisation']:.1%}" if "memory_bandwidth_utilisation" in f else "-"
             lines.append(
-                f"{n:>10} {uncached.tokens_per_second if uncached else float('nan'):>15.1f} "
-                f"{cached.tokens_per_second if cached else float('nan'):>13.1f} {speedup:>8}"
+                f"{m.case.mode:<16}{m.case.prompt_length:>7}{m.case.new_tokens:>5}{f['ttft_seconds'] * 1e3:>9.1f}"
+                f"{ms[0]:>9.2f}{ms[1]:>8.2f}{ms[2]:>8.2f}{f['tokens_per_second']:>9.1f}  {spread:<24}"
+                f"{f['peak_memory_mb']:>8.0f}{mbu:>7}  {f.get('bound', '-')}"
             )
         return lines
 
+    def diagnoses(self, target: str) -> list[str]:
+        """Per mode, the diagnosis of its longest generation at the first prompt length."""
+        _, _, by_new_tokens, _ = _sweeps(self.of(target))
+        longest: dict[str, Measurement] = {}
+        for m in sorted(by_new_tokens, key=lambda m: m.case.new_tokens):
+            if m.roofline:
+                longest[m.case.mode] = m
+        return [f"{mode} ({m.case.new_tokens} new tokens): {m.roofline.diagnosis()}" for mode, m in longest.items()]
+
+    def summary(self, target: str) -> str:
+        """``tok/s at N new tokens: mode X, ...``: the headline for the verdict."""
+        _, _, by_new_tokens, _ = _sweeps(self.of(target))
+        most = max(m.case.new_tokens for m in by_new_tokens)
+        rates = ", ".join(
+            f"{m.case.mode} {m.tokens_per_second:.1f}" for m in by_new_tokens if m.case.new_tokens == most
+        )
+        return f"tok/s at {most} new tokens: {rates}"
+
+    def report_cells(self, target: str) -> list[dict[str, Any]]:
+        return [m.figures() for m in self.of(target)]
+
     def plot(self, path: Path) -> Path | None:
-        """Time vs new tokens, cached and uncached, one panel per target; None without matplotlib."""
+        """Per target, tokens/s against new tokens and against prompt length, one line per mode, each labelled
+        with the fitted growth exponent of its total time; None without matplotlib."""
         try:
             import matplotlib
 
@@ -267,20 +373,17 @@ class BenchmarkCollector:
         except ImportError:
             return None
         targets = self.targets()
-        figure, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4.5), squeeze=False)
-        for axis, target in zip(axes[0], targets, strict=True):
-            for use_cache, style in ((False, "o-"), (True, "s-")):
-                points = [
-                    (n, m.seconds) for n in self.sizes(target) if (m := self.measurements.get((target, use_cache, n)))
-                ]
-                if points:
-                    axis.plot(
-                        *zip(*points, strict=True), style, label="with KV cache" if use_cache else "without cache"
-                    )
-            axis.set(title=self.labels[target], xlabel="new tokens", ylabel="generation time (s, median)")
-            axis.grid(alpha=0.3)
-            axis.legend()
-        figure.suptitle("Forced greedy generation: median wall time per call vs new tokens")
+        figure, axes = plt.subplots(len(targets), 2, figsize=(12, 4.5 * len(targets)), squeeze=False)
+        for row, target in zip(axes, targets, strict=True):
+            cells = self.of(target)
+            first_length, middle, by_new_tokens, by_prompt = _sweeps(cells)
+            _plot_sweep(row[0], by_new_tokens, lambda m: m.case.new_tokens, "new tokens")
+            _plot_sweep(row[1], by_prompt, lambda m: m.case.prompt_length, "prompt length (tokens)")
+            batch, rounds = cells[0].batch, len(cells[0].rounds)
+            label = self.labels[target]
+            row[0].set_title(f"{label}: prompt {first_length} tokens, batch {batch}, median of {rounds} rounds")
+            row[1].set_title(f"{label}: {middle} new tokens, batch {batch}, median of {rounds} rounds")
+        figure.suptitle("Forced greedy generation: tokens/s (higher is better); n^k = fitted growth of total time")
         figure.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
@@ -288,51 +391,93 @@ class BenchmarkCollector:
         return path
 
 
-def benchmark_generation(
-    causal_lm: Any, benchmark: Any, collector: BenchmarkCollector, settings: Any, *, use_cache: bool, new_tokens: int
-) -> Measurement | None:
-    """Time forced greedy generation of ``new_tokens`` with pytest-benchmark's ``benchmark`` fixture.
+def _sweeps(cells: list[Measurement]) -> tuple[int, int, list[Measurement], list[Measurement]]:
+    """``(first prompt length, new tokens of the prompt sweep, the new-token sweep, the prompt-length sweep)``."""
+    first_length = min(m.case.prompt_length for m in cells)
+    longer = [m.case.new_tokens for m in cells if m.case.prompt_length != first_length]
+    middle = longer[0] if longer else max(m.case.new_tokens for m in cells)
+    by_new_tokens = [m for m in cells if m.case.prompt_length == first_length]
+    return first_length, middle, by_new_tokens, [m for m in cells if m.case.new_tokens == middle]
 
-    One warm-up round, then ``settings.benchmark_rounds`` timed ones; the figures go to
-    ``benchmark.extra_info`` and ``collector``. Once both cache modes of a size are in, their
-    tokens must agree (near-tie aware). Returns None under --benchmark-disable (nothing measured).
+
+def _plot_sweep(axis: Any, cells: list[Measurement], x_of: Any, xlabel: str) -> None:
+    for mode in MODES:
+        points = sorted((x_of(m), m.tokens_per_second, m.seconds) for m in cells if m.case.mode == mode)
+        if not points:
+            continue
+        xs, rates, seconds = zip(*points, strict=True)
+        exponent = fitted_exponent(xs, seconds)
+        growth = f" (time ~ n^{exponent:.2f})" if exponent is not None else ""
+        axis.plot(xs, rates, "o-", label=f"{mode}{growth}")
+    axis.set(xlabel=xlabel, ylabel="tokens/s", xscale="log")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+
+
+def benchmark_generation(
+    causal_lm: Any, benchmark: Any, collector: BenchmarkCollector, settings: Any, case: BenchmarkCase
+) -> Measurement | None:
+    """Time forced greedy generation of one ``case`` with pytest-benchmark's ``benchmark`` fixture.
+
+    Warm-up rounds first (one more for a compiled mode, whose first calls compile), then
+    ``settings.benchmark_rounds`` timed ones; the figures go to ``benchmark.extra_info`` and ``collector``.
+    Its tokens must agree with the first other mode measured for the same cell (near-tie aware).
+    Returns None under --benchmark-disable (nothing measured).
     """
     __tracebackhide__ = True
-    from .checks.greedy import assert_same_continuation
+    import pytest
 
     model, tokenizer = causal_lm.model, causal_lm.tokenizer
-    benchmark.group = f"{causal_lm.target.id} new_tokens={new_tokens}"
-    prompt = random_prompt(model, tokenizer, settings.benchmark_prompt_length, seed=causal_lm.seed)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit and case.prompt_length + case.new_tokens > limit:
+        pytest.skip(
+            f"prompt {case.prompt_length} + {case.new_tokens} new tokens exceed max_position_embeddings {limit}"
+        )
+    benchmark.group = f"{causal_lm.target.id} prompt={case.prompt_length} new_tokens={case.new_tokens}"
+    batch = settings.benchmark_batch_size
+    prompt = random_prompt(model, tokenizer, case.prompt_length, seed=causal_lm.seed, batch=batch)
     rounds: list[TimedGeneration] = []
+    warmup = settings.benchmark_warmup_rounds + (case.mode == "static_compiled")
     benchmark.pedantic(
-        lambda: rounds.append(timed_generate(model, tokenizer, prompt, new_tokens, use_cache)),
+        lambda: rounds.append(timed_generate(model, tokenizer, prompt, case.new_tokens, case.mode)),
         rounds=settings.benchmark_rounds,
-        warmup_rounds=1,
+        warmup_rounds=warmup,
         iterations=1,
     )
     if benchmark.stats is None:
         return None
-    timed = rounds[-settings.benchmark_rounds :]  # the warm-up round is not a measurement
-    measurement = Measurement.from_rounds(causal_lm.target, use_cache, timed, prompt.shape[1], benchmark.extra_info)
+    measurement = Measurement(
+        causal_lm.target.key, case, batch, rounds[warmup:], benchmark.extra_info, causal_lm.target.id
+    )
+    itl = measurement.itl(0.5)
+    if itl:
+        peaks = device_peaks(model.device, model.dtype, settings.peak_bandwidth)
+        context = case.prompt_length + case.new_tokens / 2
+        cost = step_cost(model, context=context, batch=batch, cached=case.mode != "no_cache")
+        measurement.roofline = Roofline(itl, cost, peaks)
     benchmark.extra_info.update(
-        checkpoint=causal_lm.checkpoint,
-        device=causal_lm.device,
-        dtype=causal_lm.dtype,
-        **measurement.figures(),
-        **bandwidth_figures(model, measurement, settings.peak_bandwidth),
+        checkpoint=causal_lm.checkpoint, device=causal_lm.device, dtype=causal_lm.dtype, **measurement.figures()
     )
     collector.add(measurement)
-    other = collector.counterpart(measurement)
-    if other is not None:
-        uncached, cached = (other, measurement) if use_cache else (measurement, other)
-        assert_same_continuation(
-            model,
-            tokenizer,
-            prompt,
-            uncached.tokens,
-            cached.tokens,
-            labels=("without cache", "with KV cache"),
-            tolerance=causal_lm.tolerance,
-            title=f"cached and uncached generation disagree ({new_tokens} new tokens)",
-        )
+    _assert_modes_agree(causal_lm, collector, measurement, prompt)
     return measurement
+
+
+def _assert_modes_agree(causal_lm: Any, collector: BenchmarkCollector, measurement: Measurement, prompt: Any) -> None:
+    __tracebackhide__ = True
+    from .checks.greedy import assert_same_continuation
+
+    other = collector.reference_for(measurement)
+    if other is None:
+        return
+    assert_same_continuation(
+        causal_lm.model,
+        causal_lm.tokenizer,
+        prompt[:1],
+        other.tokens,
+        measurement.tokens,
+        labels=(other.case.mode, measurement.case.mode),
+        tolerance=causal_lm.tolerance,
+        title=f"{other.case.mode} and {measurement.case.mode} generation disagree "
+        f"(prompt {measurement.case.prompt_length}, {measurement.case.new_tokens} new tokens)",
+    )

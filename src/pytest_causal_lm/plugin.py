@@ -24,7 +24,7 @@ SUITE_DIR = Path(__file__).parent / "suite"
 # Markers besides the invariants' own (those come from the registry).
 MARKERS = {
     "causal_lm": "a test of the built-in causal LM invariant suite",
-    "causal_lm_benchmark": "cached vs uncached generation benchmark (opt-in: --causal-lm-benchmark)",
+    "causal_lm_benchmark": "generation benchmark: no cache, dynamic, static and compiled caches (opt-in: --causal-lm-benchmark)",
 }
 
 NO_CHECKPOINT_REASON = (
@@ -196,7 +196,11 @@ def _verdict_summary(terminalreporter: pytest.TerminalReporter, config: pytest.C
     if not table.cells:
         return
     for key in session.benchmarks.targets():
-        table.speedups[key] = session.benchmarks.speedup_summary(key)
+        table.benchmarks[key] = {
+            "summary": session.benchmarks.summary(key),
+            "diagnoses": session.benchmarks.diagnoses(key),
+            "cells": session.benchmarks.report_cells(key),
+        }
     terminalreporter.section("causal-lm verdict")
     for line in table.terminal_lines(config.get_verbosity()):
         terminalreporter.write_line(line)
@@ -240,16 +244,16 @@ def _benchmark_summary(terminalreporter: pytest.TerminalReporter, config: pytest
     collector = session.benchmarks
     if not collector.measurements:
         return
-    terminalreporter.section("causal-lm benchmark: greedy generation, cached vs uncached")
+    terminalreporter.section("causal-lm benchmark: forced greedy generation (medians; ITL = inter-token latency)")
     for key in collector.targets():
         terminalreporter.write_line(collector.labels[key])
-        for line in collector.table(key):
+        for line in [*collector.table(key), *collector.diagnoses(key)]:
             terminalreporter.write_line("  " + line)
     plot = collector.plot(session.rootpath / session.settings.benchmark_plot)
     if plot is None:
-        terminalreporter.write_line("plot skipped: pip install matplotlib to draw time vs new tokens")
+        terminalreporter.write_line("plot skipped: pip install matplotlib to draw tokens/s per mode")
     else:
-        terminalreporter.write_line(f"plot of time vs new tokens: {plot}")
+        terminalreporter.write_line(f"plot of tokens/s vs new tokens and vs prompt length: {plot}")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -283,13 +287,12 @@ def targets_of(settings: Settings) -> list[Target]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     settings = session_of(metafunc.config).settings
-    if "causal_lm_new_tokens" in metafunc.fixturenames:
-        sweep = [(use_cache, n) for n in settings.benchmark_new_tokens for use_cache in (False, True)]
-        metafunc.parametrize(
-            ("causal_lm_use_cache", "causal_lm_new_tokens"),
-            sweep,
-            ids=[f"{'cached' if use_cache else 'uncached'}-{n}" for use_cache, n in sweep],
-        )
+    if "causal_lm_benchmark_case" in metafunc.fixturenames:
+        from .benchmark import benchmark_cases
+
+        devices = [t.device for t in targets_of(settings)] if settings.checkpoint else ["cpu"]
+        cases = benchmark_cases(settings, devices)
+        metafunc.parametrize("causal_lm_benchmark_case", cases, ids=[c.id for c in cases])
     if "causal_lm_target" not in metafunc.fixturenames:
         return
     if not settings.checkpoint:

@@ -110,7 +110,7 @@ class VerdictTable:
     cells: dict[str, dict[str, Cell]] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)  # target key -> unique display name
     devices: dict[str, str] = field(default_factory=dict)
-    speedups: dict[str, str] = field(default_factory=dict)
+    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)  # target key -> summary, diagnoses, cells
     load_errors: dict[str, str] = field(default_factory=dict)
     not_run: Counter[str] = field(default_factory=Counter)  # skip reasons of tests outside the invariants
 
@@ -187,8 +187,8 @@ class VerdictTable:
                     figure = f" {cell.figure_text}" if cell.figure else ""
                     detail = f": {cell.detail}" if cell.detail and (verbosity > 0 or cell.outcome != "tie") else ""
                     lines.append(f"  {label} {invariant.name} {cell.outcome}{figure}{detail}"[:300])
-            if target in self.speedups:
-                lines.append(f"  {label} KV-cache speedup {self.speedups[target]}")
+            if target in self.benchmarks:
+                lines.append(f"  {label} benchmark {self.benchmarks[target]['summary']}")
         return lines
 
     def _not_run_lines(self) -> list[str]:
@@ -213,7 +213,7 @@ class VerdictTable:
                     target: {
                         "label": self.labels[target],
                         "device_name": device_name(self.devices.get(target, "")),
-                        "speedup": self.speedups.get(target),
+                        "benchmark": self.benchmarks.get(target),
                         "load_error": self.load_errors.get(target),
                         "invariants": {i.name: row[i.test_name].to_dict() for i in invariants() if i.test_name in row},
                     }
@@ -254,10 +254,43 @@ class VerdictTable:
         ]
         if details:
             lines += ["", "### Failures, skips and notes", "", *details]
-        if self.speedups:
-            lines += ["", "### KV-cache speedup", "", *[f"- `{self.labels[t]}`: {s}" for t, s in self.speedups.items()]]
+        for target, bench in self.benchmarks.items():
+            lines += ["", f"### Generation benchmark: `{self.labels[target]}`", "", *_benchmark_markdown(bench)]
         lines += ["", "### Environment", ""]
         lines += [f"- {name}: {version}" for name, version in versions.items()]
         lines += [f"- device of `{self.labels[t]}`: {device_name(d)}" for t, d in self.devices.items() if d]
         lines += ["", "<details><summary>settings</summary>", "", *[f"- {s}" for s in settings], "", "</details>", ""]
         return "\n".join(lines)
+
+
+_BENCHMARK_COLUMNS = (
+    ("mode", "mode", "{}"),
+    ("prompt", "prompt_length", "{}"),
+    ("new", "new_tokens", "{}"),
+    ("TTFT ms", "ttft_seconds", "{:.1f}", 1e3),
+    ("ITL p50 ms", "itl_p50_seconds", "{:.2f}", 1e3),
+    ("p90", "itl_p90_seconds", "{:.2f}", 1e3),
+    ("p99", "itl_p99_seconds", "{:.2f}", 1e3),
+    ("tok/s", "tokens_per_second", "{:.1f}"),
+    ("total s (min-max)", None, ""),
+    ("peak MB", "peak_memory_mb", "{:.0f}"),
+    ("MBU", "memory_bandwidth_utilisation", "{:.1%}"),
+    ("bound", "bound", "{}"),
+)
+
+
+def _benchmark_cell(figures: dict[str, Any], key: str | None, pattern: str, scale: float = 1.0) -> str:
+    if key is None:
+        return f"{figures['median_seconds']:.3g} ({figures['min_seconds']:.3g}-{figures['max_seconds']:.3g})"
+    value = figures.get(key)
+    if value is None:
+        return "-"
+    return pattern.format(value * scale if isinstance(value, float) and scale != 1.0 else value)
+
+
+def _benchmark_markdown(bench: dict[str, Any]) -> list[str]:
+    """The benchmark's cells as a Markdown table, then its diagnoses."""
+    lines = ["| " + " | ".join(c[0] for c in _BENCHMARK_COLUMNS) + " |", "|---" * len(_BENCHMARK_COLUMNS) + "|"]
+    for figures in bench["cells"]:
+        lines.append("| " + " | ".join(_benchmark_cell(figures, *c[1:]) for c in _BENCHMARK_COLUMNS) + " |")
+    return [*lines, "", *[f"- {line}" for line in bench["diagnoses"]]]

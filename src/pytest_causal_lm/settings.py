@@ -18,6 +18,7 @@ __all__ = ["DTYPE_CHOICES", "OPTIONS", "OptionSpec", "Setting", "Settings", "res
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 SUITE_CHOICES = ("on", "off", "only")
+BENCHMARK_MODES = ("no_cache", "dynamic", "static", "static_compiled")  # benchmark.MODES, without importing it
 MAIN_SETTINGS = ("checkpoint", "device", "dtype", "suite")  # always in the report header
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -202,36 +203,57 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "benchmark",
-        "Run the cached vs uncached generation benchmarks (pytest-benchmark); otherwise they skip. "
+        "Run the generation benchmarks (pytest-benchmark); otherwise they skip. "
         "--benchmark-only also turns them on. Default: off.",
         default=False,
         flag=True,
         parse=_parse_bool,
     ),
     OptionSpec(
+        "benchmark_modes",
+        "Generation modes to time: no_cache, dynamic, static, static_compiled; repeat or comma-separate. "
+        "Default: no_cache,dynamic,static on CPU (compiling costs tens of seconds), all four on an accelerator.",
+        default=(),
+        multiple=True,
+        choices=BENCHMARK_MODES,
+        metavar="MODE",
+    ),
+    OptionSpec(
         "benchmark_new_tokens",
-        "New-token counts of the benchmark sweep; repeat or comma-separate. Default: 8,32,128.",
+        "New-token counts of the sweep (at the first prompt length); repeat or comma-separate. Default: 8,32,128.",
         default=(8, 32, 128),
         multiple=True,
         parse=_parse_int,
         metavar="N",
     ),
     OptionSpec(
-        "benchmark_prompt_length", "Prompt length of the benchmark, in tokens. Default: 32.", 32, parse=_parse_int
+        "benchmark_prompt_lengths",
+        "Prompt lengths of the sweep, in tokens (the later ones at the middle new-token count); repeat or "
+        "comma-separate. Default: 32,512 on CPU, 32,1024,8192 on an accelerator (capped by the model).",
+        default=(),
+        multiple=True,
+        parse=_parse_int,
+        metavar="N",
     ),
+    OptionSpec("benchmark_batch_size", "Sequences per generate call. Default: 1.", 1, parse=_parse_int),
+    OptionSpec("benchmark_rounds", "Timed rounds per cell. Default: 5.", 5, parse=_parse_int),
     OptionSpec(
-        "benchmark_rounds", "Timed rounds per benchmark, after 1 warm-up round. Default: 3.", 3, parse=_parse_int
+        "benchmark_warmup_rounds",
+        "Untimed rounds before them (one more for static_compiled, whose first calls compile). Default: 1.",
+        1,
+        parse=_parse_int,
     ),
     OptionSpec(
         "benchmark_plot",
-        "Where the benchmark's time-vs-new-tokens PNG goes, relative to the rootdir. Default: causal_lm_benchmark.png.",
+        "Where the benchmark's PNG goes (tokens/s vs new tokens and vs prompt length per mode), relative to the "
+        "rootdir. Default: causal_lm_benchmark.png.",
         "causal_lm_benchmark.png",
         metavar="PATH",
     ),
     OptionSpec(
         "peak_bandwidth",
-        "Peak memory bandwidth of the device in GB/s, for the bandwidth fraction of cached decoding on CUDA. "
-        "Default: from a table of known GPUs.",
+        "Peak memory bandwidth of the device in GB/s, for the benchmark's memory-bandwidth utilisation and "
+        "diagnosis. Default: a table of known GPUs, else a measured large copy.",
         None,
         parse=_parse_float,
         metavar="GBPS",

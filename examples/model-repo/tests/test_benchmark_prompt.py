@@ -10,7 +10,7 @@ import pytest_causal_lm as clm
 def test_answer_latency(benchmark, causal_lm: clm.CausalLM) -> None:
     ids = causal_lm.tokenizer("The capital of France is", return_tensors="pt")["input_ids"].to(causal_lm.model.device)
     tokens = benchmark.pedantic(
-        clm.forced_generate, args=(causal_lm.model, causal_lm.tokenizer, ids, 16, True), rounds=3, warmup_rounds=1
+        clm.forced_generate, args=(causal_lm.model, causal_lm.tokenizer, ids, 16, "dynamic"), rounds=3, warmup_rounds=1
     )
     assert len(tokens) == 16
     if benchmark.stats is not None:

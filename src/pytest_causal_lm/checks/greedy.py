@@ -178,12 +178,14 @@ def generate_scored(
     min_new_tokens: int | None = None,
     use_cache: bool = True,
     config_fields: dict[str, Any] | None = None,
+    keep_scores: bool = True,
     **inputs: Any,
 ) -> ScoredGeneration:
     """``model.generate`` with an explicit greedy configuration, keeping the scores of every step.
 
     ``config_fields`` go into the GenerationConfig (``cache_implementation``, ``prompt_lookup_num_tokens``...);
     ``inputs`` go to ``generate`` itself (``inputs_embeds``, ``past_key_values``, ``assistant_model``).
+    Without ``keep_scores`` (timing), no scores are kept and ``logits`` is None.
     """
     import torch
     from transformers import GenerationConfig
@@ -201,7 +203,7 @@ def generate_scored(
             eos_token_id=clean.eos_token_id,
             pad_token_id=clean.pad_token_id,
             return_dict_in_generate=True,
-            output_logits=True,
+            output_logits=keep_scores,
             **(config_fields or {}),
         )
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **inputs)
@@ -210,7 +212,7 @@ def generate_scored(
     for row in out.sequences[:, prompt_length:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
         rows.append(row[:cut])
-    logits = torch.stack([step.float().cpu() for step in out.logits], dim=1)
+    logits = torch.stack([step.float().cpu() for step in out.logits], dim=1) if keep_scores else None
     return ScoredGeneration(rows, logits, getattr(out, "past_key_values", None))
 
 
@@ -223,6 +225,8 @@ def greedy_generate(
     attention_mask: Any = None,
     min_new_tokens: int | None = None,
     use_cache: bool = True,
+    config_fields: dict[str, Any] | None = None,
+    **inputs: Any,
 ) -> list[list[int]]:
     """``model.generate`` with an explicit greedy configuration; each row cut after its first eos."""
     return generate_scored(
@@ -233,6 +237,9 @@ def greedy_generate(
         attention_mask=attention_mask,
         min_new_tokens=min_new_tokens,
         use_cache=use_cache,
+        config_fields=config_fields,
+        keep_scores=False,
+        **inputs,
     ).rows
 
 

@@ -1,9 +1,10 @@
-"""Cached vs uncached greedy generation, timed by pytest-benchmark (opt-in: --causal-lm-benchmark).
+"""Forced greedy generation timed per mode and cell, by pytest-benchmark (opt-in: --causal-lm-benchmark).
 
-Each test generates exactly N new tokens, with or without the KV cache, after a
-warm-up round; every forward pass is timed, and the figures land in the
-benchmark's extra_info (and so in --benchmark-json). It fails only if cached and
-uncached generation disagree.
+Each test generates exactly N new tokens after a P-token prompt in one mode (no cache, dynamic cache, static
+cache, static cache + compile), after warm-up rounds; the arrival of every token is timed, and the figures
+(time to first token, inter-token latency percentiles, tokens/s, peak memory, bandwidth utilisation, what
+bounds decoding) land in the benchmark's extra_info, and so in --benchmark-json. It fails only if the modes
+disagree on the tokens.
 """
 
 import pytest
@@ -14,18 +15,7 @@ pytestmark = pytest.mark.causal_lm_benchmark
 
 
 def test_generation_speed(
-    causal_lm: clm.CausalLM,
-    benchmark,
-    request: pytest.FixtureRequest,
-    causal_lm_use_cache: bool,
-    causal_lm_new_tokens: int,
+    causal_lm: clm.CausalLM, benchmark, request: pytest.FixtureRequest, causal_lm_benchmark_case
 ) -> None:
     session = clm.session_of(request.config)
-    clm.benchmark_generation(
-        causal_lm,
-        benchmark,
-        session.benchmarks,
-        session.settings,
-        use_cache=causal_lm_use_cache,
-        new_tokens=causal_lm_new_tokens,
-    )
+    clm.benchmark_generation(causal_lm, benchmark, session.benchmarks, session.settings, causal_lm_benchmark_case)
