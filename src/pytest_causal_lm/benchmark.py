@@ -377,13 +377,15 @@ class BenchmarkCollector:
         for row, target in zip(axes, targets, strict=True):
             cells = self.of(target)
             first_length, middle, by_new_tokens, by_prompt = _sweeps(cells)
-            _plot_sweep(row[0], by_new_tokens, lambda m: m.case.new_tokens, "new tokens")
-            _plot_sweep(row[1], by_prompt, lambda m: m.case.prompt_length, "prompt length (tokens)")
+            _plot_sweep(row[0], by_new_tokens, lambda m: m.case.new_tokens, "new tokens n", "n")
+            _plot_sweep(row[1], by_prompt, lambda m: m.case.prompt_length, "prompt length p (tokens)", "p")
             batch, rounds = cells[0].batch, len(cells[0].rounds)
             label = self.labels[target]
-            row[0].set_title(f"{label}: prompt {first_length} tokens, batch {batch}, median of {rounds} rounds")
-            row[1].set_title(f"{label}: {middle} new tokens, batch {batch}, median of {rounds} rounds")
-        figure.suptitle("Forced greedy generation: tokens/s (higher is better); n^k = fitted growth of total time")
+            row[0].set_title(
+                f"{label}\nprompt {first_length} tokens, batch {batch}, median of {rounds} rounds", fontsize=10
+            )
+            row[1].set_title(f"{label}\n{middle} new tokens, batch {batch}, median of {rounds} rounds", fontsize=10)
+        figure.suptitle("Forced greedy generation: tokens/s; legends: growth of total time, fitted to the points")
         figure.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
@@ -400,16 +402,21 @@ def _sweeps(cells: list[Measurement]) -> tuple[int, int, list[Measurement], list
     return first_length, middle, by_new_tokens, [m for m in cells if m.case.new_tokens == middle]
 
 
-def _plot_sweep(axis: Any, cells: list[Measurement], x_of: Any, xlabel: str) -> None:
+def _plot_sweep(axis: Any, cells: list[Measurement], x_of: Any, xlabel: str, symbol: str) -> None:
+    """tokens/s against ``x_of`` per mode, each labelled with how its total time grew with ``symbol``."""
+    axis.set(xlabel=xlabel, ylabel="tokens/s", xscale="log")
+    measured: set[int] = set()
     for mode in MODES:
         points = sorted((x_of(m), m.tokens_per_second, m.seconds) for m in cells if m.case.mode == mode)
         if not points:
             continue
         xs, rates, seconds = zip(*points, strict=True)
         exponent = fitted_exponent(xs, seconds)
-        growth = f" (time ~ n^{exponent:.2f})" if exponent is not None else ""
+        growth = f" (time ~ {symbol}^{exponent:.2f})" if exponent is not None else ""
         axis.plot(xs, rates, "o-", label=f"{mode}{growth}")
-    axis.set(xlabel=xlabel, ylabel="tokens/s", xscale="log")
+        measured.update(xs)
+    axis.set_xticks(sorted(measured), [str(x) for x in sorted(measured)])
+    axis.minorticks_off()
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
 
