@@ -159,7 +159,8 @@ def test_benchmark_fails_when_modes_disagree_on_the_tokens(pytester: pytest.Pyte
 
 
 def test_static_compiled_mode_agrees_with_dynamic(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(
+    # in a subprocess: torch.compile registers global state on import, which in-process runs would import twice
+    result = pytester.runpytest_subprocess(
         *SMALL[:1],
         "--causal-lm-benchmark-new-tokens=6",
         "--causal-lm-benchmark-prompt-lengths=8",

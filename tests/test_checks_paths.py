@@ -233,7 +233,8 @@ def test_the_long_context_budget_and_compile_options_reach_the_suite(
     )
     full.assert_outcomes(passed=1)
     assert "72 tokens across sliding window 32" in report.read_text()
-    compiled = pytester.runpytest(
+    # torch.compile registers global state on import, which pytester's in-process runs would import twice
+    compiled = pytester.runpytest_subprocess(
         f"--causal-lm-checkpoint={qwen3_path}",
         "--causal-lm-suite=only",
         "-k",

@@ -84,7 +84,8 @@ def test_two_checkpoints_with_one_folder_name_stay_two_targets(
         "--causal-lm-suite=only",
         "--causal-lm-benchmark",
         "--causal-lm-benchmark-new-tokens=2",
-        "--causal-lm-benchmark-prompt-length=4",
+        "--causal-lm-benchmark-prompt-lengths=4",
+        "--causal-lm-benchmark-modes=no_cache,dynamic",
         "--causal-lm-benchmark-rounds=1",
         "--benchmark-json=bench.json",
         "--causal-lm-report=verdict.json",
@@ -102,7 +103,7 @@ def test_two_checkpoints_with_one_folder_name_stay_two_targets(
         "b/model revision=default device=cpu dtype=float32",
     ]
     groups = {entry["group"] for entry in json.loads((pytester.path / "bench.json").read_text())["benchmarks"]}
-    assert groups == {"a-model-cpu-float32 new_tokens=2", "b-model-cpu-float32 new_tokens=2"}
+    assert groups == {"a-model-cpu-float32 prompt=4 new_tokens=2", "b-model-cpu-float32 prompt=4 new_tokens=2"}
 
 
 def test_a_missing_checkpoint_is_reported_once_and_the_healthy_one_runs(pytester: pytest.Pytester) -> None:

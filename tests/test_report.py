@@ -141,9 +141,11 @@ def test_model_repo_example_runs_suite_custom_prompts_and_benchmark(pytester: py
         "no:cacheprovider",
         "--benchmark-only",
         "--causal-lm-benchmark-new-tokens=2",
+        "--causal-lm-benchmark-prompt-lengths=8",
+        "--causal-lm-benchmark-modes=no_cache,dynamic",
         "--causal-lm-benchmark-rounds=1",
     )
-    assert only.parseoutcomes()["passed"] == 3  # this repo's benchmark, and the built-in one cached and uncached
+    assert only.parseoutcomes()["passed"] == 3  # this repo's benchmark, and the built-in one in two modes
     only.stdout.fnmatch_lines(["causal-lm: no invariant ran in this session; the report was left as it was"])
     assert (pytester.path / "causal-lm-report.md").read_text() == report
 
