@@ -192,105 +192,90 @@ def assert_long_context_consistent(
     full, _ = _scores_at(model, ids, positions)
     result = CheckResult("long context", tolerance=tolerance)
     result.note(f"{length} tokens across {', '.join(b.name for b in reached)}; {len(positions)} positions compared")
-    _check_cached_pass(model, tokenizer, ids, full, positions, reached, result)
-    _check_prefixes(model, tokenizer, ids, full, positions, reached, result)
+    run = _LongRun(model, tokenizer, ids, full, positions, reached, result)
+    _check_cached_pass(run)
+    _check_prefixes(run)
     for boundary in declared[len(reached) :]:
         result.note(f"{boundary.name} not reached: the cap is {cap} tokens")
     return result
 
 
-def _fail(
-    title: str,
-    model: Any,
-    tokenizer: Any,
-    ids: Any,
-    mismatch: Any,
-    result: CheckResult,
-    how: str,
-    boundaries: list[Boundary],
-) -> AssertionError:
-    cause = _likely_cause(boundaries)
-    return mismatch_failure(
-        f"long context: {title}",
-        model,
-        tokenizer,
-        [
-            ("sequence", f"{ids.shape[1]} tokens of repeated natural text"),
-            ("boundaries", ", ".join(f"{b.name} (position {b.position})" for b in boundaries)),
-            ("how", how),
-            *([("likely cause", cause)] if cause else []),
-        ],
-        mismatch,
-        result.tolerance,
-    )
+@dataclass
+class _LongRun:
+    """One long sequence, its full-forward scores at the compared positions, and where failures go."""
+
+    model: Any
+    tokenizer: Any
+    ids: Any
+    full: Any  # scores of the full forward at ``positions``
+    positions: list[int]
+    boundaries: list[Boundary]
+    result: CheckResult
+
+    def compare(self, rows: list[int], scores: Any, title: Any, how: str) -> None:
+        """``scores`` of sequence positions ``rows`` against the full forward's; ``title(mismatch)`` names a failure."""
+        __tracebackhide__ = True
+        expected = self.full[[self.positions.index(p) for p in rows]]
+        mismatch = check_scores(self.result, expected, scores, self.result.tolerance)
+        if not mismatch:
+            return
+        mismatch = _absolute(mismatch, rows)
+        cause = _likely_cause(self.boundaries)
+        raise mismatch_failure(
+            f"long context: {title(mismatch)}",
+            self.model,
+            self.tokenizer,
+            [
+                ("sequence", f"{self.ids.shape[1]} tokens of repeated natural text"),
+                ("boundaries", ", ".join(f"{b.name} (position {b.position})" for b in self.boundaries)),
+                ("how", how),
+                *([("likely cause", cause)] if cause else []),
+            ],
+            mismatch,
+            self.result.tolerance,
+        )
 
 
-def _check_cached_pass(
-    model: Any,
-    tokenizer: Any,
-    ids: Any,
-    full: Any,
-    positions: list[int],
-    boundaries: list[Boundary],
-    result: CheckResult,
-) -> None:
+def _check_cached_pass(run: _LongRun) -> None:
     """Feed the sequence through the cache in ``_segments``; the compared rows of each equal the full forward's."""
     __tracebackhide__ = True
-    segments = _segments(boundaries, ids.shape[1])
+    segments = _segments(run.boundaries, run.ids.shape[1])
+    how = "prefill and decode with past_key_values: " + ", ".join(f"{a}..{b - 1}" for a, b in segments)
     cache = None
     for number, (start, stop) in enumerate(segments, 1):
-        rows = [p for p in positions if start <= p < stop]
+        rows = [p for p in run.positions if start <= p < stop]
         kept = [p - start for p in rows] or [stop - start - 1]  # a segment between sampled rows still feeds the cache
-        scores, out = _scores_at(model, ids[:, start:stop], kept, past_key_values=cache, use_cache=True)
+        scores, out = _scores_at(run.model, run.ids[:, start:stop], kept, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
-        if not rows:
-            continue
-        expected = full[[positions.index(p) for p in rows]]
-        mismatch = check_scores(result, expected, scores, result.tolerance)
-        if mismatch:
-            mismatch = _absolute(mismatch, rows)
-            at = int(ids[0, mismatch.first_position])
-            raise _fail(
-                f"cached pass, segment {number} of {len(segments)} (positions {start}..{stop - 1}) differs from the "
-                f"full forward from position {mismatch.first_position} (token {token(tokenizer, at)})",
-                model,
-                tokenizer,
-                ids,
-                mismatch,
-                result,
-                "prefill and decode with past_key_values: " + ", ".join(f"{a}..{b - 1}" for a, b in segments),
-                boundaries,
+        if rows:
+            run.compare(
+                rows,
+                scores,
+                lambda m, number=number, start=start, stop=stop: (
+                    f"cached pass, segment {number} of {len(segments)} (positions {start}..{stop - 1}) differs from "
+                    f"the full forward from position {m.first_position} "
+                    f"(token {token(run.tokenizer, int(run.ids[0, m.first_position]))})"
+                ),
+                how,
             )
 
 
-def _check_prefixes(
-    model: Any,
-    tokenizer: Any,
-    ids: Any,
-    full: Any,
-    positions: list[int],
-    boundaries: list[Boundary],
-    result: CheckResult,
-) -> None:
+def _check_prefixes(run: _LongRun) -> None:
     """A prefix ending just before, and one just after, each boundary scores its positions as the full forward."""
     __tracebackhide__ = True
-    for boundary in boundaries:
+    length = run.ids.shape[1]
+    for boundary in run.boundaries:
         for end in (boundary.position - 1, boundary.position + 2):
-            rows = [p for p in positions if p < end]
-            if not rows or end >= ids.shape[1]:
+            rows = [p for p in run.positions if p < end]
+            if not rows or end >= length:
                 continue
-            scores, _ = _scores_at(model, ids[:, :end], rows, use_cache=False)
-            mismatch = check_scores(result, full[: len(rows)], scores, result.tolerance)
-            if mismatch:
-                mismatch = _absolute(mismatch, rows)
-                raise _fail(
-                    f"prefix causality: the first {end} tokens alone score position {mismatch.first_position} "
-                    f"unlike the full {ids.shape[1]}-token forward",
-                    model,
-                    tokenizer,
-                    ids,
-                    mismatch,
-                    result,
-                    f"forward of the prefix ending before position {end}, around {boundary.name}",
-                    boundaries,
-                )
+            scores, _ = _scores_at(run.model, run.ids[:, :end], rows, use_cache=False)
+            run.compare(
+                rows,
+                scores,
+                lambda m, end=end: (
+                    f"prefix causality: the first {end} tokens alone score position {m.first_position} "
+                    f"unlike the full {length}-token forward"
+                ),
+                f"forward of the prefix ending before position {end}, around {boundary.name}",
+            )
