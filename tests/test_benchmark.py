@@ -180,7 +180,7 @@ def test_the_figures_of_a_real_measurement_are_consistent_with_each_other(qwen3_
     prompt = tokenizer("Hi dog how are you?", return_tensors="pt")["input_ids"]
     rounds = [timed_generate(model, tokenizer, prompt, 12, mode) for _ in range(3)]
     case = BenchmarkCase(mode, prompt.shape[1], 12)
-    measurement = Measurement("t", case, 1, rounds, {})
+    measurement = Measurement("t", case, 1, rounds)
     for timed in rounds:
         assert len(timed.tokens) == 12 and len(timed.step_seconds) == 11
         arrival_of_last = timed.ttft_seconds + sum(timed.step_seconds)  # latencies add up to the last token
@@ -230,7 +230,7 @@ def test_the_collector_summarises_the_longest_run_per_mode() -> None:
             rounds = [
                 SimpleNamespace(seconds=seconds * n / 8, ttft_seconds=0.1, step_seconds=[0.01], peak_memory_bytes=1)
             ]
-            collector.add(Measurement("t", BenchmarkCase(mode, 16, n), 1, rounds, {}))  # type: ignore[arg-type]
+            collector.add(Measurement("t", BenchmarkCase(mode, 16, n), 1, rounds))  # type: ignore[arg-type]
     assert collector.summary("t") == "tok/s at 32 new tokens: no_cache 2.0, dynamic 8.0"
     dynamic = collector.measurements[("t", BenchmarkCase("dynamic", 16, 32))]
     assert collector.reference_for(dynamic).case.mode == "no_cache"

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .roofline import PEAK_BANDWIDTH_GBPS, Roofline, device_peaks, peak_bandwidth, step_cost
+from .devices import synchronize
+from .roofline import Roofline, device_peaks, step_cost
 
 __all__ = [
     "MODES",
-    "PEAK_BANDWIDTH_GBPS",
     "BenchmarkCase",
     "BenchmarkCollector",
     "Measurement",
@@ -32,7 +32,6 @@ __all__ = [
     "benchmark_generation",
     "fitted_exponent",
     "forced_generate",
-    "peak_bandwidth",
     "random_prompt",
     "timed_generate",
 ]
@@ -41,14 +40,6 @@ MODES = ("no_cache", "dynamic", "static", "static_compiled")
 # Compiling costs tens of seconds, and on CPU buys little: it runs by default on accelerators only.
 DEFAULT_MODES = {"cpu": MODES[:3], "accelerator": MODES}
 DEFAULT_PROMPT_LENGTHS = {"cpu": (32, 512), "accelerator": (32, 1024, 8192)}
-
-
-def synchronize(device: Any) -> None:
-    """Wait for queued GPU work so a timer measures it (no-op on CPU)."""
-    import torch
-
-    if getattr(device, "type", str(device)).startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 def random_prompt(model: Any, tokenizer: Any, length: int, seed: int = 0, batch: int = 1) -> Any:
@@ -64,19 +55,14 @@ def random_prompt(model: Any, tokenizer: Any, length: int, seed: int = 0, batch:
 
 def generation_options(mode: str | bool) -> tuple[bool, dict[str, Any]]:
     """``(use_cache, GenerationConfig fields)`` of a mode; ``True``/``False`` mean dynamic / no cache."""
-    mode = {True: "dynamic", False: "no_cache"}.get(mode, mode) if isinstance(mode, bool) else mode
-    if mode == "no_cache":
-        return False, {}
-    if mode == "dynamic":
-        return True, {}
-    if mode == "static":
-        return True, {"cache_implementation": "static", "disable_compile": True}
-    if mode == "static_compiled":
-        from transformers import CompileConfig
+    from .checks.generation_paths import static_cache_fields
 
-        compile_config = CompileConfig()  # transformers' own choice: reduce-overhead (CUDA graphs where available)
-        compile_config._compile_all_devices = True  # transformers compiles only on accelerators by itself
-        return True, {"cache_implementation": "static", "compile_config": compile_config}
+    if mode is True or mode == "dynamic":
+        return True, {}
+    if mode is False or mode == "no_cache":
+        return False, {}
+    if mode in ("static", "static_compiled"):
+        return True, static_cache_fields(compile=mode == "static_compiled")
     raise ValueError(f"unknown benchmark mode {mode!r}; choose from {', '.join(MODES)}")
 
 
@@ -233,7 +219,6 @@ class Measurement:
     case: BenchmarkCase
     batch: int
     rounds: list[TimedGeneration]
-    extra_info: dict[str, Any]
     label: str = ""
     roofline: Roofline | None = None
     memory_kind: str = "process RSS"  # or "CUDA allocator"
@@ -453,8 +438,9 @@ def benchmark_generation(
     )
     if benchmark.stats is None:
         return None
+    memory = "CUDA allocator" if causal_lm.device.startswith("cuda") else "process RSS"
     measurement = Measurement(
-        causal_lm.target.key, case, batch, rounds[warmup:], benchmark.extra_info, causal_lm.target.id
+        causal_lm.target.key, case, batch, rounds[warmup:], causal_lm.target.id, memory_kind=memory
     )
     itl = measurement.itl(0.5)
     if itl:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["resolve_device", "torch_dtype", "unavailable_reason"]
+__all__ = ["resolve_device", "synchronize", "torch_dtype", "unavailable_reason"]
+
+
+def synchronize(device: Any) -> None:
+    """Wait for queued GPU work so a timer measures it (no-op on CPU)."""
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def resolve_device(name: str) -> str:

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .devices import synchronize
+
 __all__ = [
     "PEAK_BANDWIDTH_GBPS",
     "DevicePeaks",
@@ -68,8 +70,6 @@ class DevicePeaks:
 
 
 def _best_seconds(run: Any, device: Any, repeats: int = 5) -> float:
-    from .benchmark import synchronize
-
     run()  # warm-up: allocation, first-call dispatch
     synchronize(device)
     best = float("inf")

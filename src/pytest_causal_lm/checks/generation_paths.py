@@ -40,6 +40,7 @@ __all__ = [
     "assert_generation_matches_forward",
     "assert_inputs_embeds_match",
     "assert_static_cache_matches",
+    "static_cache_fields",
 ]
 
 # A prompt that repeats itself, so prompt-lookup decoding finds n-grams to propose and verifies them.
@@ -135,6 +136,17 @@ def _generate_or_fail(title: str, model: Any, tokenizer: Any, *args: Any, **kwar
         ) from exc
 
 
+def static_cache_fields(*, compile: bool) -> dict[str, Any]:
+    """GenerationConfig fields of static-cache generation, compiled on every device or not at all."""
+    if not compile:
+        return {"cache_implementation": "static", "disable_compile": True}
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig()  # transformers' own choice: reduce-overhead (CUDA graphs where available)
+    compile_config._compile_all_devices = True  # transformers compiles by itself only on accelerators
+    return {"cache_implementation": "static", "compile_config": compile_config}
+
+
 def assert_static_cache_matches(
     model: Any,
     tokenizer: Any,
@@ -153,13 +165,7 @@ def assert_static_cache_matches(
     __tracebackhide__ = True
     tolerance = resolve_tolerance(model, tolerance)
     result = CheckResult("static cache" + (" + compile" if compile else ""), tolerance=tolerance)
-    fields: dict[str, Any] = {"cache_implementation": "static", "disable_compile": not compile}
-    if compile:
-        from transformers import CompileConfig
-
-        compile_config = CompileConfig(mode="default")
-        compile_config._compile_all_devices = True
-        fields["compile_config"] = compile_config
+    fields = static_cache_fields(compile=compile)
     longer, shorter = sorted(texts[:2], key=len, reverse=True)
     ids = encode(tokenizer, longer, model.device)
     _require_kv_cache(model, ids, "a static cache")
