@@ -267,7 +267,7 @@ _BUILT_IN = (
         "static cache",
         "stat",
         "cache",
-        '`generate(cache_implementation="static")` scores every step as one forward pass over the same tokens: a prompt, then a shorter one (no state kept from the first call), then a left-padded batch; with `--causal-lm-compile` under `torch.compile` too',
+        '`generate(cache_implementation="static")` scores every step as one forward pass over the same tokens: a prompt, then a longer one (no keys or write position kept from the first call), then a left-padded batch; with `--causal-lm-compile` under `torch.compile` too',
         _static_cache,
         helper="assert_static_cache_matches",
         fixtures=("causal_lm_settings",),

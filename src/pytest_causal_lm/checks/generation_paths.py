@@ -156,8 +156,9 @@ def assert_static_cache_matches(
     compile: bool = False,
     tolerance: Tolerance | None = None,
 ) -> CheckResult:
-    """``generate(cache_implementation="static")`` scores every step as a forward pass does: on a long prompt,
-    then a shorter one (the reused static cache must not keep the first call's keys), then a left-padded batch.
+    """``generate(cache_implementation="static")`` scores every step as a forward pass does: on a prompt, then a
+    longer one (a reused static cache must keep nothing of the first call: not its keys, not its write
+    position), then a left-padded batch.
 
     With ``compile``, the static cache runs under ``torch.compile`` (on every device; transformers compiles
     static-cache generation by itself only on accelerators). Without it, compilation is turned off.
@@ -166,10 +167,10 @@ def assert_static_cache_matches(
     tolerance = resolve_tolerance(model, tolerance)
     result = CheckResult("static cache" + (" + compile" if compile else ""), tolerance=tolerance)
     fields = static_cache_fields(compile=compile)
-    longer, shorter = sorted(texts[:2], key=len, reverse=True)
-    ids = encode(tokenizer, longer, model.device)
+    shorter, longer = sorted(texts[:2], key=len)
+    ids = encode(tokenizer, shorter, model.device)
     _require_kv_cache(model, ids, "a static cache")
-    cases = [("first call", ids, None), ("second call, shorter prompt", encode(tokenizer, shorter, model.device), None)]
+    cases = [("first call", ids, None), ("second call, longer prompt", encode(tokenizer, longer, model.device), None)]
     batch, mask, _ = padded_batch(tokenizer, texts, model.device, pad_id(model, tokenizer))
     cases.append((f"left-padded batch of {len(texts)}", batch, mask))
     refusal = f"{type(model).__name__} does not generate with cache_implementation='static'"
