@@ -170,3 +170,28 @@ def test_a_divergence_between_tokens_that_decode_alike_shows_their_ids() -> None
     ]
     problems, _ = compare_records(record([7, 9], "a dog"), record([7, 10], "a cat"))
     assert "ids from step" not in problems[0]
+
+
+def test_updating_one_target_leaves_the_snapshots_of_targets_not_run_byte_for_byte(
+    pytester: pytest.Pytester, checkpoints: tuple[Path, Path]
+) -> None:
+    qwen3, llama = checkpoints
+    third = _copy(qwen3, pytester.path / "ckpt-third")
+    _run(pytester, qwen3, llama, third, extra=("--snapshot-update",)).assert_outcomes(passed=3)
+    before = {p: p.read_bytes() for p in (pytester.path / "snaps").rglob("*.json")}
+    assert len(before) == 3
+    _perturb(llama)
+    updated = _run(pytester, llama, extra=("--snapshot-update",))
+    updated.assert_outcomes(passed=1)
+    assert "Deleted" not in updated.stdout.str() and "unused" not in updated.stdout.str()
+    after = {p: p.read_bytes() for p in (pytester.path / "snaps").rglob("*.json")}
+    assert sorted(after) == sorted(before)
+    changed = sorted(p.name for p in before if before[p] != after[p])
+    assert changed == ["test_behaviour_snapshot[ckpt-llama-cpu-float32].json"]
+    # nor a plain run of one target, nor one whose load fails: what was not run is not unused
+    plain = _run(pytester, qwen3)
+    plain.assert_outcomes(passed=1)
+    assert "unused" not in plain.stdout.str()
+    shutil.rmtree(third)
+    _run(pytester, third, extra=("--snapshot-update",))
+    assert {p: p.read_bytes() for p in (pytester.path / "snaps").rglob("*.json")} == after

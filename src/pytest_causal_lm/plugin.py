@@ -160,6 +160,8 @@ class _VerdictListener:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
     report = yield
+    if report.when == "call" and report.passed:
+        session_of(item.config).passed_items.append(item)
     target = _target_of(item)
     if report.failed and target is not None:
         report.sections.append(("causal-lm", _failure_context(item.config, target)))
@@ -382,9 +384,7 @@ def _load_progress(config: pytest.Config, target: Target, session: CausalLMSessi
 @pytest.fixture
 def causal_lm_snapshot(request: pytest.FixtureRequest, snapshot: Any) -> Any:
     """syrupy's ``snapshot`` with the causal-lm extension: ``assert causal_lm_snapshot == behaviour_record(...)``."""
-    from .snapshot import snapshot_extension
-
-    return snapshot.use_extension(snapshot_extension(session_of(request.config).snapshot_root()))
+    return snapshot.use_extension(session_of(request.config).snapshot_extension())
 
 
 @pytest.fixture(scope="session")

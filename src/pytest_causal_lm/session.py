@@ -6,6 +6,7 @@ nothing imports plugin.py for its state. Importing this module does not import t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ class CausalLMSession:
     last_test_of: dict[str, Target] = field(default_factory=dict)  # nodeid of each target's last test
     load_failure_shown_at: dict[Target, str] = field(default_factory=dict)  # where a load failure was reported
     current_item: pytest.Item | None = None  # the test being set up
+    passed_items: list[pytest.Item] = field(default_factory=list)  # tests whose call passed, in this process
+    _snapshot_extension: type | None = None
 
     @property
     def rootpath(self) -> Path:
@@ -43,6 +46,24 @@ class CausalLMSession:
     def snapshot_root(self) -> Path:
         """Where behaviour snapshots live: the configured directory, relative to the rootdir."""
         return self.rootpath / Path(self.settings.snapshot_dir or DEFAULT_SNAPSHOT_DIR).expanduser()
+
+    def snapshot_extension(self) -> type:
+        """This session's syrupy extension: it judges as unused only snapshots of tests that ran and passed here.
+
+        So ``--snapshot-update`` for one checkpoint never deletes the snapshots of the others.
+        """
+        if self._snapshot_extension is None:
+            from syrupy.location import PyTestLocation
+
+            from .snapshot import snapshot_extension
+
+            def may_judge_unused(name: str) -> bool:
+                passed = {extension.get_snapshot_name(test_location=PyTestLocation(i)) for i in self.passed_items}
+                return name in passed or re.sub(r"\.\d+$", "", name) in passed  # "name.1": its 2nd assertion
+
+            extension = snapshot_extension(self.snapshot_root(), may_judge_unused)
+            self._snapshot_extension = extension
+        return self._snapshot_extension
 
     def snapshots_enabled(self) -> bool:
         """The snapshot test runs when a snapshot directory is configured or exists, or on --snapshot-update."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,14 +202,15 @@ def _ambiguous(before: str, after: str) -> bool:
     return before == after or any(ch == "\ufffd" or (ord(ch) < 32 and ch not in "\n\t") for ch in before + after)
 
 
-_EXTENSIONS: dict[str, type] = {}
+def snapshot_extension(root: str | Path, may_judge_unused: Callable[[str], bool] | None = None) -> type:
+    """A syrupy extension class that stores behaviour records as JSON under ``root``.
 
-
-def snapshot_extension(root: str | Path) -> type:
-    """A syrupy extension class that stores behaviour records as JSON under ``root``."""
-    key = str(Path(root).resolve())
-    if key in _EXTENSIONS:
-        return _EXTENSIONS[key]
+    ``may_judge_unused(name)`` says whether this session may call the snapshot ``name`` unused (and so let
+    ``--snapshot-update`` delete it): a snapshot of a target or test that did not run and pass here is not
+    unused, only not looked at. Without it, every snapshot under ``root`` may be judged, as in plain syrupy.
+    Create one class per session and root: syrupy groups snapshots by extension class.
+    """
+    from syrupy.data import SnapshotCollections
     from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
     class CausalLMSnapshotExtension(SingleFileSnapshotExtension):
@@ -217,7 +218,17 @@ def snapshot_extension(root: str | Path) -> type:
 
         _write_mode = WriteMode.TEXT
         file_extension = "json"
-        snapshot_root = key
+        snapshot_root = str(Path(root).resolve())
+
+        def discover_snapshots(self, **kwargs: Any) -> SnapshotCollections:
+            found = super().discover_snapshots(**kwargs)
+            if may_judge_unused is None:
+                return found
+            judged = SnapshotCollections()
+            for collection in found:
+                if any(may_judge_unused(snapshot.name) for snapshot in collection):
+                    judged.add(collection)
+            return judged
 
         def serialize(self, data: Any, **kwargs: Any) -> str:
             if isinstance(data, str):
@@ -255,6 +266,4 @@ def snapshot_extension(root: str | Path) -> type:
                 yield f"  (accepted) {note}"
             yield "Run pytest with --snapshot-update to accept the new behaviour."
 
-    CausalLMSnapshotExtension.__name__ = "CausalLMSnapshotExtension"
-    _EXTENSIONS[key] = CausalLMSnapshotExtension
     return CausalLMSnapshotExtension
