@@ -324,3 +324,18 @@ def test_a_checkpoint_without_tokenizer_files_names_the_tokenizer(pytester: pyte
             "(tokenizer.json, *). Fix: write what is missing with model.save_pretrained(dir) / tokenizer.save_pretrained(dir)."
         ]
     )
+
+
+def test_a_failing_invariant_shows_its_own_message_first_and_the_plugin_frames_only_under_tb_long(
+    pytester: pytest.Pytester, leaky_checkpoint: Path
+) -> None:
+    args = (f"--causal-lm-checkpoint={leaky_checkpoint}", "--causal-lm-trust-remote-code", "-k", "prefix_causality")
+    lines = pytester.runpytest(*args).stdout.lines
+    header = next(i for i, line in enumerate(lines) if "test_prefix_causality[" in line and line.startswith("_"))
+    end = next(i for i, line in enumerate(lines) if i > header and "causal-lm" in line)
+    block = [line for line in lines[header + 1 : end] if line.strip()]
+    assert block[0].startswith("E   AssertionError: prefix causality violated"), block[:3]
+    assert len(block) <= 25, "\n".join(block)
+    assert not any("invariants.py" in line for line in block)
+    long = pytester.runpytest(*args, "--tb=long").stdout.str()
+    assert "pytest_causal_lm/invariants.py" in long

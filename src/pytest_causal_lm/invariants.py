@@ -21,6 +21,22 @@ from .checks._common import CheckResult, measured_of
 if TYPE_CHECKING:
     from .loading import CausalLM
 
+# This module's frames (the suite's test function, the registry's lambdas) are hidden from tracebacks, so a
+# failing invariant shows the check's own message first; under --tb=long (set by the plugin) they show.
+_SHOW_REGISTRY_FRAMES = [False]
+
+
+def show_registry_frames(show: bool) -> None:
+    """Show (``--tb=long``) or hide this module's frames in tracebacks."""
+    _SHOW_REGISTRY_FRAMES[0] = show
+
+
+def _hide_registry_frames(excinfo: object) -> bool:
+    return not _SHOW_REGISTRY_FRAMES[0]
+
+
+__tracebackhide__ = _hide_registry_frames  # pytest reads it from a frame's globals too
+
 __all__ = ["Invariant", "invariant_for_test", "invariants", "markdown_table", "markers", "register_invariant"]
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .invariants import invariant_for_test, invariants
+from .invariants import invariant_for_test, invariants, show_registry_frames
 from .invariants import markers as invariant_markers
 from .loading import CausalLM, CheckpointLoadError, Target, with_unique_labels
 from .session import CausalLMSession, has_session, session_of, start_session
@@ -58,6 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, description in {**MARKERS, **invariant_markers()}.items():
         config.addinivalue_line("markers", f"{name}: {description}")
     settings = resolve_settings(config)
+    show_registry_frames(config.getoption("tbstyle", "auto") == "long")
     session = start_session(config, settings)
     config.pluginmanager.register(_VerdictListener(session), "causal-lm-verdict")
     if settings.report and not settings.report.endswith((".md", ".json")):
