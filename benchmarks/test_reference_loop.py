@@ -2,7 +2,7 @@
 
 Opt-in (the project's `pytest` collects tests/ only):
 
-    CAUSAL_LM_REFERENCE_LOOP_CHECKPOINT=path/to/checkpoint pytest benchmarks/test_reference_loop.py -s
+    CAUSAL_LM_TEST_REFERENCE_LOOP_CHECKPOINT=path/to/checkpoint pytest benchmarks/test_reference_loop.py -s
 
 Both decode the same prompt after warm-up rounds that compile; the decode rate (one over the median
 step time) of the plugin's mode must be within 10% of the hand loop's, and both rates land in
@@ -16,11 +16,11 @@ import statistics
 
 import pytest
 
-CHECKPOINT = os.environ.get("CAUSAL_LM_REFERENCE_LOOP_CHECKPOINT")
+CHECKPOINT = os.environ.get("CAUSAL_LM_TEST_REFERENCE_LOOP_CHECKPOINT")
 NEW_TOKENS, PROMPT, ROUNDS = 32, 32, 5
 
 
-@pytest.mark.skipif(not CHECKPOINT, reason="set CAUSAL_LM_REFERENCE_LOOP_CHECKPOINT to the checkpoint to measure")
+@pytest.mark.skipif(not CHECKPOINT, reason="set CAUSAL_LM_TEST_REFERENCE_LOOP_CHECKPOINT to the checkpoint to measure")
 def test_static_compiled_mode_decodes_within_10_percent_of_the_hand_written_loop(benchmark) -> None:
     import torch
     from reference_loop import reference_decode_seconds

@@ -2,7 +2,7 @@
 
 Opt-in (the project's `pytest` collects tests/ only):
 
-    CAUSAL_LM_COST_CHECKPOINT=path/to/checkpoint pytest benchmarks/test_suite_cost.py -s
+    CAUSAL_LM_TEST_COST_CHECKPOINT=path/to/checkpoint pytest benchmarks/test_suite_cost.py -s
 
 Both run as fresh processes (imports and loading included); pytest-benchmark
 records the pair, and extra_info holds both wall times, their ratio and every
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-CHECKPOINT = os.environ.get("CAUSAL_LM_COST_CHECKPOINT")
+CHECKPOINT = os.environ.get("CAUSAL_LM_TEST_COST_CHECKPOINT")
 PLAIN = Path(__file__).with_name("plain_probes.py")
 
 
@@ -30,7 +30,7 @@ def _timed(command: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
-@pytest.mark.skipif(not CHECKPOINT, reason="set CAUSAL_LM_COST_CHECKPOINT to the checkpoint to measure")
+@pytest.mark.skipif(not CHECKPOINT, reason="set CAUSAL_LM_TEST_COST_CHECKPOINT to the checkpoint to measure")
 def test_suite_cost_against_the_plain_script(benchmark, tmp_path: Path) -> None:
     junit = tmp_path / "suite.xml"
     suite = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--causal-lm-checkpoint={CHECKPOINT}"]

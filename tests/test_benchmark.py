@@ -35,10 +35,14 @@ SMALL = (
 CPU_MODES = ("no_cache", "dynamic", "static")
 
 
-def test_ordinary_runs_skip_the_benchmarks_with_a_reason(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(*SMALL, "-rs")
-    result.assert_outcomes(skipped=6)  # 3 CPU modes x 2 new-token counts
-    result.stdout.fnmatch_lines(["*benchmarks are opt-in: pass --causal-lm-benchmark (or --benchmark-only)*"])
+def test_ordinary_runs_do_not_collect_the_benchmarks_and_xdist_cannot_time_them(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(*SMALL, "--co")
+    assert "generation_speed" not in result.stdout.str()
+    result = pytester.runpytest(*SMALL, "--co", "--causal-lm-benchmark")
+    assert result.stdout.str().count("test_generation_speed[") == 6  # 3 CPU modes x 2 new-token counts
+    result = pytester.runpytest(*SMALL, "--causal-lm-benchmark", "-n", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--causal-lm-benchmark under pytest-xdist (-n): *nothing would be measured*"])
 
 
 def test_the_sweep_covers_every_mode_over_new_tokens_then_prompt_lengths() -> None:

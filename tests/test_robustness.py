@@ -177,7 +177,10 @@ def test_an_unreachable_hub_fails_fast_and_a_cached_hub_id_loads_from_the_cache(
     missing = pytester.runpytest_subprocess("--causal-lm-checkpoint=some-org/not-cached", "-k", "determinism")
     missing.assert_outcomes(errors=1)
     missing.stdout.fnmatch_lines(
-        ["*some-org/not-cached is not in the local Hugging Face cache and the Hub cannot be reached*"]
+        [
+            "*some-org/not-cached is not in the local Hugging Face cache and the Hub cannot be reached*"
+            "If you meant a local folder: there is no some-org/not-cached in *"
+        ]
     )
     assert "Retrying" not in missing.stdout.str() + missing.stderr.str()
     snapshot = pytester.path / "hf-home" / "hub" / "models--some-org--cached" / "snapshots" / ("0" * 40)

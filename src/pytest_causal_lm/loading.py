@@ -231,7 +231,7 @@ def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
     if name == "RepositoryNotFoundError":
         return (
             f"{checkpoint} was not found on the Hub (misspelt, private, or a local path that does not "
-            "exist). Fix: check the id, or log in for a private repository."
+            f"exist). Fix: check the id, or log in for a private repository.{_if_local_folder(checkpoint)}"
         )
     if any(
         cls.__name__ in ("ConnectError", "ConnectTimeout", "NetworkError", "ConnectionError")
@@ -240,6 +240,7 @@ def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
         return (
             f"{checkpoint} is not in the local Hugging Face cache and the Hub cannot be reached "
             f"({name}: {first_line}). Fix: download it first (`hf download {checkpoint}`) or pass a local directory."
+            + _if_local_folder(checkpoint)
         )
     if name == "RevisionNotFoundError":
         return f"revision of {checkpoint} not found on the Hub. Fix: check --causal-lm-revision."
@@ -252,7 +253,7 @@ def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
         return (
             f"{checkpoint} is not in the local Hugging Face cache and the Hub cannot be reached "
             f"(offline, HF_HUB_OFFLINE=1 or no network). Fix: download it first (`hf download {checkpoint}`) "
-            "or pass a local directory."
+            "or pass a local directory." + _if_local_folder(checkpoint)
         )
     if "gguf" in lowered and isinstance(exc, ImportError | ModuleNotFoundError):
         return f"{checkpoint} is a GGUF file and needs the gguf package. Fix: pip install gguf accelerate."
@@ -266,6 +267,13 @@ def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
     if "safetensors" in lowered or "header" in lowered or "deserializ" in lowered:
         return f"weights of {checkpoint} could not be read ({name}: {first_line}). Fix: re-save or re-download them."
     return f"could not load the {what} of {checkpoint}: {name}: {first_line}"
+
+
+def _if_local_folder(checkpoint: str) -> str:
+    """``org/name`` that is no local folder was taken for a Hub id; it may have been meant as a folder."""
+    if "/" not in checkpoint or _looks_local(checkpoint):
+        return ""
+    return f" If you meant a local folder: there is no {checkpoint} in {Path.cwd()} (pass ./{checkpoint} to say so)."
 
 
 _MIN_TOKENIZER_SIZE = 16

@@ -20,6 +20,7 @@ from .session import CausalLMSession, has_session, session_of, start_session
 from .settings import OPTIONS, Settings, resolve_settings
 
 SUITE_DIR = Path(__file__).parent / "suite"
+BENCHMARK_MODULE = "test_causal_lm_benchmark.py"
 
 # Markers besides the invariants' own (those come from the registry).
 MARKERS = {
@@ -27,10 +28,11 @@ MARKERS = {
     "causal_lm_benchmark": "generation benchmark: no cache, dynamic, static and compiled caches (opt-in: --causal-lm-benchmark)",
 }
 
-NO_CHECKPOINT_REASON = (
-    "no causal LM checkpoint configured: pass --causal-lm-checkpoint=CKPT (e.g. tiny:qwen3), "
+HOW_TO_CONFIGURE = (
+    "pass --causal-lm-checkpoint=CKPT (e.g. tiny:qwen3), "
     "set CAUSAL_LM_CHECKPOINT, or add causal_lm_checkpoint to [tool.pytest.ini_options]"
 )
+NO_CHECKPOINT_REASON = "no causal LM checkpoint configured: " + HOW_TO_CONFIGURE
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -71,10 +73,39 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     if settings.checkpoint:
         _require_named_devices(settings)
+    elif settings.require_checkpoint:
+        raise pytest.UsageError(f"--causal-lm-require-checkpoint: no checkpoint configured; {HOW_TO_CONFIGURE}")
+    _check_marker_expression(config)
+    if session.benchmarks_enabled() and _under_xdist(config):
+        raise pytest.UsageError(
+            "--causal-lm-benchmark under pytest-xdist (-n): pytest-benchmark turns timing off in xdist workers, "
+            "so nothing would be measured. Run the benchmark without -n (e.g. -p no:xdist)"
+        )
     if settings.checkpoint and settings.suite == "only":
         config.args[:] = [str(SUITE_DIR)]
     elif settings.checkpoint and settings.suite == "on" and str(SUITE_DIR) not in config.args:
         config.args.append(str(SUITE_DIR))
+
+
+def _check_marker_expression(config: pytest.Config) -> None:
+    """``-m causal_lm_typo`` would select nothing and exit 5 without a word: name the real markers."""
+    import re
+
+    known = {*MARKERS, *invariant_markers()}
+    for name in re.findall(r"\bcausal_lm\w*", config.getoption("markexpr", "") or ""):
+        if name not in known:
+            raise pytest.UsageError(f"-m {name}: no such marker; the causal-lm markers are {', '.join(sorted(known))}")
+
+
+def _under_xdist(config: pytest.Config) -> bool:
+    return bool(config.getoption("numprocesses", None)) or config.getoption("dist", "no") != "no"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The benchmark module is collected only when benchmarks are asked for (no row of skips otherwise)."""
+    if collection_path.name == BENCHMARK_MODULE and collection_path.parent == SUITE_DIR:
+        return None if session_of(config).benchmarks_enabled() else True
+    return None
 
 
 def _require_named_devices(settings: Settings) -> None:
@@ -97,10 +128,12 @@ def _target_of(item: pytest.Item) -> Target | None:
 @pytest.hookimpl(trylast=True)  # after other plugins have reordered: this is the order tests run in
 def pytest_collection_finish(session: pytest.Session) -> None:
     last: dict[Target, str] = {}
+    verdict = session_of(session.config).verdict
     for item in session.items:
         target = _target_of(item)
         if target is not None:
             last[target] = item.nodeid
+            verdict.collected[item.nodeid] = target.id
     session_of(session.config).last_test_of = {nodeid: target for target, nodeid in last.items()}
 
 
@@ -222,7 +255,7 @@ def _write_reports(terminalreporter: pytest.TerminalReporter, session: CausalLMS
         return
     versions = library_versions()
     if settings.report:
-        path = session.rootpath / settings.report
+        path = Path(settings.report)
         path.parent.mkdir(parents=True, exist_ok=True)
         as_json = path.suffix == ".json"
         text = table.to_json(versions, settings) if as_json else table.to_markdown(versions, settings.describe())
@@ -252,7 +285,7 @@ def _benchmark_summary(terminalreporter: pytest.TerminalReporter, config: pytest
         terminalreporter.write_line(collector.labels[key])
         for line in [*collector.table(key), *collector.diagnoses(key)]:
             terminalreporter.write_line("  " + line)
-    plot = collector.plot(session.rootpath / session.settings.benchmark_plot)
+    plot = collector.plot(Path(session.settings.benchmark_plot))
     if plot is None:
         terminalreporter.write_line("plot skipped: pip install matplotlib to draw tokens/s per mode")
     else:
@@ -439,7 +472,7 @@ def _reference_prompts(session: CausalLMSession) -> list[str]:
     path = session.settings.reference_prompts
     if not path:
         return list(REFERENCE_PROMPTS)
-    text = (session.rootpath / path).read_text(encoding="utf-8")
+    text = Path(path).read_text(encoding="utf-8")
     prompts = json.loads(text) if path.endswith(".json") else [line for line in text.splitlines() if line.strip()]
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise pytest.UsageError(

@@ -113,6 +113,8 @@ class VerdictTable:
     benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)  # target key -> summary, diagnoses, cells
     load_errors: dict[str, str] = field(default_factory=dict)
     not_run: Counter[str] = field(default_factory=Counter)  # skip reasons of tests outside the invariants
+    collected: dict[str, str] = field(default_factory=dict)  # nodeid -> target label, of every target's test
+    reported: set[str] = field(default_factory=set)  # nodeids that got a report
 
     def add_report(self, report: Any) -> None:
         """Fold one pytest TestReport (setup, call or teardown) into the table."""
@@ -120,6 +122,7 @@ class VerdictTable:
         where = properties.get("causal_lm_cell")
         if not where:
             return
+        self.reported.add(report.nodeid)
         target, test = where["target"], where["test"]
         if "causal_lm_load_error" in properties:
             self.load_errors[target] = properties["causal_lm_load_error"]
@@ -198,6 +201,12 @@ class VerdictTable:
             for cell in row.values():
                 if cell.outcome == "skip":
                     reasons[cell.detail] += 1
+        never = Counter(label for nodeid, label in self.collected.items() if nodeid not in self.reported)
+        if never:  # -x, --maxfail or an interrupt ended the session before these started
+            targets = ", ".join(f"{label} ({n})" for label, n in never.items())
+            reasons[f"never started: the session stopped early (-x, --maxfail or interrupted): {targets}"] = sum(
+                never.values()
+            )
         if not reasons:
             return []
         total = sum(reasons.values())

@@ -44,8 +44,8 @@ class CausalLMSession:
         return self.config.rootpath
 
     def snapshot_root(self) -> Path:
-        """Where behaviour snapshots live: the configured directory, relative to the rootdir."""
-        return self.rootpath / Path(self.settings.snapshot_dir or DEFAULT_SNAPSHOT_DIR).expanduser()
+        """Where behaviour snapshots live: the configured directory (anchored by settings), else one in the rootdir."""
+        return Path(self.settings.snapshot_dir) if self.settings.snapshot_dir else self.rootpath / DEFAULT_SNAPSHOT_DIR
 
     def snapshot_extension(self) -> type:
         """This session's syrupy extension: it judges as unused only snapshots of tests that ran and passed here.

@@ -6,10 +6,12 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,6 +54,7 @@ class OptionSpec:
     choices: tuple[str, ...] | None = None
     parse: Callable[[str], Any] = str
     metavar: str | None = None
+    path: str | None = None  # "input" (used where it exists) or "output" (always): anchored like pytest's paths
 
     @property
     def option(self) -> str:
@@ -84,6 +87,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
         default=(),
         multiple=True,
         metavar="CKPT",
+        path="input",
     ),
     OptionSpec("revision", "Hub revision (branch, tag or commit). Default: the Hub's default branch.", None),
     OptionSpec(
@@ -125,6 +129,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         choices=SUITE_CHOICES,
     ),
     OptionSpec(
+        "require_checkpoint",
+        "A session with no checkpoint configured is a usage error instead of skipped fixtures: for CI jobs "
+        "that must test something. Default: off.",
+        default=False,
+        flag=True,
+        parse=_parse_bool,
+    ),
+    OptionSpec(
         "known_limitations",
         "Invariants (keys such as padding_invariance) this project acknowledges its checkpoint fails: they run as "
         "strict xfail, so the verdict says 'known' and a fix shows as XPASS. Repeat or comma-separate. Default: none.",
@@ -153,16 +165,18 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("seed", "Seed for random test inputs. Default: 0.", default=0, parse=_parse_int),
     OptionSpec(
         "snapshot_dir",
-        "Directory for behaviour snapshots (syrupy), relative to the rootdir. Setting it (or passing "
-        "--snapshot-update) turns the built-in snapshot test on. Default: causal_lm_snapshots.",
+        "Directory for behaviour snapshots (syrupy). Setting it (or passing "
+        "--snapshot-update) turns the built-in snapshot test on. Default: causal_lm_snapshots in the rootdir.",
         None,
         metavar="DIR",
+        path="output",
     ),
     OptionSpec(
         "report",
         "Also write the verdict table to PATH: .md (Markdown, for CI job summaries) or .json. Default: none.",
         None,
         metavar="PATH",
+        path="output",
     ),
     OptionSpec(
         "github_summary",
@@ -177,6 +191,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "agreement, perplexity) on the same device. Default: none (the reference test skips).",
         None,
         metavar="CKPT",
+        path="input",
     ),
     OptionSpec(
         "reference_dtype",
@@ -189,6 +204,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "File of prompts for the reference comparison: one per line, or a .json list. Default: 24 built-in prompts.",
         None,
         metavar="FILE",
+        path="input",
     ),
     OptionSpec(
         "reference_max_kl_mean",
@@ -245,10 +261,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "benchmark_plot",
-        "Where the benchmark's PNG goes (tokens/s vs new tokens and vs prompt length per mode), relative to the "
-        "rootdir. Default: causal_lm_benchmark.png.",
+        "Where the benchmark's PNG goes (tokens/s vs new tokens and vs prompt length per mode). "
+        "Default: causal_lm_benchmark.png in the rootdir.",
         "causal_lm_benchmark.png",
         metavar="PATH",
+        path="output",
     ),
     OptionSpec(
         "peak_bandwidth",
@@ -356,12 +373,63 @@ def _validate(spec: OptionSpec, setting: Setting) -> None:
             )
 
 
+# Variables with the prefix that are not settings: where tiny: checkpoints are built, and CAUSAL_LM_TEST_*,
+# left to test code (this project's own tests use it).
+OTHER_ENV = ("CAUSAL_LM_TINY_DIR",)
+TEST_ENV_PREFIX = "CAUSAL_LM_TEST_"
+
+
+def check_names(ini_keys: Iterable[str], environ: Mapping[str, str]) -> None:
+    """An unknown ``causal_lm_*`` ini key or ``CAUSAL_LM_*`` variable is a usage error: a typo must not turn
+    the suite off and leave a run green having tested nothing."""
+    known_ini = [spec.ini for spec in OPTIONS]
+    for key in sorted(k for k in ini_keys if k.startswith("causal_lm_") and k not in known_ini):
+        raise pytest.UsageError(f"ini key {key}: no such pytest-causal-lm setting{_closest(key, known_ini)}")
+    known_env = [spec.env for spec in OPTIONS] + list(OTHER_ENV)
+    for name in sorted(n for n in environ if n.startswith("CAUSAL_LM_") and n not in known_env):
+        if not name.startswith(TEST_ENV_PREFIX):
+            raise pytest.UsageError(
+                f"environment variable {name}: no such pytest-causal-lm setting{_closest(name, known_env)}"
+            )
+
+
+def _closest(name: str, known: list[str]) -> str:
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else "; pytest --help lists them (causal-lm group)"
+
+
+def _ini_keys(config: pytest.Config) -> Iterable[str]:
+    """The keys of the ini file, known or not (pytest 9 deprecates ``config.inicfg`` for this)."""
+    keys = getattr(config, "_inicfg", None)
+    return list(keys if keys is not None else config.inicfg)
+
+
+def _anchored(spec: OptionSpec, setting: Setting, base: Path) -> Setting:
+    """A relative path as pytest anchors its own: from an ini file, at the file's directory; from the command
+    line or environment, at the directory pytest ran in. An input path is anchored only where it exists (else
+    it may be a Hub id); an output path always."""
+    if spec.path is None or setting.value is None or (spec.path == "input" and setting.source != "ini"):
+        return setting
+
+    def anchor(value: Any) -> Any:
+        if not isinstance(value, str) or value.startswith("tiny:"):
+            return value
+        path = base / Path(value).expanduser()  # an absolute value stays as it is
+        return str(path) if spec.path == "output" or path.exists() else value
+
+    value = tuple(anchor(v) for v in setting.value) if spec.multiple else anchor(setting.value)
+    return replace(setting, value=value)
+
+
 def resolve_settings(config: pytest.Config, environ: dict[str, str] | None = None) -> Settings:
-    """Resolve every setting; raises ``pytest.UsageError`` on an invalid value."""
+    """Resolve every setting; raises ``pytest.UsageError`` on an invalid value or an unknown name."""
     environ = dict(os.environ if environ is None else environ)
+    check_names(_ini_keys(config), environ)
+    here = Path(config.invocation_params.dir)
+    bases = {"option": here, "env": here, "ini": config.inipath.parent if config.inipath else config.rootpath}
     values = {}
     for spec in OPTIONS:
         setting = _resolve_one(spec, config, environ)
         _validate(spec, setting)
-        values[spec.name] = setting
+        values[spec.name] = _anchored(spec, setting, bases.get(setting.source, config.rootpath))
     return Settings(values)
