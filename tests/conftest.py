@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# Hugging Face caches (remote-code modules, hub files) go to a temporary directory, not the user's ~/.cache:
+# set before transformers is imported, which reads them once; pytester subprocesses inherit them.
+_HF_HOME = tempfile.mkdtemp(prefix="causal-lm-tests-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")
+
 # pytester's in-process runs drop modules first imported inside them; importing the
 # heavy ones here keeps torch's C extension and transformers' model classes loaded once.
-import torch
-import transformers
+import torch  # noqa: E402  (after the cache variables above)
+import transformers  # noqa: E402
 
-from pytest_causal_lm.loading import CausalLM, Target, load
-from pytest_causal_lm.tiny import materialize
+from pytest_causal_lm.loading import CausalLM, Target, load  # noqa: E402
+from pytest_causal_lm.tiny import materialize  # noqa: E402
 
 # One intra-op thread: the tests' models are tiny, and on 2 cores shared with a second busy process two
 # threads wait on each other (measured: 69 s with two threads, 23 s with one, for the checks' tests under load).

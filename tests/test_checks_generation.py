@@ -267,10 +267,11 @@ def test_chat_template_catches_a_template_kwarg_that_is_ignored(qwen3_path) -> N
         clm.assert_chat_template_consistent(model, tokenizer)
 
 
-def test_chat_template_warns_when_tokenizing_the_text_would_double_bos(llama_path) -> None:
+def test_chat_template_notes_when_tokenizing_the_text_would_double_bos(llama_path, recwarn) -> None:
     model, tokenizer = broken.load_healthy(llama_path)
-    with pytest.warns(clm.ChatTemplateWarning, match="the template writes BOS and the tokenizer adds another"):
-        clm.assert_chat_template_consistent(model, tokenizer)
+    result = clm.assert_chat_template_consistent(model, tokenizer)
+    assert any("the template writes BOS and the tokenizer adds another" in note for note in result.notes)
+    assert not recwarn.list  # a hazard real Llama 3 shares, not a defect: no warning on a healthy checkpoint
 
 
 def test_chat_template_skips_without_a_template(qwen3_path) -> None:

@@ -96,16 +96,17 @@ def test_markdown_and_json_reports_are_complete(noisy: pytest.Pytester) -> None:
     assert target["label"] == "tiny-qwen3-cpu-float32"
     cells = target["invariants"]
     assert {name: cell["outcome"] for name, cell in cells.items()} == {
-        "output shapes": "ok",
+        "output_shapes": "ok",
         "logits_to_keep": "FAIL",
         "determinism": "FAIL",
-        "chat template": "ok",
-        "behaviour snapshot": "skip",
+        "chat_template": "ok",
+        "behaviour_snapshot": "skip",
     }
+    assert cells["chat_template"]["name"] == "chat template"
     figure = cells["determinism"]["figure"]
     assert figure["label"] == "Δ" and isinstance(figure["value"], float) and figure["value"] > 1e-4
     assert isinstance(cells["determinism"]["position"], int) and isinstance(cells["determinism"]["token_id"], int)
-    assert cells["determinism"]["tolerance"] == "atol=0.0001, rtol=0.0001"
+    assert cells["determinism"]["tolerance"] == {"atol": 1e-4, "rtol": 1e-4, "noise": None, "noise_source": None}
     assert target["device_name"] and target["device_name"] not in ("x86_64", "cpu")
 
 

@@ -8,7 +8,6 @@ transformers; the helpers import them when called.
 
 from .benchmark import benchmark_generation, forced_generate
 from .checks import (
-    ChatTemplateWarning,
     CheckResult,
     GenerationConfigWarning,
     NearTieWarning,
@@ -57,7 +56,6 @@ __all__ = [
     "DEFAULT_TOLERANCES",
     "CausalLM",
     "CausalLMSession",
-    "ChatTemplateWarning",
     "CheckResult",
     "CheckpointLoadError",
     "GenerationConfigWarning",

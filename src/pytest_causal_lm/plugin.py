@@ -411,8 +411,10 @@ def _load_progress(config: pytest.Config, target: Target, session: CausalLMSessi
     start = time.perf_counter()
     try:
         yield
-    finally:
-        say(f"causal-lm: {target.id}: load ended after {time.perf_counter() - start:.1f} s")
+    except BaseException:
+        say(f"causal-lm: {target.id}: load failed after {time.perf_counter() - start:.1f} s")
+        raise
+    say(f"causal-lm: {target.id}: loaded in {time.perf_counter() - start:.1f} s")
 
 
 @pytest.fixture

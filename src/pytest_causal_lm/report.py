@@ -55,7 +55,7 @@ class Cell:
 
     outcome: str
     figure: tuple[str, float] | None = None  # (label, value): ("Δ", 3e-5), ("KL mean", 0.002), ("tokens/step", 1)
-    tolerance: str | None = None
+    tolerance: dict[str, Any] | None = None  # atol, rtol, noise, noise_source
     position: int | None = None
     token_id: int | None = None
     detail: str = ""
@@ -90,6 +90,13 @@ class Cell:
             "token_id": self.token_id,
             "detail": self.detail,
         }
+
+
+OUTCOME_LEGEND = (
+    "ok=passed, tie=passed where two correct implementations may pick different tokens (top-two scores within "
+    "the tolerance), FAIL=the check failed, err=error before the check ran (e.g. load), skip=not run (reason "
+    "below), lim=a failure this project acknowledges (--causal-lm-known-limitations), -=not collected"
+)
 
 
 def _skip_reason(report: Any) -> str:
@@ -165,7 +172,7 @@ class VerdictTable:
             shown = label if len(label) <= width else label[: width - 1] + "~"
             outcomes = (row[i.test_name].outcome if i.test_name in row else "-" for i in columns)
             lines.append(f"{shown:<{width}} " + " ".join(f"{o:<4}" for o in outcomes))
-        legend = "legend: " + ", ".join(f"{i.column}={i.name}" for i in columns)
+        legend = "legend: " + ", ".join(f"{i.column}={i.name}" for i in columns) + "; " + OUTCOME_LEGEND
         lines.extend(textwrap.wrap(legend, width=100, subsequent_indent="        "))
         lines.extend(self._detail_lines(verbosity))
         return lines + self._not_run_lines()
@@ -224,7 +231,9 @@ class VerdictTable:
                         "device_name": device_name(self.devices.get(target, "")),
                         "benchmark": self.benchmarks.get(target),
                         "load_error": self.load_errors.get(target),
-                        "invariants": {i.name: row[i.test_name].to_dict() for i in invariants() if i.test_name in row},
+                        "invariants": {
+                            i.key: {"name": i.name, **row[i.test_name].to_dict()} for i in invariants() if i.test_name in row
+                        },
                     }
                     for target, row in self.cells.items()
                 },

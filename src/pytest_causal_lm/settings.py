@@ -139,7 +139,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "known_limitations",
         "Invariants (keys such as padding_invariance) this project acknowledges its checkpoint fails: they run as "
-        "strict xfail, so the verdict says 'known' and a fix shows as XPASS. Repeat or comma-separate. Default: none.",
+        "strict xfail, so the verdict says 'lim' and a fix shows as XPASS. Repeat or comma-separate. Default: none.",
         default=(),
         multiple=True,
         metavar="KEY",

@@ -29,6 +29,10 @@ class Tolerance:
         """The allowed difference around one expected value."""
         return self.atol + self.rtol * abs(expected)
 
+    def as_dict(self) -> dict[str, float | str | None]:
+        """Numbers for machine-read reports."""
+        return {"atol": self.atol, "rtol": self.rtol, "noise": self.noise, "noise_source": self.noise_source or None}
+
     def __str__(self) -> str:
         text = f"atol={self.atol:.3g}, rtol={self.rtol:g}"
         return f"{text} (atol from the {self.noise_source})" if self.noise is not None else text

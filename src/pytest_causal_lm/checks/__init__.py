@@ -4,7 +4,7 @@ from ._common import CheckResult
 from .attention import assert_attention_implementations_agree
 from .cache import assert_cache_effective, assert_kv_cache_parity
 from .causality import assert_prefix_causal
-from .chat import ChatTemplateWarning, assert_chat_template_consistent
+from .chat import assert_chat_template_consistent
 from .classification import assert_classification_head_equivalent, load_score_head_classifier
 from .context import assert_long_context_consistent
 from .determinism import assert_deterministic
@@ -29,7 +29,6 @@ from .turns import (
 from .vocab import assert_special_tokens_agree, assert_vocab_alignment
 
 __all__ = [
-    "ChatTemplateWarning",
     "CheckResult",
     "GenerationConfigWarning",
     "NearTieWarning",

@@ -75,7 +75,7 @@ def failure(
     if figure is not None:
         measured["figure"] = figure
     if tolerance is not None:
-        measured["tolerance"] = str(tolerance)
+        measured["tolerance"] = tolerance.as_dict()
     error = AssertionError(f"{title}\n{body}")
     error.causal_lm_measured = measured  # type: ignore[attr-defined]
     return error
@@ -238,7 +238,7 @@ class CheckResult:
         return {
             "invariant": self.invariant,
             "greatest_difference": self.greatest_difference if self.tolerance is not None else None,
-            "tolerance": str(self.tolerance) if self.tolerance is not None else None,
+            "tolerance": self.tolerance.as_dict() if self.tolerance is not None else None,
             "figure": list(figure) if figure is not None else None,
             "near_tie": self.near_tie,
             "notes": list(self.notes or []),
