@@ -41,6 +41,14 @@ for _name, _function in (("leaky_causal", _leaky_attention), ("always_dropout", 
     AttentionMaskInterface.register(_name, sdpa_mask)
 
 
+def _cache_in(kwargs: dict, pop: bool = False) -> Any:
+    """The cache a wrapped forward or prepare_inputs_for_generation was given, under either name: transformers
+    5.24 renamed ``past_key_values`` to ``cache``."""
+    take = kwargs.pop if pop else kwargs.get
+    found = [take(name, None) for name in ("cache", "past_key_values")]
+    return next((value for value in found if value is not None), None)
+
+
 def load_healthy(path: Any, **kwargs: Any) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
     return model, AutoTokenizer.from_pretrained(path)
@@ -174,12 +182,13 @@ def positions_restart_with_cache(path: Any) -> tuple[Any, Any]:
     model, tokenizer = load_healthy(path)
     original = model.forward
 
-    def forward(input_ids=None, past_key_values=None, position_ids=None, **kwargs):
-        if past_key_values is not None and past_key_values.get_seq_length() > 0 and input_ids is not None:
+    def forward(input_ids=None, position_ids=None, **kwargs):
+        cache = _cache_in(kwargs)
+        if cache is not None and cache.get_seq_length() > 0 and input_ids is not None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(
                 input_ids.shape[0], -1
             )
-        return original(input_ids=input_ids, past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+        return original(input_ids=input_ids, position_ids=position_ids, **kwargs)
 
     model.forward = forward
     return model, tokenizer
@@ -190,9 +199,10 @@ def cache_ignored_in_generate(path: Any) -> tuple[Any, Any]:
     model, tokenizer = load_healthy(path)
     original = model.prepare_inputs_for_generation
 
-    def prepare(input_ids, next_sequence_length=None, past_key_values=None, **kwargs):
+    def prepare(input_ids, next_sequence_length=None, **kwargs):
         kwargs.pop("position_ids", None)
-        return original(input_ids, next_sequence_length=None, past_key_values=None, **kwargs)
+        _cache_in(kwargs, pop=True)
+        return original(input_ids, next_sequence_length=None, **kwargs)
 
     model.prepare_inputs_for_generation = prepare
     return model, tokenizer
@@ -346,10 +356,11 @@ def cached_steps_feed_one_token(path: Any) -> tuple[Any, Any]:
     model, tokenizer = load_healthy(path)
     original = model.prepare_inputs_for_generation
 
-    def prepare(input_ids, next_sequence_length=None, past_key_values=None, **kwargs):
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+    def prepare(input_ids, next_sequence_length=None, **kwargs):
+        cache = _cache_in(kwargs)
+        if cache is not None and cache.get_seq_length() > 0:
             next_sequence_length = 1
-        return original(input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values, **kwargs)
+        return original(input_ids, next_sequence_length=next_sequence_length, **kwargs)
 
     model.prepare_inputs_for_generation = prepare
     return model, tokenizer

@@ -232,7 +232,9 @@ class VerdictTable:
                         "benchmark": self.benchmarks.get(target),
                         "load_error": self.load_errors.get(target),
                         "invariants": {
-                            i.key: {"name": i.name, **row[i.test_name].to_dict()} for i in invariants() if i.test_name in row
+                            i.key: {"name": i.name, **row[i.test_name].to_dict()}
+                            for i in invariants()
+                            if i.test_name in row
                         },
                     }
                     for target, row in self.cells.items()

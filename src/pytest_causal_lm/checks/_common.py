@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,15 +97,51 @@ def mismatch_failure(
     return failure(title, model, rows, mismatch=mismatch, tolerance=tolerance)
 
 
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for ``forward`` or ``generate``: transformers 5.24 renamed ``past_key_values`` to
+    ``cache`` (the old name warns); earlier versions and custom code that kept it take the old one."""
+    declared = inspect.signature(type(model).forward).parameters  # the class's: an instance may wrap forward
+    return {"cache" if "cache" in declared else "past_key_values": cache}
+
+
+def returned_cache(output: Any) -> Any:
+    """The cache a forward or ``generate`` returned, under any version's name (``cache`` from 5.24)."""
+    entry = _cache_entry(output)
+    return entry[1] if entry else None
+
+
+def _cache_entry(output: Any) -> tuple[str, Any] | None:
+    # by the keys really set: from 5.24 the old names are aliases that log a deprecation when read
+    if hasattr(output, "keys"):
+        keys = list(output.keys())
+        return next(((n, output[n]) for n in _CACHE_NAMES if n in keys and output[n] is not None), None)
+    return next(((n, getattr(output, n)) for n in _CACHE_NAMES if getattr(output, n, None) is not None), None)
+    return None
+
+
+_CACHE_NAMES = ("cache", "past_key_values", "cache_params")
+
+
 def cache_kind(model: Any, input_ids: Any) -> str | None:
-    """``"kv"`` (past_key_values), ``"recurrent"`` (cache_params, state-space models) or None (no cache kept)."""
+    """``"kv"`` (keys and values), ``"recurrent"`` (only state-space layers: Mamba-style) or None (no cache kept)."""
     import torch
 
     with torch.no_grad():
         out = model(input_ids=input_ids[:, :2], use_cache=True)
-    if getattr(out, "past_key_values", None) is not None:
-        return "kv"
-    return "recurrent" if getattr(out, "cache_params", None) is not None else None
+    entry = _cache_entry(out)
+    if entry is None:
+        return None
+    name, cache = entry
+    return "recurrent" if name == "cache_params" or _state_space_only(cache) else "kv"
+
+
+def _state_space_only(cache: Any) -> bool:
+    try:
+        from transformers.cache_utils import LinearAttentionLayer
+    except ImportError:  # a version without it
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, LinearAttentionLayer) for layer in layers)
 
 
 def default_positions_differ(model: Any, input_ids: Any, tolerance: Tolerance) -> str | None:

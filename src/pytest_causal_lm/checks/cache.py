@@ -13,6 +13,7 @@ from ._common import (
     DEFAULT_TEXTS,
     CheckResult,
     cache_kind,
+    cache_kwargs,
     check_scores,
     encode,
     failure,
@@ -21,6 +22,7 @@ from ._common import (
     pad_id,
     padded_batch,
     resolve_tolerance,
+    returned_cache,
     text_of,
     token,
 )
@@ -85,10 +87,10 @@ def _check_stepwise_decoding(model: Any, tokenizer: Any, input_ids: Any, full: A
     length = input_ids.shape[1]
     prefill = max(1, length // 3)
     with torch.no_grad():
-        cache = model(input_ids=input_ids[:, :prefill], use_cache=True).past_key_values
+        cache = returned_cache(model(input_ids=input_ids[:, :prefill], use_cache=True))
         for position in range(prefill, length):
-            out = model(input_ids=input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=input_ids[:, position : position + 1], **cache_kwargs(model, cache), use_cache=True)
+            cache = returned_cache(out)
             mismatch = check_scores(result, full[position : position + 1], out.logits[0].float(), result.tolerance)
             if mismatch:
                 step = position - prefill + 1
@@ -117,8 +119,8 @@ def _check_chunked_prefill(
         for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
             if stop <= start:
                 continue
-            out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=input_ids[:, start:stop], **cache_kwargs(model, cache), use_cache=True)
+            cache = returned_cache(out)
             mismatch = check_scores(result, full[start:stop], out.logits[0].float(), result.tolerance)
             if mismatch:
                 raise _cache_failure(
@@ -149,16 +151,16 @@ def _check_padded_batch_decoding(
     width = ids.shape[1]
     batch_full = forward_logits(model, all_ids, attention_mask=all_mask, position_ids=all_positions)
     with torch.no_grad():
-        cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+        cache = returned_cache(model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True))
         for at in range(width, width + appended):
             out = model(
                 input_ids=all_ids[:, at : at + 1],
                 attention_mask=all_mask[:, : at + 1],
                 position_ids=all_positions[:, at : at + 1],
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 use_cache=True,
             )
-            cache = out.past_key_values
+            cache = returned_cache(out)
             for row in range(ids.shape[0]):
                 mismatch = check_scores(result, batch_full[row, at : at + 1], out.logits[row].float(), result.tolerance)
                 if mismatch:

@@ -17,7 +17,17 @@ from typing import Any
 import pytest
 
 from ..tolerances import Tolerance
-from ._common import DEFAULT_TEXTS, CheckResult, cache_kind, check_scores, mismatch_failure, resolve_tolerance, token
+from ._common import (
+    DEFAULT_TEXTS,
+    CheckResult,
+    cache_kind,
+    cache_kwargs,
+    check_scores,
+    mismatch_failure,
+    resolve_tolerance,
+    returned_cache,
+    token,
+)
 
 __all__ = ["Boundary", "assert_long_context_consistent", "context_boundaries", "default_context_budget"]
 
@@ -245,8 +255,10 @@ def _check_cached_pass(run: _LongRun) -> None:
     for number, (start, stop) in enumerate(segments, 1):
         rows = [p for p in run.positions if start <= p < stop]
         kept = [p - start for p in rows] or [stop - start - 1]  # a segment between sampled rows still feeds the cache
-        scores, out = _scores_at(run.model, run.ids[:, start:stop], kept, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        scores, out = _scores_at(
+            run.model, run.ids[:, start:stop], kept, **cache_kwargs(run.model, cache), use_cache=True
+        )
+        cache = returned_cache(out)
         if rows:
             run.compare(
                 rows,

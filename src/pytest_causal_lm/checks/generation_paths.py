@@ -20,6 +20,7 @@ from ._common import (
     DEFAULT_TEXTS,
     CheckResult,
     cache_kind,
+    cache_kwargs,
     check_scores,
     default_positions_differ,
     encode,
@@ -305,9 +306,8 @@ def assert_continuation_matches(
         ids = torch.cat([ids, torch.tensor([generated.rows[0]], device=ids.device)], dim=1)
         if appended is not None:
             ids = torch.cat([ids, appended], dim=1)
-        cache = generated.past_key_values
         generated = generate_scored(
-            model, tokenizer, ids, max_new_tokens=steps, min_new_tokens=steps, past_key_values=cache
+            model, tokenizer, ids, max_new_tokens=steps, min_new_tokens=steps, **cache_kwargs(model, generated.cache)
         )
         assert_generation_matches_forward(
             model,

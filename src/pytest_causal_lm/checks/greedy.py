@@ -17,11 +17,13 @@ from ._common import (
     DEFAULT_TEXTS,
     CheckResult,
     cache_kind,
+    cache_kwargs,
     default_positions_differ,
     eos_ids,
     failure,
     pad_id,
     resolve_tolerance,
+    returned_cache,
     text_of,
     token,
 )
@@ -97,8 +99,10 @@ def greedy_loop(
             if scorer is not None:
                 scores = scorer(ids)
             elif use_cache:
-                out = model(input_ids=ids if cache is None else ids[:, -1:], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(
+                    input_ids=ids if cache is None else ids[:, -1:], **cache_kwargs(model, cache), use_cache=True
+                )
+                cache = returned_cache(out)
                 scores = out.logits[0, -1]
             else:
                 scores = model(input_ids=ids, use_cache=False).logits[0, -1]
@@ -165,7 +169,7 @@ class ScoredGeneration:
 
     rows: list[list[int]]
     logits: Any
-    past_key_values: Any = None
+    cache: Any = None  # the cache generate returned
 
 
 def generate_scored(
@@ -184,7 +188,7 @@ def generate_scored(
     """``model.generate`` with an explicit greedy configuration, keeping the scores of every step.
 
     ``config_fields`` go into the GenerationConfig (``cache_implementation``, ``prompt_lookup_num_tokens``...);
-    ``inputs`` go to ``generate`` itself (``inputs_embeds``, ``past_key_values``, ``assistant_model``).
+    ``inputs`` go to ``generate`` itself (``inputs_embeds``, a cache from ``cache_kwargs``, ``assistant_model``).
     Without ``keep_scores`` (timing), no scores are kept and ``logits`` is None.
     """
     import torch
@@ -213,7 +217,7 @@ def generate_scored(
         cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
         rows.append(row[:cut])
     logits = torch.stack([step.float().cpu() for step in out.logits], dim=1) if keep_scores else None
-    return ScoredGeneration(rows, logits, getattr(out, "past_key_values", None))
+    return ScoredGeneration(rows, logits, returned_cache(out))
 
 
 def greedy_generate(

@@ -17,6 +17,7 @@ from ._common import (
     failure,
     mismatch_failure,
     resolve_tolerance,
+    returned_cache,
     text_of,
     token,
 )
@@ -136,7 +137,7 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
                     )
                 )
                 break
-    cache = getattr(out, "past_key_values", None)
+    cache = returned_cache(out)
     if isinstance(cache, DynamicCache):
         problems.extend(_cache_shape_problems(cache, seq, layers))
     batch = _padded_batch(tokenizer, texts, device)
