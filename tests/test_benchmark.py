@@ -85,6 +85,8 @@ def test_benchmark_writes_every_figure_a_table_a_diagnosis_and_a_png(pytester: p
         assert info["min_seconds"] <= info["median_seconds"] <= info["max_seconds"]
         assert info["peak_memory_mb"] > 0 and info["peak_memory_kind"] == "process RSS"
         assert info["bound"] in ("per-step overhead", "memory bandwidth", "compute")
+        if info["mode"] != "no_cache":  # measured after no_cache: the speedup travels with the cell
+            assert info["speedup_min"] <= info["speedup_vs_no_cache"] <= info["speedup_max"]
         assert entry["group"] == f"tiny-qwen3-cpu-float32 prompt=8 new_tokens={info['new_tokens']}"
         assert entry["stats"]["rounds"] == 2
 
@@ -101,7 +103,7 @@ def test_the_reports_carry_the_benchmark(pytester: pytest.Pytester) -> None:
     pytester.runpytest(*args, "--causal-lm-report=report.json").assert_outcomes(passed=7)
     target = json.loads((pytester.path / "report.json").read_text())["targets"]
     (bench,) = [t["benchmark"] for t in target.values()]
-    assert bench["summary"].startswith("tok/s at 6 new tokens: no_cache ")
+    assert bench["summary"].startswith("tok/s at 6 new tokens (speedup over no_cache): no_cache ")
     assert len(bench["cells"]) == 6 and all("itl_p90_seconds" in cell for cell in bench["cells"])
 
 
@@ -235,6 +237,33 @@ def test_the_collector_summarises_the_longest_run_per_mode() -> None:
                 SimpleNamespace(seconds=seconds * n / 8, ttft_seconds=0.1, step_seconds=[0.01], peak_memory_bytes=1)
             ]
             collector.add(Measurement("t", BenchmarkCase(mode, 16, n), 1, rounds))  # type: ignore[arg-type]
-    assert collector.summary("t") == "tok/s at 32 new tokens: no_cache 2.0, dynamic 8.0"
+    assert collector.summary("t") == (
+        "tok/s at 32 new tokens (speedup over no_cache): no_cache 2.0, dynamic 8.0 (4.00x (4.00-4.00))"
+    )
     dynamic = collector.measurements[("t", BenchmarkCase("dynamic", 16, 32))]
     assert collector.reference_for(dynamic).case.mode == "no_cache"
+
+
+def _cell(mode: str, seconds: list[float]) -> Measurement:
+    rounds = [SimpleNamespace(seconds=t, ttft_seconds=0.1, step_seconds=[t / 8], peak_memory_bytes=1) for t in seconds]
+    return Measurement("t", BenchmarkCase(mode, 16, 8), 1, rounds)  # type: ignore[arg-type]
+
+
+def test_the_speedup_pairs_the_rounds_and_says_when_the_spread_makes_it_meaningless() -> None:
+    steady = BenchmarkCollector()
+    steady.add(_cell("no_cache", [4.0, 4.2, 4.4]))
+    steady.add(_cell("dynamic", [1.0, 1.05, 1.0]))
+    figures = steady.cell_figures(steady.measurements[("t", BenchmarkCase("dynamic", 16, 8))])
+    assert figures["speedup_vs_no_cache"] == 4.0  # the ratios 4.0, 4.0, 4.4
+    assert (figures["speedup_min"], figures["speedup_max"], figures["speedup_conclusive"]) == (4.0, 4.4, True)
+    assert "4.00x (4.00-4.40)" in "\n".join(steady.table("t"))
+    busy = BenchmarkCollector()
+    busy.add(_cell("no_cache", [1.0, 5.2, 1.1]))  # a second process took the machine during round 2
+    busy.add(_cell("dynamic", [1.2, 0.9, 1.0]))
+    figures = busy.cell_figures(busy.measurements[("t", BenchmarkCase("dynamic", 16, 8))])
+    assert figures["speedup_conclusive"] is False and figures["unstable"] is False
+    assert busy.cell_figures(busy.measurements[("t", BenchmarkCase("no_cache", 16, 8))])["unstable"] is True
+    table = "\n".join(busy.table("t"))
+    assert "x? (" in table and "!" in table and "unstable" in table
+    busy.skip("t", BenchmarkCase("dynamic", 512, 8), "prompt 512 + 8 new tokens exceed max_position_embeddings 64")
+    assert "not measured: dynamic, prompt 512, 8 new tokens: prompt 512 + 8" in "\n".join(busy.table("t"))

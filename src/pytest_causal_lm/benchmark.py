@@ -251,6 +251,18 @@ class Measurement:
     def peak_memory_bytes(self) -> int:
         return max(r.peak_memory_bytes for r in self.rounds)
 
+    @property
+    def spread(self) -> float:
+        """Slowest round over fastest: above ``UNSTABLE_SPREAD`` the machine was busy and the median is a guess."""
+        totals = [r.seconds for r in self.rounds]
+        return max(totals) / min(totals)
+
+    def speedup_over(self, base: Measurement) -> tuple[float, float, float]:
+        """``(median, min, max)`` of ``base``'s time over this cell's, round i against round i (both timed the
+        same way; the modes' rounds run one cell after another, not interleaved)."""
+        ratios = [b.seconds / r.seconds for b, r in zip(base.rounds, self.rounds, strict=False)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+
     def figures(self) -> dict[str, Any]:
         """What goes into pytest-benchmark's extra_info and the reports."""
         totals = [r.seconds for r in self.rounds]
@@ -269,8 +281,14 @@ class Measurement:
             "tokens_per_second": round(self.tokens_per_second, 3),
             "peak_memory_mb": round(self.peak_memory_bytes / 2**20, 1),
             "peak_memory_kind": self.memory_kind,
+            "spread": round(self.spread, 3),
+            "unstable": self.spread > UNSTABLE_SPREAD,
             **(self.roofline.figures() if self.roofline else {}),
         }
+
+
+# Rounds of one cell whose slowest is more than this many times the fastest: flagged, their figures unreliable.
+UNSTABLE_SPREAD = 1.5
 
 
 def _rounded(value: float | None) -> float | None:
@@ -283,6 +301,36 @@ class BenchmarkCollector:
 
     measurements: dict[tuple[str, BenchmarkCase], Measurement] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)  # target key -> display name
+    skipped: dict[str, dict[BenchmarkCase, str]] = field(default_factory=dict)  # target key -> cell -> why
+
+    def skip(self, target_key: str, case: BenchmarkCase, reason: str) -> None:
+        """Remember a cell that could not run, for the table and the plot."""
+        self.skipped.setdefault(target_key, {})[case] = reason
+
+    def baseline_for(self, measurement: Measurement) -> Measurement | None:
+        """The no_cache cell of the same target, prompt length and new tokens: what the cache is measured against."""
+        case = measurement.case
+        if case.mode == "no_cache":
+            return None
+        return self.measurements.get(
+            (measurement.target_key, BenchmarkCase("no_cache", case.prompt_length, case.new_tokens))
+        )
+
+    def cell_figures(self, measurement: Measurement) -> dict[str, Any]:
+        """A cell's figures plus its speedup over no_cache (median and range of the paired rounds), with
+        ``speedup_conclusive`` false when the range straddles 1 or either cell's rounds are unstable."""
+        figures = measurement.figures()
+        base = self.baseline_for(measurement)
+        if base is not None:
+            median, low, high = measurement.speedup_over(base)
+            steady = not (figures["unstable"] or base.spread > UNSTABLE_SPREAD)
+            figures.update(
+                speedup_vs_no_cache=round(median, 3),
+                speedup_min=round(low, 3),
+                speedup_max=round(high, 3),
+                speedup_conclusive=steady and (low > 1 or high < 1),
+            )
+        return figures
 
     def add(self, measurement: Measurement) -> None:
         self.labels[measurement.target_key] = measurement.label or measurement.target_key
@@ -309,22 +357,31 @@ class BenchmarkCollector:
         return [m for (key, _), m in self.measurements.items() if key == target]
 
     def table(self, target: str) -> list[str]:
-        """One row per cell: TTFT, inter-token latency percentiles, tokens/s, peak memory, MBU, bound."""
+        """One row per cell: TTFT, inter-token latency percentiles, tokens/s, speedup over no_cache, total time,
+        peak memory, MBU, bound; then what was not measured and how to read the totals."""
         lines = [
             f"{'mode':<16}{'prompt':>7}{'new':>5}{'TTFT ms':>9}{'ITL p50':>9}{'p90':>8}{'p99':>8}"
-            f"{'tok/s':>9}  {'total s (min-max)':<24}{'peak MB':>8}{'MBU':>7}  bound"
+            f"{'tok/s':>9}  {'speedup (min-max)':<20}{'total s (min-max)':<24}{'peak MB':>8}{'MBU':>7}  bound"
         ]
         for m in self.of(target):
-            f = m.figures()
+            f = self.cell_figures(m)
             ms = [(f[f"itl_p{p}_seconds"] or 0) * 1e3 for p in (50, 90, 99)]
-            spread = f"{f['median_seconds']:.3g} ({f['min_seconds']:.3g}-{f['max_seconds']:.3g})"
+            total = f"{f['median_seconds']:.3g} ({f['min_seconds']:.3g}-{f['max_seconds']:.3g})" + "!" * f["unstable"]
             mbu = f"{f['memory_bandwidth_utilisation']:.1%}" if "memory_bandwidth_utilisation" in f else "-"
             lines.append(
                 f"{m.case.mode:<16}{m.case.prompt_length:>7}{m.case.new_tokens:>5}{f['ttft_seconds'] * 1e3:>9.1f}"
-                f"{ms[0]:>9.2f}{ms[1]:>8.2f}{ms[2]:>8.2f}{f['tokens_per_second']:>9.1f}  {spread:<24}"
-                f"{f['peak_memory_mb']:>8.0f}{mbu:>7}  {f.get('bound', '-')}"
+                f"{ms[0]:>9.2f}{ms[1]:>8.2f}{ms[2]:>8.2f}{f['tokens_per_second']:>9.1f}  {speedup_text(f):<20}"
+                f"{total:<24}{f['peak_memory_mb']:>8.0f}{mbu:>7}  {f.get('bound', '-')}"
             )
-        return lines
+        return [*lines, *self.notes(target)]
+
+    def notes(self, target: str) -> list[str]:
+        """What was not measured, and how to read the speedup and total columns."""
+        skipped = self.skipped.get(target, {}).items()
+        missing = [
+            f"not measured: {c.mode}, prompt {c.prompt_length}, {c.new_tokens} new tokens: {why}" for c, why in skipped
+        ]
+        return [*missing, *TABLE_NOTES]
 
     def diagnoses(self, target: str) -> list[str]:
         """Per mode, the diagnosis of its longest generation at the first prompt length."""
@@ -336,16 +393,19 @@ class BenchmarkCollector:
         return [f"{mode} ({m.case.new_tokens} new tokens): {m.roofline.diagnosis()}" for mode, m in longest.items()]
 
     def summary(self, target: str) -> str:
-        """``tok/s at N new tokens: mode X, ...``: the headline for the verdict."""
+        """``tok/s at N new tokens: no_cache X, dynamic Y (4.3x, 4.1-4.5), ...``: the headline for the verdict."""
         _, _, by_new_tokens, _ = _sweeps(self.of(target))
         most = max(m.case.new_tokens for m in by_new_tokens)
-        rates = ", ".join(
-            f"{m.case.mode} {m.tokens_per_second:.1f}" for m in by_new_tokens if m.case.new_tokens == most
-        )
-        return f"tok/s at {most} new tokens: {rates}"
+        rates = []
+        for m in by_new_tokens:
+            if m.case.new_tokens == most:
+                f = self.cell_figures(m)
+                speedup = f" ({speedup_text(f)})" if "speedup_vs_no_cache" in f else ""
+                rates.append(f"{m.case.mode} {m.tokens_per_second:.1f}{speedup}")
+        return f"tok/s at {most} new tokens (speedup over no_cache): {', '.join(rates)}"
 
     def report_cells(self, target: str) -> list[dict[str, Any]]:
-        return [m.figures() for m in self.of(target)]
+        return [self.cell_figures(m) for m in self.of(target)]
 
     def plot(self, path: Path) -> Path | None:
         """Per target, tokens/s against new tokens and against prompt length, one line per mode, each labelled
@@ -370,6 +430,15 @@ class BenchmarkCollector:
                 f"{label}\nprompt {first_length} tokens, batch {batch}, median of {rounds} rounds", fontsize=10
             )
             row[1].set_title(f"{label}\n{middle} new tokens, batch {batch}, median of {rounds} rounds", fontsize=10)
+            missing = [c.prompt_length for c in self.skipped.get(target, {}) if c.new_tokens == middle]
+            if missing:
+                lengths = ", ".join(map(str, sorted(set(missing))))
+                row[1].annotate(
+                    f"not measured (past the model's context): p = {lengths}",
+                    (0.02, 0.02),
+                    xycoords="axes fraction",
+                    fontsize=8,
+                )
         figure.suptitle("Forced greedy generation: tokens/s; legends: growth of total time, fitted to the points")
         figure.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -378,12 +447,29 @@ class BenchmarkCollector:
         return path
 
 
+TABLE_NOTES = (
+    "speedup = no_cache's time / this mode's, round i against round i: median (min-max); '?' = inconclusive "
+    "(the range straddles 1, or either cell's rounds are unstable)",
+    f"total = generate() alone, median of the timed rounds; '!' = unstable: slowest round > {UNSTABLE_SPREAD}x the "
+    "fastest (a busy machine). pytest-benchmark's table times each whole round: generate plus the streamer and "
+    "memory sampler around it, so its figures run a little higher",
+)
+
+
+def speedup_text(figures: dict[str, Any]) -> str:
+    """``4.3x (4.1-4.5)``, with ``?`` when inconclusive; ``-`` without a no_cache cell."""
+    if "speedup_vs_no_cache" not in figures:
+        return "-"
+    mark = "" if figures["speedup_conclusive"] else "?"
+    return f"{figures['speedup_vs_no_cache']:.2f}x{mark} ({figures['speedup_min']:.2f}-{figures['speedup_max']:.2f})"
+
+
 def _sweeps(cells: list[Measurement]) -> tuple[int, int, list[Measurement], list[Measurement]]:
     """``(first prompt length, new tokens of the prompt sweep, the new-token sweep, the prompt-length sweep)``."""
     first_length = min(m.case.prompt_length for m in cells)
-    longer = [m.case.new_tokens for m in cells if m.case.prompt_length != first_length]
-    middle = longer[0] if longer else max(m.case.new_tokens for m in cells)
     by_new_tokens = [m for m in cells if m.case.prompt_length == first_length]
+    counts = sorted({m.case.new_tokens for m in by_new_tokens})
+    middle = counts[len(counts) // 2]  # the prompt-length sweep's count, as benchmark_cases chose it
     return first_length, middle, by_new_tokens, [m for m in cells if m.case.new_tokens == middle]
 
 
@@ -422,9 +508,9 @@ def benchmark_generation(
     model, tokenizer = causal_lm.model, causal_lm.tokenizer
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit and case.prompt_length + case.new_tokens > limit:
-        pytest.skip(
-            f"prompt {case.prompt_length} + {case.new_tokens} new tokens exceed max_position_embeddings {limit}"
-        )
+        reason = f"prompt {case.prompt_length} + {case.new_tokens} new tokens exceed max_position_embeddings {limit}"
+        collector.skip(causal_lm.target.key, case, reason)
+        pytest.skip(reason)
     benchmark.group = f"{causal_lm.target.id} prompt={case.prompt_length} new_tokens={case.new_tokens}"
     batch = settings.benchmark_batch_size
     prompt = random_prompt(model, tokenizer, case.prompt_length, seed=causal_lm.seed, batch=batch)
@@ -448,10 +534,13 @@ def benchmark_generation(
         context = case.prompt_length + case.new_tokens / 2
         cost = step_cost(model, context=context, batch=batch, cached=case.mode != "no_cache")
         measurement.roofline = Roofline(itl, cost, peaks)
-    benchmark.extra_info.update(
-        checkpoint=causal_lm.checkpoint, device=causal_lm.device, dtype=causal_lm.dtype, **measurement.figures()
-    )
     collector.add(measurement)
+    benchmark.extra_info.update(  # the speedup when no_cache was measured before this cell (the default order)
+        checkpoint=causal_lm.checkpoint,
+        device=causal_lm.device,
+        dtype=causal_lm.dtype,
+        **collector.cell_figures(measurement),
+    )
     _assert_modes_agree(causal_lm, collector, measurement, prompt)
     return measurement
 

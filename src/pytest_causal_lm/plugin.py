@@ -236,6 +236,7 @@ def _verdict_summary(terminalreporter: pytest.TerminalReporter, config: pytest.C
             "summary": session.benchmarks.summary(key),
             "diagnoses": session.benchmarks.diagnoses(key),
             "cells": session.benchmarks.report_cells(key),
+            "notes": session.benchmarks.notes(key),
         }
     terminalreporter.section("causal-lm verdict")
     for line in table.terminal_lines(config.get_verbosity()):

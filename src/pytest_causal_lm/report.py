@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .benchmark import speedup_text
 from .invariants import Invariant, invariant_for_test, invariants
 
 __all__ = ["Cell", "VerdictTable", "device_name", "library_versions"]
@@ -292,6 +293,7 @@ _BENCHMARK_COLUMNS = (
     ("p90", "itl_p90_seconds", "{:.2f}", 1e3),
     ("p99", "itl_p99_seconds", "{:.2f}", 1e3),
     ("tok/s", "tokens_per_second", "{:.1f}"),
+    ("speedup vs no_cache (min-max)", "speedup", ""),
     ("total s (min-max)", None, ""),
     ("peak MB", "peak_memory_mb", "{:.0f}"),
     ("MBU", "memory_bandwidth_utilisation", "{:.1%}"),
@@ -301,7 +303,10 @@ _BENCHMARK_COLUMNS = (
 
 def _benchmark_cell(figures: dict[str, Any], key: str | None, pattern: str, scale: float = 1.0) -> str:
     if key is None:
-        return f"{figures['median_seconds']:.3g} ({figures['min_seconds']:.3g}-{figures['max_seconds']:.3g})"
+        total = f"{figures['median_seconds']:.3g} ({figures['min_seconds']:.3g}-{figures['max_seconds']:.3g})"
+        return total + (" unstable" if figures.get("unstable") else "")
+    if key == "speedup":
+        return speedup_text(figures)
     value = figures.get(key)
     if value is None:
         return "-"
@@ -313,4 +318,4 @@ def _benchmark_markdown(bench: dict[str, Any]) -> list[str]:
     lines = ["| " + " | ".join(c[0] for c in _BENCHMARK_COLUMNS) + " |", "|---" * len(_BENCHMARK_COLUMNS) + "|"]
     for figures in bench["cells"]:
         lines.append("| " + " | ".join(_benchmark_cell(figures, *c[1:]) for c in _BENCHMARK_COLUMNS) + " |")
-    return [*lines, "", *[f"- {line}" for line in bench["diagnoses"]]]
+    return [*lines, "", *[f"- {line}" for line in [*bench["diagnoses"], *bench.get("notes", [])]]]
