@@ -41,7 +41,7 @@ for _name, _function in (("leaky_causal", _leaky_attention), ("always_dropout", 
     AttentionMaskInterface.register(_name, sdpa_mask)
 
 
-def _cache_in(kwargs: dict, pop: bool = False) -> Any:
+def cache_in(kwargs: dict, pop: bool = False) -> Any:
     """The cache a wrapped forward or prepare_inputs_for_generation was given, under either name: transformers
     5.24 renamed ``past_key_values`` to ``cache``."""
     take = kwargs.pop if pop else kwargs.get
@@ -183,7 +183,7 @@ def positions_restart_with_cache(path: Any) -> tuple[Any, Any]:
     original = model.forward
 
     def forward(input_ids=None, position_ids=None, **kwargs):
-        cache = _cache_in(kwargs)
+        cache = cache_in(kwargs)
         if cache is not None and cache.get_seq_length() > 0 and input_ids is not None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(
                 input_ids.shape[0], -1
@@ -201,7 +201,7 @@ def cache_ignored_in_generate(path: Any) -> tuple[Any, Any]:
 
     def prepare(input_ids, next_sequence_length=None, **kwargs):
         kwargs.pop("position_ids", None)
-        _cache_in(kwargs, pop=True)
+        cache_in(kwargs, pop=True)
         return original(input_ids, next_sequence_length=None, **kwargs)
 
     model.prepare_inputs_for_generation = prepare
@@ -357,7 +357,7 @@ def cached_steps_feed_one_token(path: Any) -> tuple[Any, Any]:
     original = model.prepare_inputs_for_generation
 
     def prepare(input_ids, next_sequence_length=None, **kwargs):
-        cache = _cache_in(kwargs)
+        cache = cache_in(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             next_sequence_length = 1
         return original(input_ids, next_sequence_length=next_sequence_length, **kwargs)

@@ -54,11 +54,12 @@ def test_kv_cache_parity_checks_chunked_prefill(qwen3_path) -> None:
     model, tokenizer = broken.load_healthy(qwen3_path)
     original = model.forward
 
-    def forward(input_ids=None, past_key_values=None, position_ids=None, **kwargs):
+    def forward(input_ids=None, position_ids=None, **kwargs):
         # one-token steps are healthy; a multi-token chunk after the first restarts its positions at 0
-        if past_key_values is not None and past_key_values.get_seq_length() > 0 and input_ids.shape[1] > 1:
+        cache = broken.cache_in(kwargs)
+        if cache is not None and cache.get_seq_length() > 0 and input_ids.shape[1] > 1:
             position_ids = torch.arange(input_ids.shape[1])[None]
-        return original(input_ids=input_ids, past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+        return original(input_ids=input_ids, position_ids=position_ids, **kwargs)
 
     model.forward = forward
     with pytest.raises(AssertionError, match=r"chunk 2 of 2 \(positions \d+\.\.\d+\) differs from the full forward"):
