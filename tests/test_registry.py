@@ -166,3 +166,12 @@ def test_registering_an_invariant_adds_its_test_marker_and_column(pytester: pyte
             "legend: toy=toy head bias",
         ]
     )
+
+
+def test_the_version_lives_in_one_place_and_the_changelog_names_it() -> None:
+    from importlib.metadata import version
+
+    root = Path(__file__).parents[1]
+    assert version("pytest-causal-lm") == clm.__version__
+    assert f"## {clm.__version__}" in (root / "CHANGELOG.md").read_text()
+    assert "version = " not in (root / "pyproject.toml").read_text().split("[project.urls]")[0]
