@@ -8,7 +8,7 @@ Every model_type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` is in exactly one list
 - NOT_BUILDABLE: the tiny builder cannot make a faithful small checkpoint.
 
 A quick set runs by default; the full matrix runs with `pytest -m architecture_matrix`.
-The README lists the architectures and the skips.
+docs/breadth.md lists the architectures and the skips.
 """
 
 from __future__ import annotations

@@ -280,13 +280,14 @@ def test_custom_code_without_the_flag_says_how_to_allow_it(pytester: pytest.Pyte
     )
 
 
-def test_example_in_readme_runs(pytester: pytest.Pytester) -> None:
-    """The README's model-repo example, verbatim, on a tiny checkpoint."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split("```python\n# tests/test_my_model.py\n", 1)[1].split("```", 1)[0]
+@pytest.mark.parametrize(("page", "tests"), [("README.md", 1), ("docs/model-repo.md", 2)])
+def test_the_model_repo_examples_in_the_docs_run(pytester: pytest.Pytester, page: str, tests: int) -> None:
+    """The README's and the docs' model-repo examples, verbatim, on a tiny checkpoint."""
+    text = (Path(__file__).parents[1] / page).read_text()
+    block = text.split("# tests/test_my_model.py", 1)[1].split("\n", 1)[1].split("```", 1)[0]
     pytester.makepyfile(test_my_model=textwrap.dedent(block))
     result = pytester.runpytest("--causal-lm-checkpoint=tiny:llama", "--causal-lm-suite=off", "-q")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=tests)
 
 
 def test_suite_only_runs_the_built_in_suite_without_the_projects_tests(pytester: pytest.Pytester) -> None:
