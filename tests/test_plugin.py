@@ -13,7 +13,7 @@ import pytest
 
 import pytest_causal_lm as clm
 
-FLOAT32_SKIPS = 1  # test_dtype_parity: a float32 run of a float32 checkpoint has no other dtype to compare
+FLOAT32_SKIPS = 1  # test_dtype_parity: a float32 run of a checkpoint stored in float32 has no other dtype
 NO_BOUNDARY_SKIPS = 1  # test_long_context: the tiny checkpoints and SmolLM2 declare no sliding window or RoPE scaling
 RUN_BY_DEFAULT = len([i for i in clm.invariants() if not i.opt_in]) - FLOAT32_SKIPS - NO_BOUNDARY_SKIPS
 SKIPPED_BY_DEFAULT = len([i for i in clm.invariants() if i.opt_in]) + FLOAT32_SKIPS + NO_BOUNDARY_SKIPS

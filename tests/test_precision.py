@@ -134,8 +134,21 @@ def test_dtype_parity_passes_healthy_models_even_with_a_large_residual_channel(l
 
 
 def test_dtype_parity_skips_a_float32_run_of_a_float32_checkpoint(healthy: clm.CausalLM) -> None:
-    with pytest.raises(pytest.skip.Exception, match="a float32 run of a float32 checkpoint"):
-        clm.assert_dtype_parity(healthy.model, healthy.tokenizer)
+    assert healthy.stored_dtype == "float32"
+    with pytest.raises(pytest.skip.Exception, match="a float32 run of a checkpoint stored in float32"):
+        clm.assert_dtype_parity(healthy.model, healthy.tokenizer, stored_dtype=healthy.stored_dtype)
+
+
+def test_a_bfloat16_checkpoint_under_the_default_float32_run_is_compared_with_bfloat16(
+    pytester: pytest.Pytester, qwen3_path
+) -> None:
+    """The stored dtype comes from the files: the loaded config reports float32 after a float32 load."""
+    model, tokenizer = broken.load_healthy(qwen3_path)
+    model.to(torch.bfloat16).save_pretrained(pytester.path / "bf16")
+    tokenizer.save_pretrained(pytester.path / "bf16")
+    result = pytester.runpytest(f"--causal-lm-checkpoint={pytester.path / 'bf16'}", "-m", "causal_lm_precision", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*bf16-cpu-float32 dtype parity ok KL mean *"])
 
 
 @pytest.fixture(scope="module")

@@ -397,9 +397,11 @@ _BUILT_IN = (
         "dtyp",
         "precision",
         "in half precision (the run dtype, or the checkpoint's stored dtype under a float32 run) the same weights agree with float32: finite, varied score rows, KL mean and top-1 within float32's top 5, greedy agreement up to a first divergence inside both top 5s",
-        lambda lm: checks.assert_dtype_parity(lm.model, lm.tokenizer, tolerance=lm.tolerance),
+        lambda lm: checks.assert_dtype_parity(
+            lm.model, lm.tokenizer, tolerance=lm.tolerance, stored_dtype=lm.stored_dtype
+        ),
         helper="assert_dtype_parity",
-        healthy_skips=(r"a float32 run of a float32 checkpoint", r"dtype parity needs the weights in"),
+        healthy_skips=(r"a float32 run of a checkpoint", r"dtype parity needs the weights in"),
     ),
     Invariant(
         "tokenizer_round_trip",

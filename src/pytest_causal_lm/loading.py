@@ -133,6 +133,55 @@ class CausalLM:
         """``(path or Hub id, from_pretrained kwargs)`` that loaded this checkpoint, to load siblings alike."""
         return pretrained_location(self.target, self.source)
 
+    @property
+    def stored_dtype(self) -> str | None:
+        """The dtype the checkpoint's files hold (``bfloat16``, ``float32``, a GGUF type such as ``Q4_1``),
+        read from the files, not from the loaded model (whose config reports the dtype it was loaded in)."""
+        location, kwargs = self.pretrained_location()
+        return stored_dtype(location, kwargs.get("gguf_file"), self.revision)
+
+
+# safetensors and GGUF names of the float types, as torch names them
+_FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def stored_dtype(location: str, gguf_file: str | None = None, revision: str | None = None) -> str | None:
+    """The dtype most of a checkpoint's tensors are stored in, or None where the files do not say."""
+    import json
+    from collections import Counter
+
+    if gguf_file is not None:
+        from gguf import GGUFReader
+
+        kinds = Counter(t.tensor_type.name for t in GGUFReader(str(Path(location) / gguf_file)).tensors)
+        kind = kinds.most_common(1)[0][0] if kinds else None
+        return _FLOAT_NAMES.get(kind, kind)
+    config = _checkpoint_file(location, "config.json", revision)
+    declared = json.loads(config.read_text()) if config else {}
+    named = declared.get("dtype") or declared.get("torch_dtype")
+    if named:
+        return str(named).removeprefix("torch.")
+    weights = _checkpoint_file(location, "model.safetensors", revision)
+    if weights is None:
+        return None
+    with open(weights, "rb") as handle:  # the header: 8-byte length, then JSON of every tensor's dtype
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    kinds = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__")
+    return _FLOAT_NAMES.get(kinds.most_common(1)[0][0]) if kinds else None
+
+
+def _checkpoint_file(location: str, name: str, revision: str | None) -> Path | None:
+    """A file of a local checkpoint folder, or of a Hub checkpoint from the local cache (no download)."""
+    path = Path(location).expanduser() / name
+    if path.is_file():
+        return path
+    if Path(location).expanduser().exists() or "/" not in location:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(location, name, revision=revision)
+    return Path(cached) if isinstance(cached, str) else None
+
 
 class CheckpointLoadError(Exception):
     """A checkpoint could not be loaded; the message says why and what to do."""

@@ -35,20 +35,26 @@ def _half(dtype: Any) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def _other_dtype(model: Any) -> Any:
-    """float32 for a half-precision run; the stored dtype for a float32 run of a half-precision checkpoint."""
+def _other_dtype(model: Any, stored: str | None) -> Any:
+    """float32 for a half-precision run; the stored dtype for a float32 run of a half-precision checkpoint.
+
+    ``stored`` is what the checkpoint's files hold; without it, what the loaded config declares.
+    """
     import torch
 
     if _half(model.dtype):
         return torch.float32
-    stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    stored = getattr(torch, str(stored).removeprefix("torch."), None) if stored else None
-    if _half(stored):
-        return stored
-    pytest.skip(
-        "a float32 run of a float32 checkpoint: no other dtype to compare (run with --causal-lm-dtype=auto, "
-        "bfloat16 or float16)"
-    )
+    declared = stored or getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    as_torch = getattr(torch, str(declared).removeprefix("torch."), None) if declared else None
+    if _half(as_torch):
+        return as_torch
+    if stored is None:
+        what = "a checkpoint whose files name no dtype (its config, as loaded, says float32)"
+    elif stored == "float32":
+        what = "a checkpoint stored in float32"
+    else:
+        what = f"a checkpoint stored as {stored}, not a half-precision float type (dequantised to float32 on load)"
+    pytest.skip(f"a float32 run of {what}: no other dtype to compare (run with --causal-lm-dtype=bfloat16 or float16)")
     return None
 
 
@@ -70,14 +76,19 @@ def assert_dtype_parity(
     texts: Sequence[str] = DTYPE_PARITY_TEXTS,
     max_new_tokens: int = 8,
     tolerance: Tolerance | None = None,
+    stored_dtype: str | None = None,
 ) -> CheckResult:
-    """The run dtype agrees with float32 on the same weights (see the module docstring)."""
+    """The run dtype agrees with float32 on the same weights (see the module docstring).
+
+    ``stored_dtype``: what the checkpoint's files hold (``CausalLM.stored_dtype``); a float32 run of a
+    half-precision checkpoint compares float32 with it.
+    """
     __tracebackhide__ = True
     import torch
 
     from ..precision import room_for, weights_in
 
-    other = _other_dtype(model)
+    other = _other_dtype(model, stored_dtype)
     fits, cost = room_for(model, other)
     if not fits:
         pytest.skip(f"dtype parity needs the weights in {str(other).removeprefix('torch.')} too: {cost}")
