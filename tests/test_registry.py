@@ -170,7 +170,7 @@ def test_registering_an_invariant_adds_its_test_marker_and_column(pytester: pyte
             "*test_causal_lm_invariants.py::test_toy_head_bias[[]tiny-qwen3-cpu-float32[]] PASSED*",
             "checkpoint-device-dtype toy*",
             "tiny-qwen3-cpu-float32  ok*",
-            "legend: toy=toy head bias",
+            "legend: toy=toy head bias;*",
         ]
     )
 
