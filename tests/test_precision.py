@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import pytest_causal_lm as clm
+from pytest_causal_lm.loading import stored_dtype
 from pytest_causal_lm.tiny import materialize
 
 HALF = [torch.bfloat16, torch.float16]
@@ -133,6 +135,36 @@ def test_dtype_parity_passes_healthy_models_even_with_a_large_residual_channel(l
     assert model.dtype == dtype
 
 
+def _saved_in_bfloat16(source: Path, target: Path) -> Path:
+    """The checkpoint re-saved in bfloat16, as most checkpoints on the Hub are stored."""
+    model, tokenizer = broken.load_healthy(source)
+    model.to(torch.bfloat16).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def test_the_stored_dtype_of_a_sharded_checkpoint_whose_config_names_none_comes_from_the_weights(
+    tmp_path: Path, qwen3_path: Path
+) -> None:
+    model, _ = broken.load_healthy(qwen3_path)
+    model.to(torch.float16).save_pretrained(tmp_path, max_shard_size="50KB")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)  # an older or hand-written config
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert stored_dtype(str(tmp_path)) == "float16"
+
+
+def test_a_float32_run_of_a_float16_checkpoint_compares_with_float16_and_fails_a_port_that_overflows(
+    llama_path: Path,
+) -> None:
+    """The stored dtype the files name decides the comparison: the float16-only overflow shows from a float32 run."""
+    model, tokenizer = broken.rmsnorm_without_upcast(llama_path)
+    assert model.dtype == torch.float32
+    with pytest.raises(AssertionError, match="float16 gives a constant score row"):
+        clm.assert_dtype_parity(model, tokenizer, stored_dtype="float16")
+
+
 def test_dtype_parity_skips_a_float32_run_of_a_float32_checkpoint(healthy: clm.CausalLM) -> None:
     assert healthy.stored_dtype == "float32"
     with pytest.raises(pytest.skip.Exception, match="a float32 run of a checkpoint stored in float32"):
@@ -143,10 +175,9 @@ def test_a_bfloat16_checkpoint_under_the_default_float32_run_is_compared_with_bf
     pytester: pytest.Pytester, qwen3_path
 ) -> None:
     """The stored dtype comes from the files: the loaded config reports float32 after a float32 load."""
-    model, tokenizer = broken.load_healthy(qwen3_path)
-    model.to(torch.bfloat16).save_pretrained(pytester.path / "bf16")
-    tokenizer.save_pretrained(pytester.path / "bf16")
-    result = pytester.runpytest(f"--causal-lm-checkpoint={pytester.path / 'bf16'}", "-m", "causal_lm_precision", "-v")
+    bf16 = _saved_in_bfloat16(qwen3_path, pytester.path / "bf16")
+    assert stored_dtype(str(bf16)) == "bfloat16"
+    result = pytester.runpytest(f"--causal-lm-checkpoint={bf16}", "-m", "causal_lm_precision", "-v")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*bf16-cpu-float32 dtype parity ok KL mean *"])
 
@@ -197,11 +228,9 @@ def test_a_deep_model_in_bfloat16_passes_with_its_noise_floor_and_the_fixed_tabl
 def test_dtype_auto_runs_a_bfloat16_checkpoint_in_bfloat16_against_float32(
     pytester: pytest.Pytester, qwen3_path
 ) -> None:
-    model, tokenizer = broken.load_healthy(qwen3_path)
-    model.to(torch.bfloat16).save_pretrained(pytester.path / "bf16")
-    tokenizer.save_pretrained(pytester.path / "bf16")
+    bf16 = _saved_in_bfloat16(qwen3_path, pytester.path / "bf16")
     result = pytester.runpytest(
-        f"--causal-lm-checkpoint={pytester.path / 'bf16'}", "--causal-lm-dtype=auto", "-m", "causal_lm_precision", "-v"
+        f"--causal-lm-checkpoint={bf16}", "--causal-lm-dtype=auto", "-m", "causal_lm_precision", "-v"
     )
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(

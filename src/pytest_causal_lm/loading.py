@@ -162,6 +162,10 @@ def stored_dtype(location: str, gguf_file: str | None = None, revision: str | No
     if named:
         return str(named).removeprefix("torch.")
     weights = _checkpoint_file(location, "model.safetensors", revision)
+    index = None if weights else _checkpoint_file(location, "model.safetensors.index.json", revision)
+    if index is not None:  # sharded: the first shard speaks for the rest
+        first = sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
+        weights = _checkpoint_file(location, first, revision)
     if weights is None:
         return None
     with open(weights, "rb") as handle:  # the header: 8-byte length, then JSON of every tensor's dtype

@@ -61,9 +61,8 @@ class CausalLMSession:
                 passed = {extension.get_snapshot_name(test_location=PyTestLocation(i)) for i in self.passed_items}
                 return name in passed or re.sub(r"\.\d+$", "", name) in passed  # "name.1": its 2nd assertion
 
-            extension = snapshot_extension(self.snapshot_root(), may_judge_unused)
-            self._snapshot_extension = extension
-        return self._snapshot_extension
+            self._snapshot_extension = extension = snapshot_extension(self.snapshot_root(), may_judge_unused)
+        return extension
 
     def snapshots_enabled(self) -> bool:
         """The snapshot test runs when a snapshot directory is configured or exists, or on --snapshot-update."""

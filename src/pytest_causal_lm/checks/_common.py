@@ -116,7 +116,6 @@ def _cache_entry(output: Any) -> tuple[str, Any] | None:
         keys = list(output.keys())
         return next(((n, output[n]) for n in _CACHE_NAMES if n in keys and output[n] is not None), None)
     return next(((n, getattr(output, n)) for n in _CACHE_NAMES if getattr(output, n, None) is not None), None)
-    return None
 
 
 _CACHE_NAMES = ("cache", "past_key_values", "cache_params")
