@@ -257,6 +257,10 @@ class Measurement:
         totals = [r.seconds for r in self.rounds]
         return max(totals) / min(totals)
 
+    @property
+    def unstable(self) -> bool:
+        return self.spread > UNSTABLE_SPREAD
+
     def speedup_over(self, base: Measurement) -> tuple[float, float, float]:
         """``(median, min, max)`` of ``base``'s time over this cell's, round i against round i (both timed the
         same way; the modes' rounds run one cell after another, not interleaved)."""
@@ -282,7 +286,7 @@ class Measurement:
             "peak_memory_mb": round(self.peak_memory_bytes / 2**20, 1),
             "peak_memory_kind": self.memory_kind,
             "spread": round(self.spread, 3),
-            "unstable": self.spread > UNSTABLE_SPREAD,
+            "unstable": self.unstable,
             **(self.roofline.figures() if self.roofline else {}),
         }
 
@@ -323,7 +327,7 @@ class BenchmarkCollector:
         base = self.baseline_for(measurement)
         if base is not None:
             median, low, high = measurement.speedup_over(base)
-            steady = not (figures["unstable"] or base.spread > UNSTABLE_SPREAD)
+            steady = not (measurement.unstable or base.unstable)
             figures.update(
                 speedup_vs_no_cache=round(median, 3),
                 speedup_min=round(low, 3),
