@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import broken
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -248,3 +249,22 @@ def test_the_tiny_checkpoints_pass_the_whole_suite_in_half_precision(pytester: p
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-3000:]
     assert outcomes["passed"] == 2 * (RUN_BY_DEFAULT + FLOAT32_SKIPS)  # dtype parity runs in half precision
+
+
+@pytest.mark.parametrize("declares_file_type", [True, False])
+def test_the_stored_dtype_of_a_gguf_is_its_file_type_or_else_its_tensors_type(
+    tmp_path: Path, declares_file_type: bool
+) -> None:
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(tmp_path / "model.gguf", "llama")
+    writer.add_languages(["en", "fr"])  # an array before the file type, as real files have
+    if declares_file_type:
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float16))
+    writer.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    writer.add_tensor("output.weight", np.ones((4, 8), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert stored_dtype(str(tmp_path), "model.gguf") == "float16"
