@@ -62,7 +62,7 @@ class CausalLMSession:
                 return name in passed or re.sub(r"\.\d+$", "", name) in passed  # "name.1": its 2nd assertion
 
             self._snapshot_extension = extension = snapshot_extension(self.snapshot_root(), may_judge_unused)
-        return extension
+        return self._snapshot_extension
 
     def snapshots_enabled(self) -> bool:
         """The snapshot test runs when a snapshot directory is configured or exists, or on --snapshot-update."""
