@@ -413,3 +413,55 @@ def cache_crop_skips_a_layer(path: Any, layer: int = 1) -> tuple[Any, Any]:
 
     model.register_forward_hook(patch, with_kwargs=True)
     return model, tokenizer
+
+
+# --- broken checkpoints: the files edited the way a conversion, a merge or a hand edit leaves them ------------
+
+
+def _copy_checkpoint(path: Any, out: Any) -> Any:
+    import shutil
+
+    shutil.copytree(path, out, dirs_exist_ok=True)
+    return out
+
+
+def _edit_config(directory: Any, **changes: Any) -> None:
+    import json
+
+    config = directory / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **changes}, indent=2))
+
+
+def _rewrite_weights(directory: Any, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = directory / "model.safetensors"
+    save_file(edit(load_file(weights)), weights, metadata={"format": "pt"})
+
+
+def qwen3_saved_under_a_llama_config(qwen3_path: Any, out: Any, shard_size: str | None = None) -> Any:
+    """A conversion script wrote Qwen3 weights (sharded when ``shard_size`` is given) with a Llama config:
+    Llama has no q_norm/k_norm, so the loader throws those trained tensors away."""
+    if shard_size:
+        model = AutoModelForCausalLM.from_pretrained(qwen3_path)
+        model.save_pretrained(out, max_shard_size=shard_size)
+        AutoTokenizer.from_pretrained(qwen3_path).save_pretrained(out)
+    else:
+        _copy_checkpoint(qwen3_path, out)
+    _edit_config(out, architectures=["LlamaForCausalLM"], model_type="llama")
+    return out
+
+
+def head_dropped_by_conversion(llama_path: Any, out: Any) -> Any:
+    """A converter that assumed tied embeddings skipped lm_head.weight of an untied model: the loader invents a
+    random head."""
+    _copy_checkpoint(llama_path, out)
+    _rewrite_weights(out, lambda weights: {k: v for k, v in weights.items() if k != "lm_head.weight"})
+    return out
+
+
+def peft_prefix_left_in_keys(llama_path: Any, out: Any) -> Any:
+    """A merged adapter saved with PEFT's ``base_model.model.`` prefix still on every key: nothing loads."""
+    _copy_checkpoint(llama_path, out)
+    _rewrite_weights(out, lambda weights: {f"base_model.model.{k}": v for k, v in weights.items()})
+    return out

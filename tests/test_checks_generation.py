@@ -182,14 +182,12 @@ def test_classification_head_names_final_logit_softcapping_instead_of_a_bare_mis
         clm.assert_classification_head_equivalent(model, tokenizer, source=str(qwen3_path))
 
 
-def test_classification_head_with_tied_embeddings_copies_the_head_instead_of_comparing_a_random_one(
+def test_classification_head_with_tied_embeddings_takes_the_stored_embeddings_instead_of_a_random_head(
     qwen3_path,
 ) -> None:
     model, tokenizer = broken.load_healthy(qwen3_path)
     classifier, notes = clm.load_score_head_classifier(model, str(qwen3_path))
-    assert notes == [
-        "lm_head.weight is not stored (tied embeddings): score.weight was copied from the loaded causal LM head"
-    ]
+    assert notes == ["lm_head.weight is not stored (tied embeddings): score.weight is the stored embeddings"]
     assert torch.equal(classifier.score.weight, model.get_output_embeddings().weight)
     result = clm.assert_classification_head_equivalent(model, tokenizer, classifier)
     assert result.greatest_difference < 1e-4

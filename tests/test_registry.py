@@ -135,7 +135,7 @@ def test_a_missing_checkpoint_is_reported_once_and_the_healthy_one_runs(pytester
         [
             "model-cpu-float32: could not load: checkpoint path ./missing/model does not exist. Fix: check the path.",
             "tiny-no_such_architecture-cpu-float32: could not load: the tiny builder failed: unknown tiny checkpoint*",
-            f"  {len(clm.invariants()) - 1} x model-cpu-float32 could not load (reported once, at test_output_shapes[model-cpu-float32])",
+            f"  {len(clm.invariants()) - 1} x model-cpu-float32 could not load (reported once, at {clm.invariants()[0].test_name}[model-cpu-float32])",
         ]
     )
     assert "Traceback" not in text

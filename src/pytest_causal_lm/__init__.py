@@ -40,6 +40,7 @@ from .checks import (
     assert_tokenizer_round_trip,
     assert_turn_terminator_stops_generation,
     assert_vocab_alignment,
+    assert_weights_loaded,
     greedy_loop,
     load_score_head_classifier,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "assert_tokenizer_round_trip",
     "assert_turn_terminator_stops_generation",
     "assert_vocab_alignment",
+    "assert_weights_loaded",
     "behaviour_record",
     "benchmark_generation",
     "calibrated_tolerance",

@@ -167,7 +167,7 @@ def _reference_off(config: pytest.Config) -> str | None:
 def _classification_head(lm: CausalLM) -> CheckResult:
     source, kwargs = lm.pretrained_location()
     return checks.assert_classification_head_equivalent(
-        lm.model, lm.tokenizer, source=source, tolerance=lm.tolerance, **kwargs
+        lm.model, lm.tokenizer, source=source, loading_info=lm.loading_info, tolerance=lm.tolerance, **kwargs
     )
 
 
@@ -203,6 +203,15 @@ def _long_context(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
 _NO_CACHE = r"returns no past_key_values|returns no cache"
 _NEEDS_KV = r"needs a key/value cache|feeds a key/value cache"
 _BUILT_IN = (
+    Invariant(
+        "weights_loaded",
+        "weights loaded",
+        "wts",
+        "weights",
+        "the session's own `from_pretrained` reports no missing (randomly initialised), unexpected (thrown away) or mismatched keys beyond what the architecture declares ignorable, grouped by pattern with the likely cause (wrong architecture, renamed prefix, untied head)",
+        lambda lm: checks.assert_weights_loaded(lm.model, lm.loading_info),
+        helper="assert_weights_loaded",
+    ),
     Invariant(
         "output_shapes",
         "output shapes",

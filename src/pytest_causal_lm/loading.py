@@ -108,6 +108,7 @@ class CausalLM:
     seed: int = 0
     source: str = ""
     noise: NoiseFloor | None = None  # measured rounding noise of a half-precision run (precision.py)
+    loading_info: dict[str, Any] = field(default_factory=dict)  # from_pretrained's: missing, unexpected keys
 
     @property
     def checkpoint(self) -> str:
@@ -164,17 +165,30 @@ def stored_dtype(location: str, gguf_file: str | None = None, revision: str | No
     named = declared.get("dtype") or declared.get("torch_dtype")
     if named:
         return str(named).removeprefix("torch.")
-    weights = _checkpoint_file(location, "model.safetensors", revision)
-    index = None if weights else _checkpoint_file(location, "model.safetensors.index.json", revision)
-    if index is not None:  # sharded: the first shard speaks for the rest
-        first = sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
-        weights = _checkpoint_file(location, first, revision)
-    if weights is None:
+    shards = _safetensors_shards(location, revision)
+    if not shards:
         return None
-    with open(weights, "rb") as handle:  # the header: 8-byte length, then JSON of every tensor's dtype
+    with open(
+        next(iter(shards.values())), "rb"
+    ) as handle:  # the first shard speaks for the rest  # the header: 8-byte length, then JSON of every tensor's dtype
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
     kinds = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__")
     return _FLOAT_NAMES.get(kinds.most_common(1)[0][0]) if kinds else None
+
+
+def _safetensors_shards(location: str, revision: str | None) -> dict[str, Path]:
+    """``{shard file name: path}`` of a checkpoint's safetensors weights, in order (empty when it has none)."""
+    import json
+
+    single = _checkpoint_file(location, "model.safetensors", revision)
+    if single is not None:
+        return {single.name: single}
+    index = _checkpoint_file(location, "model.safetensors.index.json", revision)
+    if index is None:
+        return {}
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    found = {name: _checkpoint_file(location, name, revision) for name in names}
+    return {name: path for name, path in found.items() if path is not None}
 
 
 _GGUF_FILE_TYPES = {"ALL_F32": "F32", "MOSTLY_F16": "F16", "MOSTLY_BF16": "BF16"}
@@ -428,7 +442,9 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
     if target.device_map:
         model_kwargs["device_map"] = target.device_map  # accelerate spreads the weights; no .to() afterwards
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
+        model, loading_info = transformers.AutoModelForCausalLM.from_pretrained(
+            location, output_loading_info=True, **model_kwargs
+        )
         if not target.device_map:
             model.to(target.device)
     except Exception as exc:
@@ -445,6 +461,7 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
         seed=seed,
         source=source,
         noise=noise,
+        loading_info=loading_info,
     )
 
 

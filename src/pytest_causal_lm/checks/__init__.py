@@ -27,6 +27,7 @@ from .turns import (
     assert_turn_terminator_stops_generation,
 )
 from .vocab import assert_special_tokens_agree, assert_vocab_alignment
+from .weights import assert_weights_loaded
 
 __all__ = [
     "CheckResult",
@@ -61,6 +62,7 @@ __all__ = [
     "assert_tokenizer_round_trip",
     "assert_turn_terminator_stops_generation",
     "assert_vocab_alignment",
+    "assert_weights_loaded",
     "greedy_loop",
     "load_score_head_classifier",
 ]

@@ -9,7 +9,7 @@ the last (non-padding) position, and its argmax loop must reproduce ``generate``
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -22,6 +22,7 @@ from ._common import (
     check_scores,
     encode,
     eos_ids,
+    failure,
     forward_logits,
     mismatch_failure,
     pad_id,
@@ -29,6 +30,7 @@ from ._common import (
     resolve_tolerance,
 )
 from .greedy import compare_continuations, greedy_generate, greedy_loop
+from .weights import grouped_keys, module_name
 
 __all__ = ["assert_classification_head_equivalent", "load_score_head_classifier"]
 
@@ -54,14 +56,18 @@ def head_transforms(model: Any) -> dict[str, Any]:
 
 
 def load_score_head_classifier(
-    model: Any, source: str | None = None, **from_pretrained_kwargs: Any
+    model: Any,
+    source: str | None = None,
+    *,
+    loading_info: Mapping[str, Any] | None = None,
+    **from_pretrained_kwargs: Any,
 ) -> tuple[Any, list[str]]:
     """Load the tutorial's classifier for ``model``'s checkpoint: ``score.weight`` is ``lm_head.weight``.
 
-    With tied embeddings ``lm_head.weight`` is not stored and the mapping finds
-    nothing (likewise when a checkpoint stores its head under a legacy name);
-    the score head is then copied from the causal LM's loaded head instead of
-    being left random (the loading info is checked, never assumed).
+    With tied embeddings ``lm_head.weight`` is not stored and the mapping finds nothing: the score head is then
+    the embeddings the classifier loaded from the same files. A head the files do not hold is never filled in
+    from the causal LM (whose head would then be random too, and agree with it): that fails, unless
+    ``loading_info`` (the causal LM's own) shows the causal load found the head under a name the mapping missed.
     Returns (classifier, notes). Skips when the architecture has no last-token classifier.
     """
     import torch
@@ -75,7 +81,7 @@ def load_score_head_classifier(
         pytest.skip(f"{config.model_type} has no sequence-classification class in transformers")
     vocab_size = config.get_text_config().vocab_size
     # the tutorial maps lm_head.weight; architectures that name their head otherwise (GPT-NeoX: embed_out) too
-    head_name = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+    head_name = module_name(model, model.get_output_embeddings())
     classifier, info = AutoModelForSequenceClassification.from_pretrained(
         source or model.name_or_path,
         num_labels=vocab_size,
@@ -93,20 +99,44 @@ def load_score_head_classifier(
             f"{type(classifier).__name__} has no last-token linear score head (it pools another way, e.g. the first "
             "token through a pooler), so the lm_head cannot become its classifier"
         )
-    notes = []
-    if any(key.endswith("score.weight") for key in info.get("missing_keys", ())):
-        # the mapping found nothing, so score.weight is random: take the head the causal LM actually loaded
-        lm_head = model.get_output_embeddings().weight
-        with torch.no_grad():
-            classifier.score.weight.copy_(lm_head.to(classifier.score.weight.device))
-        tied = lm_head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-        reason = (
-            "tied embeddings" if tied else f"the checkpoint stores the head under another name than {head_name}.weight"
-        )
-        notes.append(f"lm_head.weight is not stored ({reason}): score.weight was copied from the loaded causal LM head")
+    notes = _fill_score_head(model, classifier, info, head_name, loading_info)
     classifier.to(model.device).eval()
     classifier.requires_grad_(False)
     return classifier, notes
+
+
+def _fill_score_head(
+    model: Any, classifier: Any, info: Mapping[str, Any], head_name: str, causal_info: Mapping[str, Any] | None
+) -> list[str]:
+    """Check the classifier's own loading report; give score.weight the stored head when the mapping found none."""
+    __tracebackhide__ = True
+    import torch
+
+    missing = [str(key) for key in info.get("missing_keys", ())]
+    random = [key for key in missing if not key.endswith("score.weight")]
+    if random:
+        raise failure(
+            f"{type(classifier).__name__} loads the checkpoint with {len(random)} randomly initialised tensors",
+            model,
+            [("missing keys", grouped_keys(random))],
+        )
+    if len(missing) == len(random):
+        return []
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    head_loaded = causal_info is not None and f"{head_name}.weight" not in causal_info.get("missing_keys", ())
+    if not tied and not head_loaded:
+        raise failure(
+            f"the checkpoint stores no {head_name}.weight and the config does not tie it to the embeddings: the "
+            "classifier's score head would be random",
+            model,
+            [("likely cause", "the causal LM's head is random too: see the weights-loaded invariant")],
+        )
+    stored = classifier.get_input_embeddings().weight if tied else model.get_output_embeddings().weight
+    with torch.no_grad():
+        classifier.score.weight.copy_(stored.to(classifier.score.weight.device))
+    if tied:
+        return [f"{head_name}.weight is not stored (tied embeddings): score.weight is the stored embeddings"]
+    return [f"the checkpoint stores the head under another name than {head_name}.weight: copied from the causal LM"]
 
 
 def assert_classification_head_equivalent(
@@ -115,6 +145,7 @@ def assert_classification_head_equivalent(
     classifier: Any = None,
     *,
     source: str | None = None,
+    loading_info: Mapping[str, Any] | None = None,
     prompts: Sequence[str] = DEFAULT_TEXTS,
     max_new_tokens: int = 8,
     tolerance: Tolerance | None = None,
@@ -124,13 +155,15 @@ def assert_classification_head_equivalent(
 
     Checked per prompt, in a left-padded and a right-padded batch (the classifier
     pools the last non-padding token), then generation by classification.
-    ``classifier`` defaults to ``load_score_head_classifier(model, source, **from_pretrained_kwargs)``.
+    ``classifier`` defaults to ``load_score_head_classifier(model, source, loading_info=loading_info, ...)``.
     """
     __tracebackhide__ = True
     tolerance = resolve_tolerance(model, tolerance)
     result = CheckResult("classification-head equivalence", tolerance=tolerance)
     if classifier is None:
-        classifier, notes = load_score_head_classifier(model, source, **from_pretrained_kwargs)
+        classifier, notes = load_score_head_classifier(
+            model, source, loading_info=loading_info, **from_pretrained_kwargs
+        )
         for note in notes:
             result.note(note)
     classifier.config.pad_token_id = pad_id(model, tokenizer)

@@ -1,0 +1,94 @@
+"""The checkpoint as users get it: what the loader did with the files (and, below, the checkpoint's own
+generation defaults, and whether it was trained at all)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import broken
+import pytest
+import torch
+
+import pytest_causal_lm as clm
+from pytest_causal_lm.loading import Target, load
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _loaded(path: Path, dtype: str = "float32") -> clm.CausalLM:
+    return load(Target(checkpoint=str(path), device="cpu", dtype=dtype), seed=0, atol=1e-4, rtol=1e-4)
+
+
+def _weights_failure(path: Path, dtype: str = "float32") -> str:
+    lm = _loaded(path, dtype)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_weights_loaded(lm.model, lm.loading_info)
+    return str(caught.value)
+
+
+def test_healthy_checkpoints_load_every_stored_tensor(healthy: clm.CausalLM) -> None:
+    assert healthy.loading_info.keys() >= {"missing_keys", "unexpected_keys"}
+    result = clm.assert_weights_loaded(healthy.model, healthy.loading_info)
+    assert result.notes == ["every tensor the model needs was stored, and every stored tensor was used"]
+
+
+@pytest.mark.parametrize("shard_size", [None, "20KB"], ids=["single file", "sharded"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_loaded_names_the_modules_a_wrong_architecture_throws_away(
+    qwen3_path: Path, tmp_path: Path, dtype: str, shard_size: str | None
+) -> None:
+    path = broken.qwen3_saved_under_a_llama_config(qwen3_path, tmp_path / "ckpt", shard_size)
+    if shard_size:
+        assert len(list(path.glob("model-*.safetensors"))) > 1
+    message = _weights_failure(path, dtype)
+    assert message.startswith("the checkpoint's weights do not fit LlamaForCausalLM: 4 unexpected keys")
+    assert "model.layers.*.self_attn.q_norm.weight: 2" in message and "k_norm.weight: 2" in message
+    assert "thrown away" in message
+    assert re.search(r"likely cause\s+: LlamaForCausalLM has no module named k_norm, q_norm.*qwen3", message)
+
+
+def test_weights_loaded_catches_a_head_a_conversion_dropped(llama_path: Path, tmp_path: Path) -> None:
+    message = _weights_failure(broken.head_dropped_by_conversion(llama_path, tmp_path / "ckpt"))
+    assert "1 missing keys" in message and "randomly initialised): lm_head.weight: 1" in message
+    assert "tie_word_embeddings=False" in message and "a conversion dropped the head" in message
+
+
+def test_weights_loaded_names_a_prefix_left_on_every_key(llama_path: Path, tmp_path: Path) -> None:
+    message = _weights_failure(broken.peft_prefix_left_in_keys(llama_path, tmp_path / "ckpt"))
+    assert "21 missing keys, 21 unexpected keys" in message
+    assert "21 stored keys start with 'base_model.model.' where the model expects ''" in message
+
+
+def test_weights_loaded_reads_a_pytorch_bin_checkpoint_too(llama_path: Path, tmp_path: Path) -> None:
+    path = broken.head_dropped_by_conversion(llama_path, tmp_path / "ckpt")
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    torch.save(weights, path / "pytorch_model.bin")
+    message = _weights_failure(path)
+    assert "randomly initialised): lm_head.weight: 1" in message
+
+
+def test_the_classification_head_does_not_copy_in_the_random_head_of_a_dropped_one(
+    llama_path: Path, tmp_path: Path
+) -> None:
+    path = broken.head_dropped_by_conversion(llama_path, tmp_path / "ckpt")
+    lm = _loaded(path)
+    with pytest.raises(AssertionError, match=r"stores no lm_head.weight and the config does not tie it"):
+        clm.assert_classification_head_equivalent(
+            lm.model, lm.tokenizer, source=str(path), loading_info=lm.loading_info
+        )
+    # without the causal load's report the helper cannot tell a renamed head from a dropped one: it fails too
+    with pytest.raises(AssertionError, match=r"stores no lm_head.weight"):
+        clm.load_score_head_classifier(lm.model, str(path))
+
+
+def test_a_broken_checkpoint_fails_the_weights_invariant_of_the_built_in_suite(
+    pytester: pytest.Pytester, qwen3_path: Path, tmp_path: Path
+) -> None:
+    path = broken.qwen3_saved_under_a_llama_config(qwen3_path, tmp_path / "ckpt")
+    result = pytester.runpytest(f"--causal-lm-checkpoint={path}", "--causal-lm-suite=only", "-k", "weights_loaded")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*the checkpoint's weights do not fit LlamaForCausalLM: 4 unexpected keys*"])
