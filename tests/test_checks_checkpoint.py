@@ -3,12 +3,14 @@ generation defaults, and whether it was trained at all)."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import broken
 import pytest
 import torch
+from conftest import needs_smollm2
 
 import pytest_causal_lm as clm
 from pytest_causal_lm.loading import Target, load
@@ -92,3 +94,98 @@ def test_a_broken_checkpoint_fails_the_weights_invariant_of_the_built_in_suite(
     result = pytester.runpytest(f"--causal-lm-checkpoint={path}", "--causal-lm-suite=only", "-k", "weights_loaded")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*the checkpoint's weights do not fit LlamaForCausalLM: 4 unexpected keys*"])
+
+
+# --- a trained checkpoint knows language ---------------------------------------------------------------------
+
+HALF_AND_FULL = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@needs_smollm2
+@pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
+def test_smollm2_knows_language_in_every_dtype(smollm2_safetensors: Path, dtype: torch.dtype) -> None:
+    model, tokenizer = broken.load_healthy(smollm2_safetensors)
+    result = clm.assert_knows_language(model.to(dtype), tokenizer)
+    assert result.figure[1] < 0.3 * math.log(model.config.vocab_size)
+
+
+@needs_smollm2
+@pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
+def test_knows_language_catches_a_reupload_with_another_models_tokenizer(
+    smollm2_safetensors: Path, qwen3_path: Path, dtype: torch.dtype
+) -> None:
+    model, tokenizer = broken.with_another_models_tokenizer(smollm2_safetensors, qwen3_path, dtype)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_knows_language(model, tokenizer)
+    message = str(caught.value)
+    assert re.match(r"the model predicts plain prose no better than chance: mean NLL [\d.]+ nats", message)
+    assert re.search(r"worst position\s+: \d+: '.*' \(id \d+\), NLL [\d.]+", message)
+
+
+@needs_smollm2
+@pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
+def test_knows_language_catches_a_conversion_that_forgot_the_rotary_permutation(
+    smollm2_safetensors: Path, dtype: torch.dtype
+) -> None:
+    model, tokenizer = broken.rotary_permutation_forgotten(smollm2_safetensors, dtype)
+    with pytest.raises(AssertionError, match=r"the model does not copy: on 48 random tokens repeated, the second"):
+        clm.assert_knows_language(model, tokenizer)
+
+
+def test_random_weights_fail_knows_language_and_the_option_skips_it_saying_why(
+    pytester: pytest.Pytester, qwen3_path: Path
+) -> None:
+    plain = pytester.runpytest(f"--causal-lm-checkpoint={qwen3_path}", "--causal-lm-suite=only", "-k", "knows_language")
+    plain.assert_outcomes(failed=1)
+    plain.stdout.fnmatch_lines(["*the model predicts plain prose no better than chance*"])
+    opted = pytester.runpytest(
+        f"--causal-lm-checkpoint={qwen3_path}", "--causal-lm-suite=only", "--causal-lm-random-weights", "-rs"
+    )
+    opted.stdout.fnmatch_lines(["*1 x random weights on purpose (--causal-lm-random-weights): nothing to know"])
+    assert "failed" not in opted.parseoutcomes()
+
+
+# --- the checkpoint's own generation defaults ----------------------------------------------------------------
+
+
+def test_healthy_checkpoints_generate_with_their_own_defaults(healthy: clm.CausalLM) -> None:
+    result = clm.assert_generation_defaults(healthy.model, healthy.tokenizer)
+    assert re.match(r"a plain generate\(\) gave \d+ new tokens: ", result.notes[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_generation_defaults_catch_a_temperature_of_zero_that_crashes_a_plain_call(
+    qwen3_path: Path, tmp_path: Path, dtype: str
+) -> None:
+    lm = _loaded(broken.temperature_zero_for_greedy(qwen3_path, tmp_path / "ckpt"), dtype)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_generation_defaults(lm.model, lm.tokenizer)
+    message = str(caught.value)
+    assert message.startswith("a plain generate() with the checkpoint's own defaults raises")
+    assert re.search(r"error\s+: ValueError: .*temperature", message)
+
+
+def test_generation_defaults_catch_sampling_settings_that_a_greedy_default_ignores(
+    qwen3_path: Path, tmp_path: Path
+) -> None:
+    lm = _loaded(broken.sampling_settings_without_sampling(qwen3_path, tmp_path / "ckpt"))
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_generation_defaults(lm.model, lm.tokenizer)
+    message = str(caught.value)
+    assert message.startswith("the checkpoint's generation_config.json has settings generate ignores or cannot use")
+    assert "`temperature` is set to `0.6`" in message and "`top_p` is set to `0.9`" in message
+
+
+def test_generation_defaults_catch_stop_ids_outside_the_vocabulary(qwen3_path: Path, tmp_path: Path) -> None:
+    lm = _loaded(broken.stop_id_of_another_model(qwen3_path, tmp_path / "ckpt"))
+    with pytest.raises(AssertionError, match=r"eos_token_id\s+: \[128001, 128009\]: \[128001, 128009\] outside"):
+        clm.assert_generation_defaults(lm.model, lm.tokenizer)
+
+
+def test_generation_defaults_note_what_changes_a_plain_calls_output(qwen3_path: Path, tmp_path: Path) -> None:
+    path = broken._copy_checkpoint(qwen3_path, tmp_path / "ckpt")
+    broken._edit_generation_config(path, do_sample=True, temperature=0.7, repetition_penalty=1.3)
+    lm = _loaded(path)
+    notes = clm.assert_generation_defaults(lm.model, lm.tokenizer).notes
+    assert any(note.startswith("samples by default (temperature=0.7,") for note in notes)
+    assert "repetition_penalty=1.3: a plain call's text differs from greedy decoding" in notes

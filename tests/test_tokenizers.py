@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ TOKENIZER_CHECKS = (
     clm.assert_generation_prompt_opens_the_answer,
     clm.assert_turn_terminator_stops_generation,
     clm.assert_chat_template_consistent,
+    clm.assert_chat_turns_rendered,
+    clm.assert_decoded_answer_has_no_markers,
+    clm.assert_streamed_decode_matches,
 )
 
 
@@ -149,6 +153,83 @@ def test_generation_prompt_passes_a_template_without_an_assistant_opener(qwen3_p
     )
     model, tokenizer = convention(qwen3_path, "llama3", tmp_path, template=mistral_style)
     clm.assert_generation_prompt_opens_the_answer(model, tokenizer)
+
+
+# --- every turn rendered ------------------------------------------------------------------------------------------
+
+
+def test_chat_turns_catch_a_template_that_assumes_a_system_message_comes_first(
+    qwen3_path: Path, tmp_path: Path
+) -> None:
+    # a template edited to skip the system message it renders above, without checking that there is one
+    template = CONVENTIONS["qwen3"]["template"].replace("for message in messages", "for message in messages[1:]")
+    model, tokenizer = convention(qwen3_path, "qwen3", tmp_path, template=template)
+    with pytest.raises(AssertionError) as failure:
+        clm.assert_chat_turns_rendered(model, tokenizer)
+    message = str(failure.value)
+    assert message.startswith("chat template: message 1 of 1 (user) is missing in the rendering of one user message")
+    assert "'User question number 1: what colour are apples?'" in message
+
+
+def test_chat_turns_catch_a_template_that_renders_the_system_message_twice(qwen3_path: Path, tmp_path: Path) -> None:
+    # a port of the Llama 3 template that renders the system message as a header and again inside the loop
+    template = CONVENTIONS["llama3"]["template"].replace(
+        "{% for message in messages %}",
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}{% for message in messages %}",
+    )
+    model, tokenizer = convention(qwen3_path, "llama3", tmp_path, template=template)
+    with pytest.raises(AssertionError, match=r"message 1 of 2 \(system\) appears 2 times in the rendering of system"):
+        clm.assert_chat_turns_rendered(model, tokenizer)
+
+
+def test_chat_turns_note_a_template_that_rejects_the_system_role(qwen3_path: Path, tmp_path: Path) -> None:
+    model, tokenizer = convention(qwen3_path, "gemma", tmp_path)
+    notes = clm.assert_chat_turns_rendered(model, tokenizer).notes
+    assert "template rejects system and user (TemplateError: a system role)" in notes
+    assert "three user turns: 5 messages rendered once each, in order" in notes
+
+
+# --- what users read ------------------------------------------------------------------------------------------
+
+
+def _not_special(spec: dict, contents: tuple[str, ...]) -> None:
+    for token in spec["added_tokens"]:
+        if token["content"] in contents:
+            token["special"] = False
+
+
+def test_decoded_answer_catches_markers_a_conversion_registered_as_ordinary_added_tokens(
+    qwen3_path: Path, tmp_path: Path
+) -> None:
+    convention(qwen3_path, "llama3", tmp_path)
+    headers = ("<|start_header_id|>", "<|end_header_id|>")
+    model, tokenizer = edit_tokenizer_json(tmp_path, lambda spec: _not_special(spec, headers))
+    clm.assert_chat_markers_are_tokens(model, tokenizer)  # still one registered token each: only decode shows it
+    with pytest.raises(AssertionError) as failure:
+        clm.assert_decoded_answer_has_no_markers(model, tokenizer)
+    message = str(failure.value)
+    assert message.startswith(
+        "decode(skip_special_tokens=True) of the whole conversation shows template markers "
+        "['<|start_header_id|>', '<|end_header_id|>']"
+    )
+    assert "id 380, an added token with special=False (decode keeps tokens that are not special)" in message
+
+
+def test_streamed_decode_catches_a_decoder_that_strips_the_start_of_every_decode(
+    qwen3_path: Path, tmp_path: Path
+) -> None:
+    # a conversion that gave a byte-level tokenizer SentencePiece's decoder tail (Strip one leading space)
+    convention(qwen3_path, "qwen3", tmp_path)
+    strip = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+    model, tokenizer = edit_tokenizer_json(
+        tmp_path, lambda spec: spec.update(decoder={"type": "Sequence", "decoders": [spec["decoder"], strip]})
+    )
+    with pytest.raises(AssertionError) as failure:
+        clm.assert_streamed_decode_matches(model, tokenizer)
+    message = str(failure.value)
+    assert re.match(r"streamed text differs from decode\(\) of the same ids from character \d+", message)
+    assert "'    if name:" in message and "'   if name:" in message
+    assert "TextStreamer restarts decoding after each newline" in message
 
 
 # --- the turn terminator ------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ def test_a_misspelt_ini_key_or_variable_is_a_usage_error_naming_the_real_one(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytester.makeini("[pytest]\ncausal_lm_checkpoints = tiny:qwen3\n")
-    _usage_error(pytester.runpytest(), "*ini key causal_lm_checkpoints: no such *setting; did you mean causal_lm_checkpoint?")
+    _usage_error(
+        pytester.runpytest(), "*ini key causal_lm_checkpoints: no such *setting; did you mean causal_lm_checkpoint?"
+    )
     pytester.makeini("[pytest]\n")
     monkeypatch.setenv("CAUSAL_LM_CHECKPOINTS", "tiny:qwen3")
     _usage_error(
@@ -38,7 +40,9 @@ def test_require_checkpoint_makes_a_session_without_one_an_error(
     pytester.makepyfile("def test_uses(causal_lm): pass")
     pytester.runpytest().assert_outcomes(skipped=1)
     pytester.makeini("[pytest]\ncausal_lm_require_checkpoint = true\n")
-    _usage_error(pytester.runpytest(), "*--causal-lm-require-checkpoint: no checkpoint configured; pass --causal-lm-checkpoint=*")
+    _usage_error(
+        pytester.runpytest(), "*--causal-lm-require-checkpoint: no checkpoint configured; pass --causal-lm-checkpoint=*"
+    )
     pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "-p", "no:randomly", "-k", "uses").assert_outcomes(passed=1)
 
 
@@ -59,7 +63,9 @@ def test_an_early_stop_lists_every_test_that_never_started(pytester: pytest.Pyte
     )
 
 
-def test_relative_paths_in_an_ini_file_are_anchored_at_its_directory(pytester: pytest.Pytester, qwen3_path: Path) -> None:
+def test_relative_paths_in_an_ini_file_are_anchored_at_its_directory(
+    pytester: pytest.Pytester, qwen3_path: Path
+) -> None:
     shutil.copytree(qwen3_path, pytester.path / "checkpoints" / "my-model")
     pytester.makeini(
         "[pytest]\n"

@@ -200,6 +200,22 @@ def _long_context(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
     )
 
 
+def _untrained(lm: CausalLM, settings: Any) -> str | None:
+    """Why ``lm`` has random weights on purpose, or None for a checkpoint that should be trained."""
+    from .tiny import is_tiny
+
+    if is_tiny(lm.checkpoint):
+        return "a tiny: checkpoint"
+    return "--causal-lm-random-weights" if settings.random_weights else None
+
+
+def _knows_language(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
+    why = _untrained(lm, causal_lm_settings)
+    if why:
+        pytest.skip(f"random weights on purpose ({why}): nothing to know")
+    return checks.assert_knows_language(lm.model, lm.tokenizer, seed=lm.seed)
+
+
 _NO_CACHE = r"returns no past_key_values|returns no cache"
 _NEEDS_KV = r"needs a key/value cache|feeds a key/value cache"
 _BUILT_IN = (
@@ -211,6 +227,17 @@ _BUILT_IN = (
         "the session's own `from_pretrained` reports no missing (randomly initialised), unexpected (thrown away) or mismatched keys beyond what the architecture declares ignorable, grouped by pattern with the likely cause (wrong architecture, renamed prefix, untied head)",
         lambda lm: checks.assert_weights_loaded(lm.model, lm.loading_info),
         helper="assert_weights_loaded",
+    ),
+    Invariant(
+        "knows_language",
+        "knows language",
+        "lang",
+        "weights",
+        "a trained checkpoint predicts built-in prose far better than chance (mean NLL <= 0.5 x log(vocab); SmolLM2-135M: 0.24) and copies: on 48 random tokens repeated, the second copy's NLL <= 0.5 x the first's (SmolLM2-135M: 0.20); skipped for `tiny:` checkpoints and under `--causal-lm-random-weights`",
+        _knows_language,
+        helper="assert_knows_language",
+        fixtures=("causal_lm_settings",),
+        healthy_skips=(r"random weights on purpose",),
     ),
     Invariant(
         "output_shapes",
@@ -308,6 +335,15 @@ _BUILT_IN = (
         helper="assert_long_context_consistent",
         fixtures=("causal_lm_settings",),
         healthy_skips=(r"declares no context boundary", r"beyond the cap of", _NEEDS_KV),
+    ),
+    Invariant(
+        "generation_defaults",
+        "generation defaults",
+        "gdef",
+        "generation",
+        "the checkpoint's own `generation_config.json` passes transformers' strict validation (no sampling settings next to `do_sample: false`), names no stop id outside the vocabulary, and a plain `model.generate(**tokenizer(prompt, return_tensors=\"pt\"))` on it alone (seeded when it samples) returns new tokens; the verdict notes defaults that change a plain call's output (sampling, `repetition_penalty`, a 20-token `max_length`)",
+        lambda lm: checks.assert_generation_defaults(lm.model, lm.tokenizer, seed=lm.seed),
+        helper="assert_generation_defaults",
     ),
     Invariant(
         "greedy_loop_parity",
@@ -420,6 +456,35 @@ _BUILT_IN = (
         "`decode(encode(text))` gives the text back on a built-in corpus (prose, indented code, numbers, accents and scripts, emoji, leading and repeated spaces, newlines), plain and with special tokens added then skipped; declared normalizations (lowercasing, accent stripping) are allowed",
         lambda lm: checks.assert_tokenizer_round_trip(lm.model, lm.tokenizer),
         helper="assert_tokenizer_round_trip",
+    ),
+    Invariant(
+        "chat_turns",
+        "chat turns",
+        "turn",
+        "chat",
+        "judged by rendering: a user message, system + user, and three-turn histories with and without a system message each render every message's content exactly once and in order (a template may reject a system role by raising, never drop or reorder a message)",
+        lambda lm: checks.assert_chat_turns_rendered(lm.model, lm.tokenizer),
+        helper="assert_chat_turns_rendered",
+        healthy_skips=(r"the tokenizer has no chat template",),
+    ),
+    Invariant(
+        "decoded_answer",
+        "decoded answer",
+        "dec",
+        "tokenizer",
+        "`decode(..., skip_special_tokens=True)` of a templated assistant answer and of the whole conversation, as chat UIs and pipelines decode, shows none of the markers the template writes (each must be registered as special)",
+        lambda lm: checks.assert_decoded_answer_has_no_markers(lm.model, lm.tokenizer),
+        helper="assert_decoded_answer_has_no_markers",
+        healthy_skips=(r"the tokenizer has no chat template",),
+    ),
+    Invariant(
+        "streamed_decode",
+        "streamed decode",
+        "strm",
+        "tokenizer",
+        "transformers' `TextStreamer` fed one token at a time shows the text one `decode` of the same ids shows, on a chat answer and the round-trip corpus (indentation after newlines, split multi-byte characters, repeated spaces)",
+        lambda lm: checks.assert_streamed_decode_matches(lm.model, lm.tokenizer),
+        helper="assert_streamed_decode_matches",
     ),
     Invariant(
         "prompt_special_tokens",

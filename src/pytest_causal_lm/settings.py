@@ -153,6 +153,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         parse=_parse_bool,
     ),
     OptionSpec(
+        "random_weights",
+        "The checkpoints have random weights on purpose (test fixtures): skip the invariants that need a trained "
+        "model (knows_language), saying so in the verdict. tiny: checkpoints always count as random. Default: off.",
+        default=False,
+        flag=True,
+        parse=_parse_bool,
+    ),
+    OptionSpec(
         "long_context_tokens",
         "Longest sequence the long-context invariant builds to cross the config's boundaries (sliding window, "
         "attention chunk, RoPE original context). Default: 4096 on CPU, 32768 on an accelerator.",

@@ -16,7 +16,9 @@ def test_padding_does_not_change_answers(causal_lm: clm.CausalLM) -> None:
 
 
 def test_generation_is_a_loop_of_classifications(causal_lm: clm.CausalLM) -> None:
-    result = clm.assert_greedy_parity(causal_lm.model, causal_lm.tokenizer, prompts=PROMPTS, tolerance=causal_lm.tolerance)
+    result = clm.assert_greedy_parity(
+        causal_lm.model, causal_lm.tokenizer, prompts=PROMPTS, tolerance=causal_lm.tolerance
+    )
     assert result.greatest_difference <= causal_lm.tolerance.atol * 10
 
 

@@ -4,9 +4,11 @@ from ._common import CheckResult
 from .attention import assert_attention_implementations_agree
 from .cache import assert_cache_effective, assert_kv_cache_parity
 from .causality import assert_prefix_causal
-from .chat import assert_chat_template_consistent
+from .chat import assert_chat_template_consistent, assert_chat_turns_rendered
 from .classification import assert_classification_head_equivalent, load_score_head_classifier
 from .context import assert_long_context_consistent
+from .decoding import assert_decoded_answer_has_no_markers, assert_streamed_decode_matches
+from .defaults import assert_generation_defaults
 from .determinism import assert_deterministic
 from .dtype_parity import assert_dtype_parity
 from .generation_paths import (
@@ -17,6 +19,7 @@ from .generation_paths import (
     assert_static_cache_matches,
 )
 from .greedy import GenerationConfigWarning, NearTieWarning, assert_greedy_parity, assert_same_continuation, greedy_loop
+from .language import assert_knows_language
 from .padding import assert_batch_independent, assert_padding_invariant
 from .reference import assert_close_to_reference
 from .shapes import assert_finite_logits, assert_logits_to_keep, assert_output_shapes
@@ -39,16 +42,20 @@ __all__ = [
     "assert_cache_effective",
     "assert_chat_markers_are_tokens",
     "assert_chat_template_consistent",
+    "assert_chat_turns_rendered",
     "assert_classification_head_equivalent",
     "assert_close_to_reference",
     "assert_continuation_matches",
+    "assert_decoded_answer_has_no_markers",
     "assert_deterministic",
     "assert_dtype_parity",
     "assert_finite_logits",
+    "assert_generation_defaults",
     "assert_generation_matches_forward",
     "assert_generation_prompt_opens_the_answer",
     "assert_greedy_parity",
     "assert_inputs_embeds_match",
+    "assert_knows_language",
     "assert_kv_cache_parity",
     "assert_logits_to_keep",
     "assert_long_context_consistent",
@@ -59,6 +66,7 @@ __all__ = [
     "assert_same_continuation",
     "assert_special_tokens_agree",
     "assert_static_cache_matches",
+    "assert_streamed_decode_matches",
     "assert_tokenizer_round_trip",
     "assert_turn_terminator_stops_generation",
     "assert_vocab_alignment",

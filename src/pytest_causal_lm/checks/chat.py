@@ -9,7 +9,7 @@ import pytest
 
 from ._common import CheckResult, failure, text_of
 
-__all__ = ["assert_chat_template_consistent"]
+__all__ = ["TURN_CONVERSATIONS", "assert_chat_template_consistent", "assert_chat_turns_rendered"]
 
 MESSAGES: tuple[dict[str, str], ...] = (
     {"role": "system", "content": "You are a helpful assistant."},
@@ -117,3 +117,76 @@ def _token_problems(
         )
         result.note(message)
     return problems
+
+
+_SYSTEM = {"role": "system", "content": "System rule number one: answer briefly."}
+_EXCHANGES = [
+    ({"role": "user", "content": f"User question number {n}: {topic}?"}, {"role": "assistant", "content": answer})
+    for n, topic, answer in (
+        (1, "what colour are apples", "Assistant answer number 1: usually red or green."),
+        (2, "how many legs has a dog", "Assistant answer number 2: four legs."),
+    )
+]
+_LAST_USER = {"role": "user", "content": "User question number 3: thank you, goodbye?"}
+TURN_CONVERSATIONS: dict[str, list[dict[str, str]]] = {
+    "one user message": [_EXCHANGES[0][0]],
+    "system and user": [_SYSTEM, _EXCHANGES[0][0]],
+    "three user turns": [*(m for pair in _EXCHANGES for m in pair), _LAST_USER],
+    "system and three user turns": [_SYSTEM, *(m for pair in _EXCHANGES for m in pair), _LAST_USER],
+}
+
+
+def assert_chat_turns_rendered(
+    model: Any, tokenizer: Any, *, conversations: Mapping[str, Sequence[Mapping[str, str]]] | None = None
+) -> CheckResult:
+    """Every conversation the template accepts (by default: a user message, system + user, and multi-turn
+    histories with and without a system message) renders each message's content exactly once, in order.
+    A template may reject a system role by raising; any other rejection, a dropped, repeated or reordered
+    message fails. Judged by rendering, never by reading the template's source."""
+    __tracebackhide__ = True
+    require_chat_template(tokenizer)
+    result = CheckResult("chat turns")
+    for name, messages in (conversations or TURN_CONVERSATIONS).items():
+        try:
+            rendered = render(tokenizer, messages, True)
+        except Exception as exc:
+            if not any(m["role"] == "system" for m in messages):
+                raise failure(
+                    f"chat template raises on a conversation of {name}",
+                    model,
+                    [("roles", [m["role"] for m in messages]), ("error", f"{type(exc).__name__}: {exc}")],
+                ) from None
+            result.note(f"template rejects {name} ({type(exc).__name__}: a system role)")
+            continue
+        _check_every_turn(model, name, messages, rendered)
+        result.note(f"{name}: {len(messages)} messages rendered once each, in order")
+    return result
+
+
+def _check_every_turn(model: Any, name: str, messages: Sequence[Mapping[str, str]], rendered: str) -> None:
+    __tracebackhide__ = True
+    cursor = 0
+    for number, message in enumerate(messages, 1):
+        content = message["content"]
+        count = rendered.count(content)
+        found = rendered.find(content, cursor)
+        problem = (
+            "is missing"
+            if count == 0
+            else f"appears {count} times"
+            if count > 1
+            else "comes before the message it follows"
+        )
+        if count == 1 and found >= 0:
+            cursor = found + len(content)
+            continue
+        raise failure(
+            f"chat template: message {number} of {len(messages)} ({message['role']}) {problem} in the rendering "
+            f"of {name}",
+            model,
+            [
+                ("roles", [m["role"] for m in messages]),
+                ("message", repr(content)),
+                ("rendered", repr(rendered if len(rendered) <= 400 else rendered[:200] + " ... " + rendered[-200:])),
+            ],
+        )

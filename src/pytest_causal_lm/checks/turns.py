@@ -34,7 +34,7 @@ _REASONING_BLOCK = re.compile(r"^\s*<(think|thinking|reasoning)>.*?</\1>\s*", re
 _PREFILLED_REASONING = re.compile(r"<(think|thinking|reasoning)>[^<]*</\1>\s*$")
 
 
-def _markers(tokenizer: Any, rendered: str) -> list[str]:
+def markers_in(tokenizer: Any, rendered: str) -> list[str]:
     """The markup the template wrote; bracket markers only where the vocabulary registers some."""
     found = dict.fromkeys(_ANGLE_MARKER.findall(rendered))
     registered = [str(t) for t in getattr(tokenizer, "added_tokens_encoder", {})]
@@ -56,7 +56,7 @@ def assert_chat_markers_are_tokens(
     registered = set(getattr(tokenizer, "added_tokens_encoder", {}).values()) | set(tokenizer.all_special_ids)
     rows = model.get_input_embeddings().weight.shape[0]
     problems: list[tuple[str, object]] = []
-    for marker in _markers(tokenizer, rendered):
+    for marker in markers_in(tokenizer, rendered):
         ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
         pieces = tokenizer.convert_ids_to_tokens(ids)
         if len(ids) != 1:
