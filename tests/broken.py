@@ -524,3 +524,32 @@ def stop_id_of_another_model(path: Any, out: Any) -> Any:
     _copy_checkpoint(path, out)
     _edit_generation_config(out, eos_token_id=[128001, 128009])
     return out
+
+
+def rotary_table_for_a_shorter_context(path: Any, positions: int = 64, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A port that precomputes the rotary cos/sin table for ``positions`` positions (as older modeling code
+    cached it) and indexes it with positions clamped to the table: every later position reuses the last row."""
+    model, tokenizer = load_healthy(path)
+    model.to(dtype)
+    rotary = model.model.rotary_emb
+    original = rotary.forward
+
+    def forward(x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return original(x, position_ids.clamp(max=positions - 1), *args, **kwargs)
+
+    rotary.forward = forward
+    return model, tokenizer
+
+
+def position_rows_overflowed_in_export(gpt2_path: Any, out: Any, first_row: int = 300) -> Any:
+    """A float16 export of learned position embeddings whose untrained far rows held values past float16's
+    range: they were written as inf."""
+    _copy_checkpoint(gpt2_path, out)
+
+    def overflow(weights: dict) -> dict:
+        table = weights["transformer.wpe.weight"].clone()
+        table[first_row:] = float("inf")
+        return {**weights, "transformer.wpe.weight": table}
+
+    _rewrite_weights(out, overflow)
+    return out

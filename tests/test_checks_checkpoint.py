@@ -189,3 +189,41 @@ def test_generation_defaults_note_what_changes_a_plain_calls_output(qwen3_path: 
     notes = clm.assert_generation_defaults(lm.model, lm.tokenizer).notes
     assert any(note.startswith("samples by default (temperature=0.7,") for note in notes)
     assert "repetition_penalty=1.3: a plain call's text differs from greedy decoding" in notes
+
+
+# --- far positions -------------------------------------------------------------------------------------------
+
+
+def test_healthy_checkpoints_score_a_window_alike_at_far_positions(healthy: clm.CausalLM) -> None:
+    result = clm.assert_far_positions_consistent(healthy.model, healthy.tokenizer)
+    assert result.figure[1] < 1e-4  # float32: the shift costs rounding only
+    assert result.notes == ["RoPE (default): a 16-token window at offsets [128, 256, 496] of 512 positions"]
+
+
+@pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
+def test_far_positions_catch_a_rotary_table_built_for_a_shorter_context(tiny_path: Path, dtype: torch.dtype) -> None:
+    model, tokenizer = broken.rotary_table_for_a_shorter_context(tiny_path, positions=64, dtype=dtype)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_far_positions_consistent(model, tokenizer)
+    message = str(caught.value)
+    assert message.startswith("far positions: the same tokens at offset 128 score unlike at the start (RoPE")
+    assert re.search(r"worst position\s+: \d+ of the window, after '", message)
+    assert re.search(r"KL\s+: [\d.]+ nats > 0.25", message) and "top-1 at 128" in message
+
+
+def test_far_positions_catch_learned_position_rows_that_overflowed_in_an_export(tmp_path: Path) -> None:
+    from pytest_causal_lm.tiny import materialize
+
+    path = broken.position_rows_overflowed_in_export(materialize("tiny:gpt2"), tmp_path / "ckpt", first_row=300)
+    model, tokenizer = broken.load_healthy(path)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_far_positions_consistent(model, tokenizer)
+    message = str(caught.value)
+    assert message.startswith("far positions: non-finite scores at position 496 (learned position embeddings)")
+    assert "transformer.wpe: 512 rows, 16 non-finite among rows 496..511" in message
+
+
+def test_far_positions_skip_an_encoding_that_scales_with_each_calls_length(qwen3_path: Path) -> None:
+    model, tokenizer = broken.longrope_switches_per_call(qwen3_path)
+    with pytest.raises(pytest.skip.Exception, match=r"RoPE longrope scales its frequencies with each call's length"):
+        clm.assert_far_positions_consistent(model, tokenizer)

@@ -346,6 +346,18 @@ _BUILT_IN = (
         helper="assert_generation_defaults",
     ),
     Invariant(
+        "far_positions",
+        "far positions",
+        "far",
+        "context",
+        "up to `max_position_embeddings` without a long input: for encodings that depend on distance only (RoPE without length-dependent scaling, ALiBi; decided from the config) a 16-token window with `position_ids` shifted to a quarter, half and the end of the context scores as at the start (per-position KL <= 0.25 nats); learned absolute position embeddings give finite scores there",
+        lambda lm: checks.assert_far_positions_consistent(lm.model, lm.tokenizer),
+        helper="assert_far_positions_consistent",
+        healthy_skips=(
+            r"far positions: (RoPE \w+ scales|the config declares|max_position_embeddings \d+ is too short)",
+        ),
+    ),
+    Invariant(
         "greedy_loop_parity",
         "greedy-loop parity",
         "grdy",

@@ -21,6 +21,7 @@ from .generation_paths import (
 from .greedy import GenerationConfigWarning, NearTieWarning, assert_greedy_parity, assert_same_continuation, greedy_loop
 from .language import assert_knows_language
 from .padding import assert_batch_independent, assert_padding_invariant
+from .positions import assert_far_positions_consistent
 from .reference import assert_close_to_reference
 from .shapes import assert_finite_logits, assert_logits_to_keep, assert_output_shapes
 from .tokenizer import assert_prompt_special_tokens, assert_tokenizer_round_trip
@@ -49,6 +50,7 @@ __all__ = [
     "assert_decoded_answer_has_no_markers",
     "assert_deterministic",
     "assert_dtype_parity",
+    "assert_far_positions_consistent",
     "assert_finite_logits",
     "assert_generation_defaults",
     "assert_generation_matches_forward",
