@@ -244,12 +244,55 @@ def path_probes(model, tokenizer):
         generate(model, encode[1], ones(encode[1]), 6, pad, eos)
 
 
+def checkpoint_probes(model, tokenizer):
+    """The probes of the checkpoint as users get it: knows language, plain generate, far positions, chat turns,
+    decoding as users read it (the loading report comes with the load)."""
+    import math
+
+    from transformers import TextStreamer
+
+    prose = tokenizer(" ".join(TEXTS) * 4, return_tensors="pt")["input_ids"]
+    block = torch.randperm(min(len(tokenizer), model.config.vocab_size), generator=torch.Generator().manual_seed(0))
+    nll = [
+        -logits(model, ids)[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        for ids in (prose, torch.cat([block[:48], block[:48]])[None])
+    ]
+    assert float(nll[0].mean()) < 0.5 * math.log(model.config.vocab_size)
+    assert float(nll[1][48:].mean()) < 0.5 * float(nll[1][:47].mean())
+    with torch.no_grad():
+        model.generate(**tokenizer(TEXTS[0], return_tensors="pt"))
+    window = tokenizer(TEXTS[2], return_tensors="pt")["input_ids"][:, :16]
+    start = logits(model, window, position_ids=torch.arange(window.shape[1])[None])
+    for offset in (2048, 4096, 8176):
+        far = logits(model, window, position_ids=torch.arange(offset, offset + window.shape[1])[None])
+        assert torch.nn.functional.kl_div(far.log_softmax(-1), start.log_softmax(-1), log_target=True) < 0.25
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Fine."},
+        {"role": "user", "content": "?"},
+    ]
+    for end in (1, 3):
+        rendered = tokenizer.apply_chat_template(turns[:end], tokenize=False, add_generation_prompt=True)
+        assert all(rendered.count(m["content"]) >= 1 for m in turns[:end])
+    answer = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert "<|im" not in tokenizer.decode(answer, skip_special_tokens=True)
+    for text in CORPUS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+        streamer.on_finalized_text = lambda text, stream_end=False: None
+        for token_id in ids:
+            streamer.put(torch.tensor([token_id]))
+        streamer.end()
+
+
 def main(checkpoint: str) -> float:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model, _ = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, output_loading_info=True)
+    model.eval()
     probes(model, tokenizer, checkpoint)
     path_probes(model, tokenizer)
+    checkpoint_probes(model, tokenizer)
     return time.perf_counter() - start
 
 
