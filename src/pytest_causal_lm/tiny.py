@@ -23,7 +23,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "17"
+_RECIPE_VERSION = "18"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -416,7 +416,23 @@ def _build_any_architecture(model_type: str, tokenizer: Any) -> tuple[Any, Any]:
     for name, value in specials.items():  # as a chat checkpoint ships it: generate stops at the turn terminator
         if getattr(model.generation_config, name, None) is None:
             setattr(model.generation_config, name, value)
+    _ids_inside_vocabulary(
+        model.generation_config, len(tokenizer), specials["bos_token_id"] or specials["eos_token_id"]
+    )
     return model, config
+
+
+def _ids_inside_vocabulary(generation_config: Any, vocab_size: int, fallback: int) -> None:
+    """The architecture's default generation ids (Whisper's decoder start 50257, its suppressed tokens) name
+    tokens of its full vocabulary; mapped into the tiny one, as a real checkpoint's ids lie inside its own."""
+    for name in ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id"):
+        value = getattr(generation_config, name, None)
+        if isinstance(value, int) and not 0 <= value < vocab_size:
+            setattr(generation_config, name, fallback)
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        value = getattr(generation_config, name, None)
+        if value:
+            setattr(generation_config, name, [i for i in value if 0 <= i < vocab_size] or None)
 
 
 def write_tiny_checkpoint(name: str, directory: str | os.PathLike[str]) -> Path:
