@@ -219,6 +219,14 @@ def test_streamed_decode_catches_a_decoder_that_strips_the_start_of_every_decode
     qwen3_path: Path, tmp_path: Path
 ) -> None:
     # a conversion that gave a byte-level tokenizer SentencePiece's decoder tail (Strip one leading space)
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version("5.24"):
+        pytest.skip(
+            f"transformers {transformers.__version__}'s TextStreamer keeps the last token as decoding context after "
+            "a newline, so this decoder streams correctly there: the bug reaches users of 5.0-5.23 only"
+        )
     convention(qwen3_path, "qwen3", tmp_path)
     strip = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
     model, tokenizer = edit_tokenizer_json(
