@@ -31,7 +31,7 @@ ARGS = (
     "-m",
     "causal_lm_shapes or causal_lm_determinism or causal_lm_snapshot or causal_lm_chat",
     "-k",
-    "not (chat_markers or generation_prompt or turn_terminator)",  # the chat family's template test only
+    "not (chat_markers or generation_prompt or turn_terminator or chat_turns)",  # the chat family's template test only
 )
 
 
@@ -159,4 +159,62 @@ def test_github_actions_example_uses_only_options_that_exist() -> None:
     assert used <= {spec.option for spec in OPTIONS}, used - {spec.option for spec in OPTIONS}
     assert {"--causal-lm-report", "--causal-lm-github-summary", "--causal-lm-benchmark"} <= used
     for fragment in ("actions/cache@", "--benchmark-json=benchmark.json", "causal_lm_snapshots/", "upload-artifact"):
+        assert fragment in workflow, fragment
+
+
+def _table_part(markdown: str) -> str:
+    """The verdict table and its failures/notes: what must not depend on how the runs were split."""
+    return markdown.split("### Environment")[0]
+
+
+def test_merged_reports_of_two_runs_give_the_table_of_one_run_over_both(pytester: pytest.Pytester) -> None:
+    from pytest_causal_lm.report import main
+
+    selection = ("--causal-lm-suite=only", "-m", "causal_lm_shapes or causal_lm_vocab", "-p", "no:cacheprovider")
+    for name in ("qwen3", "llama"):
+        pytester.runpytest(f"--causal-lm-checkpoint=tiny:{name}", *selection, f"--causal-lm-report={name}.json")
+    both = ("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-checkpoint=tiny:llama")
+    pytester.runpytest(*both, *selection, "--causal-lm-report=both.md")
+    assert main(["merge", "qwen3.json", "llama.json", "--output", "merged.md"]) == 0
+    merged = (pytester.path / "merged.md").read_text()
+    assert _table_part(merged) == _table_part((pytester.path / "both.md").read_text())
+    assert "| `tiny-qwen3-cpu-float32` | ✅ pass" in merged and "| `tiny-llama-cpu-float32` | ✅ pass" in merged
+    assert "- merged from 2 reports" in merged
+
+
+def test_merge_fails_when_a_merged_run_failed_and_says_what_it_cannot_read(
+    noisy: pytest.Pytester, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pytest_causal_lm.report import main
+
+    noisy.runpytest(*ARGS, "--causal-lm-report=noisy.json")
+    assert main(["merge", "noisy.json", "--output", "merged.json"]) == 1  # determinism failed in that run
+    merged = json.loads((noisy.path / "merged.json").read_text())
+    assert (
+        merged["targets"]["tiny:qwen3 revision=default device=cpu dtype=float32"]["invariants"]["determinism"][
+            "outcome"
+        ]
+        == "FAIL"
+    )
+    (noisy.path / "verdict.md").write_text("# not JSON")
+    assert main(["merge", "verdict.md"]) == 2
+    assert "cannot merge: JSONDecodeError" in capsys.readouterr().out
+
+
+def test_a_device_map_target_key_reads_back_as_the_same_target() -> None:
+    from pytest_causal_lm.loading import Target
+
+    target = Target("./my models/m", "cuda", "bfloat16", revision="v2", device_map="auto")
+    assert Target.from_key(target.key) == target
+
+
+def test_matrix_workflow_example_merges_the_reports_its_jobs_write() -> None:
+    from pytest_causal_lm.settings import OPTIONS
+
+    workflow = (EXAMPLES / "github-actions" / "causal-lm-matrix.yml").read_text()
+    used = set(re.findall(r"--causal-lm-[a-z-]+", workflow))
+    assert used <= {spec.option for spec in OPTIONS}, used - {spec.option for spec in OPTIONS}
+    assert workflow.count("--causal-lm-report=causal-lm-${{ matrix.slice.name }}.json") == 1
+    assert "python -m pytest_causal_lm merge causal-lm-*.json" in workflow
+    for fragment in ("matrix:", "needs: invariants", "download-artifact@", "merge-multiple: true"):
         assert fragment in workflow, fragment

@@ -52,11 +52,31 @@ class Target:
             parts.append(f"device_map={self.device_map}")
         return " ".join(parts)
 
+    @classmethod
+    def from_key(cls, key: str) -> Target:
+        """The target whose ``key`` this is (reports are keyed on it)."""
+        words = key.split(" ")
+        fields: dict[str, str] = {}
+        while words and "=" in words[-1] and words[-1].split("=", 1)[0] in _KEY_FIELDS:
+            name, value = words.pop().split("=", 1)
+            fields[name] = value
+        revision = fields.get("revision")
+        return cls(
+            checkpoint=" ".join(words),
+            device=fields.get("device", "cpu"),
+            dtype=fields.get("dtype", "float32"),
+            revision=None if revision in (None, "default") else revision,
+            device_map=fields.get("device_map"),
+        )
+
     def labelled(self, depth: int) -> Target:
         """This target, labelled with the last ``depth`` components of its checkpoint's path or Hub id."""
         name = short_name(self.checkpoint, depth) + (f"@{self.revision}" if self.revision else "")
         device = f"map-{self.device_map}" if self.device_map else self.device
         return replace(self, label=f"{name}-{device}-{self.dtype}")
+
+
+_KEY_FIELDS = ("revision", "device", "dtype", "device_map")
 
 
 def with_unique_labels(targets: list[Target]) -> list[Target]:

@@ -17,7 +17,7 @@ from typing import Any
 from .benchmark import speedup_text
 from .invariants import Invariant, invariant_for_test, invariants
 
-__all__ = ["Cell", "VerdictTable", "device_name", "library_versions"]
+__all__ = ["Cell", "VerdictTable", "device_name", "library_versions", "merge_reports"]
 
 
 def library_versions() -> dict[str, str]:
@@ -80,6 +80,19 @@ class Cell:
             return ""
         label, value = self.figure
         return f"{label} {value:.2g}" if isinstance(value, float) and not value.is_integer() else f"{label} {value:g}"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Cell:
+        """The cell a JSON report wrote (``to_dict``)."""
+        figure = data.get("figure")
+        return cls(
+            data["outcome"],
+            figure=(figure["label"], float(figure["value"])) if figure else None,
+            tolerance=data.get("tolerance"),
+            position=data.get("position"),
+            token_id=data.get("token_id"),
+            detail=data.get("detail", ""),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         figure = {"label": self.figure[0], "value": self.figure[1]} if self.figure else None
@@ -246,6 +259,27 @@ class VerdictTable:
             default=list,
         )
 
+    def add_json_report(self, data: dict[str, Any]) -> None:
+        """Fold the targets of a JSON report (``to_json``) in, keyed on their full identity: a target that an
+        earlier report holds too gets its cells merged, the later report's cell winning per invariant."""
+        for target, entry in data["targets"].items():
+            self.labels.setdefault(target, entry["label"])
+            self.devices.setdefault(target, entry.get("device_name", ""))
+            row = self.cells.setdefault(target, {})
+            row.update({f"test_{key}": Cell.from_dict(cell) for key, cell in entry["invariants"].items()})
+            if entry.get("benchmark"):
+                self.benchmarks[target] = entry["benchmark"]
+            if entry.get("load_error"):
+                self.load_errors[target] = entry["load_error"]
+        self.not_run.update(data.get("not_run", {}))
+
+    def relabel(self) -> None:
+        """Unique display names over every target, as one run over all of them would give."""
+        from .loading import Target, with_unique_labels
+
+        targets = [Target.from_key(key) for key in self.cells]
+        self.labels = {t.key: t.label for t in with_unique_labels(targets)}
+
     def to_markdown(self, versions: dict[str, str], settings: list[str]) -> str:
         columns = self._columns()
         symbol = {
@@ -279,9 +313,14 @@ class VerdictTable:
             lines += ["", f"### Generation benchmark: `{self.labels[target]}`", "", *_benchmark_markdown(bench)]
         lines += ["", "### Environment", ""]
         lines += [f"- {name}: {version}" for name, version in versions.items()]
-        lines += [f"- device of `{self.labels[t]}`: {device_name(d)}" for t, d in self.devices.items() if d]
+        lines += [f"- device of `{self.labels[t]}`: {_device_text(d)}" for t, d in self.devices.items() if d]
         lines += ["", "<details><summary>settings</summary>", "", *[f"- {s}" for s in settings], "", "</details>", ""]
         return "\n".join(lines)
+
+
+def _device_text(device: str) -> str:
+    """A device as a run names it (``cpu``), or as a JSON report already wrote it (its hardware name)."""
+    return device_name(device) if device in ("cpu", "cuda", "mps", "xpu") or ":" in device else device
 
 
 _BENCHMARK_COLUMNS = (
@@ -319,3 +358,66 @@ def _benchmark_markdown(bench: dict[str, Any]) -> list[str]:
     for figures in bench["cells"]:
         lines.append("| " + " | ".join(_benchmark_cell(figures, *c[1:]) for c in _BENCHMARK_COLUMNS) + " |")
     return [*lines, "", *[f"- {line}" for line in [*bench["diagnoses"], *bench.get("notes", [])]]]
+
+
+def merge_reports(paths: list[str]) -> tuple[VerdictTable, dict[str, str], list[str]]:
+    """One verdict from the JSON reports of several runs (CI jobs, each a slice of the checkpoints): the table,
+    the library versions (per report where they differ) and each report's settings that were not defaults."""
+    table = VerdictTable()
+    versions: dict[str, list[str]] = {}
+    settings: list[str] = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        table.add_json_report(data)
+        for name, version in data.get("versions", {}).items():
+            versions.setdefault(name, [])
+            if version not in versions[name]:
+                versions[name].append(version)
+        settings += [
+            f"{path}: {name}={value['value']} ({value['source']})"
+            for name, value in data.get("settings", {}).items()
+            if value.get("source") != "default"
+        ]
+    table.relabel()
+    return table, {name: ", ".join(found) for name, found in versions.items()}, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pytest_causal_lm merge r1.json r2.json ...``: print (or write) the merged verdict;
+    exit 1 when any target failed or could not load, so a CI merge job fails with the run."""
+    import argparse
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pytest_causal_lm")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("merge", help="merge JSON reports (--causal-lm-report=r.json) into one verdict")
+    merge.add_argument("reports", nargs="+", metavar="REPORT.json")
+    merge.add_argument("--output", help="write the merged verdict here (.md or .json) instead of printing it")
+    merge.add_argument("--github-summary", action="store_true", help="append the Markdown to $GITHUB_STEP_SUMMARY")
+    args = parser.parse_args(argv)
+    try:
+        table, versions, settings = merge_reports(args.reports)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"cannot merge: {type(exc).__name__}: {exc} (pass JSON reports written by --causal-lm-report=r.json)")
+        return 2
+    markdown = table.to_markdown(versions, [f"merged from {len(args.reports)} reports", *settings])
+    if args.output:
+        as_json = args.output.endswith(".json")
+        text = _merged_json(table, versions) if as_json else markdown
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(markdown)
+    if args.github_summary and os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
+            handle.write(markdown + "\n")
+    failed = any(c.outcome in ("FAIL", "err") for row in table.cells.values() for c in row.values())
+    return 1 if failed or table.load_errors else 0
+
+
+def _merged_json(table: VerdictTable, versions: dict[str, str]) -> str:
+    from types import SimpleNamespace
+
+    return table.to_json(versions, SimpleNamespace(values={}))
