@@ -553,3 +553,53 @@ def position_rows_overflowed_in_export(gpt2_path: Any, out: Any, first_row: int 
 
     _rewrite_weights(out, overflow)
     return out
+
+
+# --- broken tensor-parallel plans: a port's custom code declaring its own plan --------------------------------
+
+_TP_PORT = """
+from transformers import Qwen3Config, Qwen3ForCausalLM
+{register}
+
+class PortedConfig(Qwen3Config):
+    model_type = "qwen3_tp_port"
+    base_model_tp_plan = {{**Qwen3Config.base_model_tp_plan, **{plan!r}}}
+
+
+class PortedForCausalLM(Qwen3ForCausalLM):
+    config_class = PortedConfig
+"""
+# A row-parallel style whose partial sums stay partial: the all-reduce a hand-written style forgot.
+_UNREDUCED_STYLE = """
+from torch.distributed.tensor import Partial, Shard
+from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, RowwiseParallel
+
+ALL_PARALLEL_STYLES.register("rowwise_unreduced", RowwiseParallel(input_layouts=Shard(-1), output_layouts=Partial()))
+"""
+
+
+def tensor_parallel_port(qwen3_path: Any, out: Any, plan: dict[str, str], unreduced_style: bool = False) -> Any:
+    """The tiny Qwen3 as a custom-code port whose config declares ``plan`` over Qwen3's tensor-parallel plan."""
+    import json
+
+    _copy_checkpoint(qwen3_path, out)
+    register = _UNREDUCED_STYLE if unreduced_style else ""
+    (out / "modeling_port.py").write_text(_TP_PORT.format(register=register, plan=plan))
+    config = json.loads((out / "config.json").read_text())
+    config["model_type"] = "qwen3_tp_port"
+    config["auto_map"] = {
+        "AutoConfig": "modeling_port.PortedConfig",
+        "AutoModelForCausalLM": "modeling_port.PortedForCausalLM",
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def q_proj_sharded_along_its_input(qwen3_path: Any, out: Any) -> Any:
+    """A port's plan shards q_proj row-wise (along its input) where its heads need it column-wise."""
+    return tensor_parallel_port(qwen3_path, out, {"layers.*.self_attn.q_proj": "rowwise"})
+
+
+def o_proj_never_reduced(qwen3_path: Any, out: Any) -> Any:
+    """A port's own row-parallel style for o_proj that leaves each rank's partial sum un-reduced."""
+    return tensor_parallel_port(qwen3_path, out, {"layers.*.self_attn.o_proj": "rowwise_unreduced"}, True)

@@ -216,6 +216,26 @@ def _knows_language(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
     return checks.assert_knows_language(lm.model, lm.tokenizer, seed=lm.seed)
 
 
+def _tensor_parallel_off(config: pytest.Config) -> str | None:
+    from .session import session_of
+
+    if session_of(config).settings.tensor_parallel:
+        return None
+    return "tensor parallelism is opt-in: pass --causal-lm-tensor-parallel=N (N processes, torchrun)"
+
+
+def _tensor_parallel(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
+    location, kwargs = lm.pretrained_location()
+    return checks.assert_tensor_parallel_matches(
+        lm.model,
+        lm.tokenizer,
+        processes=causal_lm_settings.tensor_parallel,
+        location=location,
+        from_pretrained_kwargs=kwargs,
+        tolerance=lm.tolerance,
+    )
+
+
 _NO_CACHE = r"returns no past_key_values|returns no cache"
 _NEEDS_KV = r"needs a key/value cache|feeds a key/value cache"
 _BUILT_IN = (
@@ -536,6 +556,18 @@ _BUILT_IN = (
         lambda lm: checks.assert_turn_terminator_stops_generation(lm.model, lm.tokenizer),
         helper="assert_turn_terminator_stops_generation",
         healthy_skips=(r"the tokenizer has no chat template", r"ends an assistant turn with no special token"),
+    ),
+    Invariant(
+        "tensor_parallel",
+        "tensor parallel",
+        "tp",
+        "distributed",
+        'the checkpoint loaded with `tp_plan="auto"` in N `torchrun` processes (gloo on CPU, nccl on GPUs) gives the single-process scores on a prompt, a left-padded batch and cached decoding step by step, and the same greedy continuation; a worker\'s error comes back naming its rank and module; skipped where the architecture declares no plan or N does not divide its heads',
+        _tensor_parallel,
+        helper="assert_tensor_parallel_matches",
+        fixtures=("causal_lm_settings",),
+        opt_in=_tensor_parallel_off,
+        healthy_skips=(r"tensor parallelism: .*(declares no tensor-parallel plan|does not divide)",),
     ),
     Invariant(
         "behaviour_snapshot",

@@ -153,6 +153,15 @@ OPTIONS: tuple[OptionSpec, ...] = (
         parse=_parse_bool,
     ),
     OptionSpec(
+        "tensor_parallel",
+        "Also load each checkpoint sharded over N processes with transformers' tensor-parallel plan (tp_plan='auto' "
+        "under torchrun: gloo on CPU, nccl on GPUs) and compare it with the single-process model (the "
+        "tensor_parallel invariant). Default: off.",
+        None,
+        parse=_parse_int,
+        metavar="N",
+    ),
+    OptionSpec(
         "random_weights",
         "The checkpoints have random weights on purpose (test fixtures): skip the invariants that need a trained "
         "model (knows_language), saying so in the verdict. tiny: checkpoints always count as random. Default: off.",

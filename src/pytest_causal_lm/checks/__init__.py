@@ -24,6 +24,7 @@ from .padding import assert_batch_independent, assert_padding_invariant
 from .positions import assert_far_positions_consistent
 from .reference import assert_close_to_reference
 from .shapes import assert_finite_logits, assert_logits_to_keep, assert_output_shapes
+from .tensor_parallel import assert_tensor_parallel_matches
 from .tokenizer import assert_prompt_special_tokens, assert_tokenizer_round_trip
 from .turns import (
     assert_chat_markers_are_tokens,
@@ -69,6 +70,7 @@ __all__ = [
     "assert_special_tokens_agree",
     "assert_static_cache_matches",
     "assert_streamed_decode_matches",
+    "assert_tensor_parallel_matches",
     "assert_tokenizer_round_trip",
     "assert_turn_terminator_stops_generation",
     "assert_vocab_alignment",

@@ -1,0 +1,68 @@
+"""One rank of the tensor-parallel invariant, started by ``torch.distributed.run`` (never imported by the plugin).
+
+``python -m torch.distributed.run --nproc-per-node=N -m pytest_causal_lm.tp_worker WORKDIR``: loads
+``WORKDIR/request.json``'s checkpoint with ``tp_plan="auto"`` (transformers initialises the process group: gloo
+on CPU, nccl on GPUs), runs the probes, and rank 0 writes ``probes.pt``. A failure writes
+``error-rankR.txt``: the module the forward was in (forward pre-hooks follow it) and the error, in one line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _load(request: dict[str, Any]) -> tuple[Any, Any]:
+    import torch
+    import transformers
+
+    kwargs = dict(request["kwargs"])
+    kwargs["dtype"] = getattr(torch, request["dtype"])
+    try:
+        from transformers.distributed.configuration_utils import DistributedConfig
+    except ImportError:
+        DistributedConfig = None
+    if DistributedConfig is not None and "tp_plan" in inspect.signature(DistributedConfig).parameters:
+        kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")
+    else:  # before 5.1x the standalone argument (deprecated since, in favour of DistributedConfig)
+        kwargs["tp_plan"] = "auto"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(request["location"], **request["kwargs"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(request["location"], **kwargs).eval()
+    return model, tokenizer
+
+
+def _follow_modules(model: Any, where: list[str]) -> None:
+    """Remember the innermost module the forward is in, so an error can name it."""
+    for name, module in model.named_modules():
+        if name and not list(module.children()):
+            module.register_forward_pre_hook(lambda _m, _a, name=name: where.__setitem__(0, name))
+
+
+def main(work: Path) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    where = ["loading"]
+    try:
+        from pytest_causal_lm.checks.tensor_parallel import tensor_parallel_probes
+
+        model, tokenizer = _load(json.loads((work / "request.json").read_text()))
+        model.requires_grad_(False)
+        where[0] = "the first forward"
+        _follow_modules(model, where)
+        probes = tensor_parallel_probes(model, tokenizer)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        (work / f"error-rank{rank}.txt").write_text(f"rank {rank}, in {where[0]}: {type(exc).__name__}: {text}")
+        return 1
+    if rank == 0:
+        import torch
+
+        torch.save(probes, work / "probes.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
