@@ -603,3 +603,55 @@ def q_proj_sharded_along_its_input(qwen3_path: Any, out: Any) -> Any:
 def o_proj_never_reduced(qwen3_path: Any, out: Any) -> Any:
     """A port's own row-parallel style for o_proj that leaves each rank's partial sum un-reduced."""
     return tensor_parallel_port(qwen3_path, out, {"layers.*.self_attn.o_proj": "rowwise_unreduced"}, True)
+
+
+# --- broken under accelerate's placement: custom code that only works with every weight on one device --------
+
+_OFFLOAD_PORT = """
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+
+class PortedConfig(Qwen3Config):
+    model_type = "qwen3_offload_port"
+
+
+class PortedModel(Qwen3Model):
+    config_class = PortedConfig
+
+    def forward(self, input_ids=None, position_ids=None, past_key_values=None, inputs_embeds=None, **kwargs):
+        if position_ids is None:  # positions made on "the model's device", read off a weight
+            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = torch.arange(seen, seen + length, device=self.norm.weight.device)[None]
+        return super().forward(
+            input_ids=input_ids, position_ids=position_ids, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, **kwargs,
+        )
+
+
+class PortedForCausalLM(Qwen3ForCausalLM):
+    config_class = PortedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = PortedModel(config)
+        self.post_init()
+"""
+
+
+def device_read_off_a_weight(qwen3_path: Any, out: Any) -> Any:
+    """A port that makes its default position ids on ``self.norm.weight.device``: on one device that is the
+    device, under disk offload it is the meta device (accelerate loads the weight only while norm runs)."""
+    import json
+
+    _copy_checkpoint(qwen3_path, out)
+    (out / "modeling_port.py").write_text(_OFFLOAD_PORT)
+    config = json.loads((out / "config.json").read_text())
+    config["model_type"] = "qwen3_offload_port"
+    config["auto_map"] = {
+        "AutoConfig": "modeling_port.PortedConfig",
+        "AutoModelForCausalLM": "modeling_port.PortedForCausalLM",
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out

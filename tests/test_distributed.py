@@ -1,4 +1,4 @@
-"""Models that outgrow one device: tensor parallelism (torchrun, gloo on this CPU)."""
+"""Models that outgrow one device: tensor parallelism (torchrun, gloo on this CPU), device_map and disk offload."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import pytest_causal_lm as clm
 from pytest_causal_lm.loading import Target, load
 
-pytestmark = pytest.mark.skipif(
+needs_tp_styles = pytest.mark.skipif(
     __import__("importlib").util.find_spec("transformers.distributed.tensor_parallel") is None,
-    reason="these broken plans register a style in transformers.distributed.tensor_parallel (transformers >= 5.1x)",
+    reason="these broken plans use transformers.distributed.tensor_parallel's styles (transformers 5.1x on)",
 )
 
 
@@ -36,6 +36,7 @@ def test_healthy_checkpoints_give_the_single_process_scores_over_two_processes(t
     assert result.notes == ["2 processes, tp_plan='auto', gloo; reference: the session's single-process model"]
 
 
+@needs_tp_styles
 def test_tensor_parallel_names_the_rank_and_module_of_a_projection_sharded_along_the_wrong_dimension(
     qwen3_path: Path, tmp_path: Path
 ) -> None:
@@ -47,6 +48,7 @@ def test_tensor_parallel_names_the_rank_and_module_of_a_projection_sharded_along
     assert re.search(r"error\s+: rank \d, in model.layers.0.self_attn.q_proj: RuntimeError: mat1 and mat2", message)
 
 
+@needs_tp_styles
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tensor_parallel_catches_a_row_parallel_layer_whose_partial_sums_are_never_reduced(
     qwen3_path: Path, tmp_path: Path, dtype: str
@@ -77,3 +79,70 @@ def test_the_suite_runs_tensor_parallelism_only_when_asked(pytester: pytest.Pyte
         "--causal-lm-tensor-parallel=2",
     )
     on.assert_outcomes(passed=1)
+
+
+# --- device_map and offload ------------------------------------------------------------------------------------
+
+
+def _offloaded(path: Path, dtype: str = "float32") -> clm.CheckResult:
+    lm = load(Target(str(path), "cpu", dtype, trust_remote_code=True), seed=0)
+    location, kwargs = lm.pretrained_location()
+    return clm.assert_offload_matches(
+        lm.model, lm.tokenizer, location=location, from_pretrained_kwargs=kwargs, tolerance=lm.tolerance
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_healthy_checkpoints_give_the_one_device_scores_with_layers_on_disk(tiny_path: Path, dtype: str) -> None:
+    result = _offloaded(tiny_path, dtype)
+    if dtype == "float32":  # the same kernels on the same CPU: offloading moves weights, it computes nothing
+        assert result.greatest_difference == 0.0
+    assert re.fullmatch(
+        r"the session's model \(one device\) against a second load \(\d+ on cpu, \d+ on disk\)", result.notes[-1]
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_device_map_parity_names_the_module_of_a_device_read_off_an_offloaded_weight(
+    qwen3_path: Path, tmp_path: Path, dtype: str
+) -> None:
+    with pytest.raises(AssertionError) as caught:
+        _offloaded(broken.device_read_off_a_weight(qwen3_path, tmp_path / "port"), dtype)
+    message = str(caught.value)
+    assert message.startswith("device_map: the model raises in model.rotary_emb once accelerate places its layers")
+    assert re.search(r"where\s+: model.rotary_emb, on (disk|cpu)", message)
+
+
+def test_a_spread_session_model_is_compared_with_a_one_device_load(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(
+        "--causal-lm-checkpoint=tiny:qwen3",
+        "--causal-lm-suite=only",
+        "--causal-lm-device-map=auto",
+        "--causal-lm-max-memory=cpu=90KB",
+        "-k",
+        "device_map_parity",
+        "-v",
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["*device_map parity ok*the session's model (*on disk) against a second load (one device)*"]
+    )
+
+
+def test_device_map_parity_runs_only_when_asked(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-suite=only", "-k", "parity", "-rs")
+    result.stdout.fnmatch_lines(["*device_map parity is opt-in: pass --causal-lm-offload-parity*"])
+    asked = pytester.runpytest(
+        "--causal-lm-checkpoint=tiny:qwen3",
+        "--causal-lm-suite=only",
+        "-k",
+        "device_map_parity",
+        "--causal-lm-offload-parity",
+    )
+    asked.assert_outcomes(passed=1)
+
+
+def test_max_memory_must_name_device_and_size(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-max-memory=2GB")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*invalid value for max_memory: max_memory entry '2GB' is not DEVICE=SIZE*"])

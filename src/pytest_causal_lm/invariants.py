@@ -236,6 +236,33 @@ def _tensor_parallel(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
     )
 
 
+def _placement_off(config: pytest.Config) -> str | None:
+    from .session import session_of
+
+    settings = session_of(config).settings
+    if settings.device_map or settings.offload_parity:
+        return None
+    return "device_map parity is opt-in: pass --causal-lm-offload-parity, or run with --causal-lm-device-map"
+
+
+def _device_map_parity(lm: CausalLM) -> CheckResult:
+    from .loading import parse_max_memory
+
+    location, kwargs = lm.pretrained_location()
+    if lm.target.device_map:
+        room = checks.single_device_room(lm.model)
+        if room:
+            pytest.skip(f"device_map parity: {room}")
+    return checks.assert_offload_matches(
+        lm.model,
+        lm.tokenizer,
+        location=location,
+        from_pretrained_kwargs=kwargs,
+        max_memory=parse_max_memory(lm.target.max_memory) if lm.target.max_memory else None,
+        tolerance=lm.tolerance,
+    )
+
+
 _NO_CACHE = r"returns no past_key_values|returns no cache"
 _NEEDS_KV = r"needs a key/value cache|feeds a key/value cache"
 _BUILT_IN = (
@@ -568,6 +595,17 @@ _BUILT_IN = (
         fixtures=("causal_lm_settings",),
         opt_in=_tensor_parallel_off,
         healthy_skips=(r"tensor parallelism: .*(declares no tensor-parallel plan|does not divide)",),
+    ),
+    Invariant(
+        "device_map_parity",
+        "device_map parity",
+        "map",
+        "distributed",
+        'the checkpoint spread by accelerate (`device_map="auto"` under a `max_memory` that sends most layers to disk) gives the one-device scores on a prompt, a left-padded batch and cached decoding, and the same greedy continuation; with `--causal-lm-device-map` the session\'s spread model is compared with a one-device load where that fits',
+        _device_map_parity,
+        helper="assert_offload_matches",
+        opt_in=_placement_off,
+        healthy_skips=(r"device_map parity: the one-device model does not fit",),
     ),
     Invariant(
         "behaviour_snapshot",

@@ -32,6 +32,7 @@ class Target:
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     device_map: str | None = None
+    max_memory: str | None = None  # accelerate's, as the option gives it: "cpu=2GB,0=20GiB"
     label: str = field(default="", compare=False)
 
     @property
@@ -50,6 +51,8 @@ class Target:
         ]
         if self.device_map:
             parts.append(f"device_map={self.device_map}")
+        if self.max_memory:
+            parts.append(f"max_memory={self.max_memory}")
         return " ".join(parts)
 
     @classmethod
@@ -67,6 +70,7 @@ class Target:
             dtype=fields.get("dtype", "float32"),
             revision=None if revision in (None, "default") else revision,
             device_map=fields.get("device_map"),
+            max_memory=fields.get("max_memory"),
         )
 
     def labelled(self, depth: int) -> Target:
@@ -76,7 +80,7 @@ class Target:
         return replace(self, label=f"{name}-{device}-{self.dtype}")
 
 
-_KEY_FIELDS = ("revision", "device", "dtype", "device_map")
+_KEY_FIELDS = ("revision", "device", "dtype", "device_map", "max_memory")
 
 
 def with_unique_labels(targets: list[Target]) -> list[Target]:
@@ -461,6 +465,9 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
     model_kwargs["dtype"] = torch_dtype(target.dtype)
     if target.device_map:
         model_kwargs["device_map"] = target.device_map  # accelerate spreads the weights; no .to() afterwards
+    if target.max_memory:
+        model_kwargs["max_memory"] = parse_max_memory(target.max_memory)
+        model_kwargs["offload_folder"] = _offload_folder()
     try:
         model, loading_info = transformers.AutoModelForCausalLM.from_pretrained(
             location, output_loading_info=True, **model_kwargs
@@ -483,6 +490,28 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
         noise=noise,
         loading_info=loading_info,
     )
+
+
+def parse_max_memory(text: str) -> dict[Any, str]:
+    """``"0=20GiB,cpu=60GiB"`` as accelerate's ``max_memory``: ``{0: "20GiB", "cpu": "60GiB"}``."""
+    memory: dict[Any, str] = {}
+    for part in text.split(","):
+        device, _, size = part.strip().partition("=")
+        if not device or not size:
+            raise ValueError(f"max_memory entry {part!r} is not DEVICE=SIZE (e.g. cpu=2GB)")
+        memory[int(device) if device.isdigit() else device] = size
+    return memory
+
+
+def _offload_folder() -> str:
+    """A folder for the layers accelerate offloads to disk, removed when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="causal-lm-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def weights_size(checkpoint: str) -> int | None:

@@ -315,6 +315,7 @@ def targets_of(settings: Settings) -> list[Target]:
             attn_implementation=settings.attn_implementation,
             trust_remote_code=settings.trust_remote_code,
             device_map=settings.device_map,
+            max_memory=settings.max_memory if settings.device_map else None,
         )
         for checkpoint in dict.fromkeys(settings.checkpoint)
         for device in devices

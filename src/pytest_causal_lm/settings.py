@@ -38,6 +38,13 @@ def _parse_float(text: str) -> float:
     return float(text)
 
 
+def _parse_max_memory(text: str) -> str:
+    from .loading import parse_max_memory
+
+    parse_max_memory(text)  # raises ValueError naming the bad entry
+    return text
+
+
 def _parse_int(text: str) -> int:
     return int(text)
 
@@ -160,6 +167,23 @@ OPTIONS: tuple[OptionSpec, ...] = (
         None,
         parse=_parse_int,
         metavar="N",
+    ),
+    OptionSpec(
+        "offload_parity",
+        "Also load each checkpoint with accelerate's device_map='auto' under a max_memory that sends most layers to "
+        "disk, and compare it with the session's model (the device_map_parity invariant; it runs without this flag "
+        "when --causal-lm-device-map is set, against a one-device load). Default: off.",
+        default=False,
+        flag=True,
+        parse=_parse_bool,
+    ),
+    OptionSpec(
+        "max_memory",
+        "With --causal-lm-device-map: accelerate's max_memory per device, e.g. cpu=2GB or 0=20GiB,cpu=60GiB; "
+        "what does not fit is offloaded to a temporary folder on disk. Default: none (accelerate decides).",
+        None,
+        parse=_parse_max_memory,
+        metavar="DEVICE=SIZE,...",
     ),
     OptionSpec(
         "random_weights",

@@ -35,24 +35,17 @@ def _load(request: dict[str, Any]) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _follow_modules(model: Any, where: list[str]) -> None:
-    """Remember the innermost module the forward is in, so an error can name it."""
-    for name, module in model.named_modules():
-        if name and not list(module.children()):
-            module.register_forward_pre_hook(lambda _m, _a, name=name: where.__setitem__(0, name))
-
-
 def main(work: Path) -> int:
     rank = int(os.environ.get("RANK", "0"))
     where = ["loading"]
     try:
-        from pytest_causal_lm.checks.tensor_parallel import tensor_parallel_probes
+        from pytest_causal_lm.checks.tensor_parallel import follow_modules, parity_probes
 
         model, tokenizer = _load(json.loads((work / "request.json").read_text()))
         model.requires_grad_(False)
         where[0] = "the first forward"
-        _follow_modules(model, where)
-        probes = tensor_parallel_probes(model, tokenizer)
+        follow_modules(model, where)
+        probes = parity_probes(model, tokenizer)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         (work / f"error-rank{rank}.txt").write_text(f"rank {rank}, in {where[0]}: {type(exc).__name__}: {text}")

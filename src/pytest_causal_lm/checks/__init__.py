@@ -21,6 +21,7 @@ from .generation_paths import (
 from .greedy import GenerationConfigWarning, NearTieWarning, assert_greedy_parity, assert_same_continuation, greedy_loop
 from .language import assert_knows_language
 from .padding import assert_batch_independent, assert_padding_invariant
+from .placement import assert_offload_matches, single_device_room
 from .positions import assert_far_positions_consistent
 from .reference import assert_close_to_reference
 from .shapes import assert_finite_logits, assert_logits_to_keep, assert_output_shapes
@@ -62,6 +63,7 @@ __all__ = [
     "assert_kv_cache_parity",
     "assert_logits_to_keep",
     "assert_long_context_consistent",
+    "assert_offload_matches",
     "assert_output_shapes",
     "assert_padding_invariant",
     "assert_prefix_causal",
@@ -77,4 +79,5 @@ __all__ = [
     "assert_weights_loaded",
     "greedy_loop",
     "load_score_head_classifier",
+    "single_device_room",
 ]

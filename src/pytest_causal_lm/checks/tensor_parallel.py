@@ -38,12 +38,12 @@ from ._common import (
 )
 from .greedy import generate_scored
 
-__all__ = ["assert_tensor_parallel_matches", "tensor_parallel_probes", "tp_unsupported"]
+__all__ = ["assert_tensor_parallel_matches", "compare_probes", "follow_modules", "parity_probes", "tp_unsupported"]
 
 WORKER_TIMEOUT_SECONDS = 900
 
 
-def tensor_parallel_probes(model: Any, tokenizer: Any) -> dict[str, Any]:
+def parity_probes(model: Any, tokenizer: Any) -> dict[str, Any]:
     """What both sides compute, on the CPU: prompt scores, a left-padded batch's scores (with its mask), cached
     decoding one token per step, and generate's greedy tokens with their step scores."""
     import torch
@@ -66,6 +66,13 @@ def tensor_parallel_probes(model: Any, tokenizer: Any) -> dict[str, Any]:
         "greedy_tokens": greedy.rows[0],
         "greedy_scores": greedy.logits[0],
     }
+
+
+def follow_modules(model: Any, where: list[str]) -> None:
+    """Keep ``where[0]`` on the innermost module the forward is in, so an error can name it."""
+    for name, module in model.named_modules():
+        if name and not list(module.children()):
+            module.register_forward_pre_hook(lambda _m, _a, name=name: where.__setitem__(0, name))
 
 
 def tp_unsupported(model: Any, processes: int) -> str | None:
@@ -91,24 +98,52 @@ def assert_tensor_parallel_matches(
     tolerance: Tolerance | None = None,
 ) -> CheckResult:
     """``location`` loaded with ``tp_plan="auto"`` in ``processes`` torchrun workers gives ``model``'s scores on
-    every probe of ``tensor_parallel_probes`` and its greedy tokens. A worker's failure (rank, module, error)
+    every probe of ``parity_probes`` and its greedy tokens. A worker's failure (rank, module, error)
     is this check's failure. Skips where the architecture has no plan or ``processes`` does not divide its heads."""
     __tracebackhide__ = True
     why = tp_unsupported(model, processes)
     if why:
         pytest.skip(f"tensor parallelism: {why}")
     tolerance = resolve_tolerance(model, tolerance)
-    expected = tensor_parallel_probes(model, tokenizer)
+    expected = parity_probes(model, tokenizer)
     with tempfile.TemporaryDirectory(prefix="causal-lm-tp-") as work:
         sharded = _run_workers(model, location, processes, from_pretrained_kwargs or {}, Path(work))
     result = CheckResult("tensor parallel", tolerance=tolerance)
     how = f"{processes} processes, tp_plan='auto', {_backend(model)}; reference: the session's single-process model"
-    for probe, what in (("prompt", "a prompt"), ("decoded", "cached decoding, one token per step")):
-        _compare(model, tokenizer, result, expected[probe], sharded[probe], tolerance, f"{what} ({how})")
-    _compare_padded(model, tokenizer, result, expected, sharded, tolerance, how)
-    _compare_greedy(model, tokenizer, result, expected, sharded, tolerance)
+    compare_probes(model, tokenizer, result, expected, sharded, tolerance, how, "tensor parallelism")
     result.note(how)
     return result
+
+
+def compare_probes(
+    model: Any,
+    tokenizer: Any,
+    result: CheckResult,
+    expected: dict[str, Any],
+    actual: dict[str, Any],
+    tolerance: Tolerance,
+    how: str,
+    label: str,
+) -> None:
+    """Every probe of ``parity_probes`` of another placement against the session model's; fails naming ``label``."""
+    __tracebackhide__ = True
+    for probe, what in (("prompt", "a prompt"), ("decoded", "cached decoding, one token per step")):
+        _compare(model, tokenizer, result, expected[probe], actual[probe], tolerance, what, how, label)
+    for row, mask in enumerate(expected["mask"]):
+        kept = mask.bool()
+        what = f"a left-padded batch, row {row} of {len(expected['mask'])}"
+        _compare(
+            model,
+            tokenizer,
+            result,
+            expected["padded"][row][kept],
+            actual["padded"][row][kept],
+            tolerance,
+            what,
+            how,
+            label,
+        )
+    _compare_greedy(model, tokenizer, result, expected, actual, tolerance, label)
 
 
 def _backend(model: Any) -> str:
@@ -151,36 +186,36 @@ def _last_line(text: str) -> str:
 
 
 def _compare(
-    model: Any, tokenizer: Any, result: CheckResult, expected: Any, actual: Any, tolerance: Tolerance, what: str
+    model: Any,
+    tokenizer: Any,
+    result: CheckResult,
+    expected: Any,
+    actual: Any,
+    tolerance: Tolerance,
+    what: str,
+    how: str,
+    label: str,
 ) -> None:
     __tracebackhide__ = True
     mismatch = check_scores(result, expected, actual, tolerance)
     if mismatch:
         raise mismatch_failure(
-            f"tensor parallelism: the scores of {what.split(' (')[0]} differ from the single process's",
+            f"{label}: the scores of {what} differ from the single process's"
+            if label == "tensor parallelism"
+            else f"{label}: the scores of {what} differ between placements",
             model,
             tokenizer,
-            [("probe", what)],
+            [("probe", f"{what} ({how})")],
             mismatch,
             tolerance,
         )
 
 
-def _compare_padded(
-    model: Any, tokenizer: Any, result: CheckResult, expected: dict, sharded: dict, tolerance: Tolerance, how: str
-) -> None:
-    __tracebackhide__ = True
-    for row, mask in enumerate(expected["mask"]):
-        kept = mask.bool()
-        what = f"a left-padded batch, row {row} of {len(expected['mask'])} ({how})"
-        _compare(model, tokenizer, result, expected["padded"][row][kept], sharded["padded"][row][kept], tolerance, what)
-
-
 def _compare_greedy(
-    model: Any, tokenizer: Any, result: CheckResult, expected: dict, sharded: dict, tolerance: Tolerance
+    model: Any, tokenizer: Any, result: CheckResult, expected: dict, actual: dict, tolerance: Tolerance, label: str
 ) -> None:
     __tracebackhide__ = True
-    mine, theirs = expected["greedy_tokens"], sharded["greedy_tokens"]
+    mine, theirs = expected["greedy_tokens"], actual["greedy_tokens"]
     step = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), None)
     if step is None and len(mine) == len(theirs):
         return
@@ -192,12 +227,12 @@ def _compare_greedy(
         result.note(f"greedy continuations part at a near-tie, step {step}")
         return
     raise failure(
-        f"tensor parallelism: generate's greedy continuation differs from the single process at step {step}",
+        f"{label}: generate's greedy continuation differs at step {step}",
         model,
         [
             ("prompt", repr(DEFAULT_TEXTS[0])),
-            ("single process", [token(tokenizer, t) for t in mine[step : step + 3]]),
-            ("tensor parallel", [token(tokenizer, t) for t in theirs[step : step + 3]]),
+            ("session model", [token(tokenizer, t) for t in mine[step : step + 3]]),
+            (label, [token(tokenizer, t) for t in theirs[step : step + 3]]),
             ("top-2 margin there", f"{float(top2[0] - top2[1]):.3g} (not a near-tie)"),
         ],
         figure=("step", step),
