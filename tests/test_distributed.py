@@ -146,3 +146,13 @@ def test_max_memory_must_name_device_and_size(pytester: pytest.Pytester) -> None
     result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-max-memory=2GB")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*invalid value for max_memory: max_memory entry '2GB' is not DEVICE=SIZE*"])
+
+
+def test_each_xdist_worker_takes_its_own_gpu_for_a_bare_cuda_device() -> None:
+    from pytest_causal_lm.devices import worker_device
+
+    assert [worker_device("cuda", f"gw{k}", 4) for k in range(6)] == [f"cuda:{k % 4}" for k in range(6)]
+    assert worker_device("cuda", None, 4) == "cuda"  # no xdist: transformers' default GPU
+    assert worker_device("cuda", "gw3", 1) == "cuda"  # one GPU: every worker shares it
+    assert worker_device("cuda:1", "gw0", 4) == "cuda:1"  # a device named by the user is kept
+    assert worker_device("cpu", "gw1", 4) == "cpu"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["resolve_device", "synchronize", "torch_dtype", "unavailable_reason"]
+__all__ = ["resolve_device", "synchronize", "torch_dtype", "unavailable_reason", "worker_device"]
 
 
 def synchronize(device: Any) -> None:
@@ -22,6 +22,14 @@ def resolve_device(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def worker_device(device: str, worker: str | None, gpus: int) -> str:
+    """Under pytest-xdist, worker ``gwK`` takes GPU ``K mod gpus`` for a bare ``cuda``: ``-n N`` on N GPUs checks
+    N checkpoints at once. The test ids keep ``cuda`` (every worker must collect the same ids)."""
+    if device != "cuda" or not worker or not worker.startswith("gw") or gpus < 2:
+        return device
+    return f"cuda:{int(worker.removeprefix('gw')) % gpus}"
 
 
 def unavailable_reason(device: str) -> str | None:

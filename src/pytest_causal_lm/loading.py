@@ -473,7 +473,7 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
             location, output_loading_info=True, **model_kwargs
         )
         if not target.device_map:
-            model.to(target.device)
+            model.to(_placed_device(target.device))
     except Exception as exc:
         raise CheckpointLoadError(explain_load_error(exc, target.checkpoint, "model")) from exc
     model.eval()
@@ -490,6 +490,17 @@ def load(target: Target, *, seed: int, atol: float | None = None, rtol: float | 
         noise=noise,
         loading_info=loading_info,
     )
+
+
+def _placed_device(device: str) -> str:
+    """The device this process loads onto: an xdist worker's own GPU for a bare ``cuda`` (``worker_device``)."""
+    if device != "cuda":
+        return device
+    import torch
+
+    from .devices import worker_device
+
+    return worker_device(device, os.environ.get("PYTEST_XDIST_WORKER"), torch.cuda.device_count())
 
 
 def parse_max_memory(text: str) -> dict[Any, str]:
