@@ -223,13 +223,13 @@ def test_the_long_context_budget_and_compile_options_reach_the_suite(
 ) -> None:
     window = f"--causal-lm-checkpoint={mistral_window_path}"
     capped = pytester.runpytest(
-        window, "--causal-lm-suite=only", "-m", "causal_lm_context", "-rs", "--causal-lm-long-context-tokens=30"
+        window, "--causal-lm-suite=only", "-k", "long_context", "-rs", "--causal-lm-long-context-tokens=30"
     )
     capped.assert_outcomes(skipped=1)
     capped.stdout.fnmatch_lines(["*sliding window 32 needs 36+ tokens, beyond the cap of 30*"])
     report = pytester.path / "report.md"
     full = pytester.runpytest(
-        window, "--causal-lm-suite=only", "-m", "causal_lm_context", f"--causal-lm-report={report}"
+        window, "--causal-lm-suite=only", "-k", "long_context", f"--causal-lm-report={report}"
     )
     full.assert_outcomes(passed=1)
     assert "72 tokens across sliding window 32" in report.read_text()
