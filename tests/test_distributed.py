@@ -156,3 +156,16 @@ def test_each_xdist_worker_takes_its_own_gpu_for_a_bare_cuda_device() -> None:
     assert worker_device("cuda", "gw3", 1) == "cuda"  # one GPU: every worker shares it
     assert worker_device("cuda:1", "gw0", 4) == "cuda:1"  # a device named by the user is kept
     assert worker_device("cpu", "gw1", 4) == "cpu"
+
+
+def test_a_one_device_reference_that_does_not_fit_is_a_skip_saying_how_much_it_needs(
+    healthy: clm.CausalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    pages = {"SC_AVPHYS_PAGES": 10, "SC_PAGE_SIZE": 4096}  # 40 KiB free
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    reason = clm.checks.single_device_room(healthy.model)
+    assert re.fullmatch(r"the one-device model does not fit: its weights need [\d.]+ GiB, 0.0 GiB free", reason)
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 10**7, "SC_PAGE_SIZE": 4096}[name])
+    assert clm.checks.single_device_room(healthy.model) is None
