@@ -228,9 +228,7 @@ def test_the_long_context_budget_and_compile_options_reach_the_suite(
     capped.assert_outcomes(skipped=1)
     capped.stdout.fnmatch_lines(["*sliding window 32 needs 36+ tokens, beyond the cap of 30*"])
     report = pytester.path / "report.md"
-    full = pytester.runpytest(
-        window, "--causal-lm-suite=only", "-k", "long_context", f"--causal-lm-report={report}"
-    )
+    full = pytester.runpytest(window, "--causal-lm-suite=only", "-k", "long_context", f"--causal-lm-report={report}")
     full.assert_outcomes(passed=1)
     assert "72 tokens across sliding window 32" in report.read_text()
     # torch.compile registers global state on import, which pytester's in-process runs would import twice

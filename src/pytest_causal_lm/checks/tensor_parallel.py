@@ -151,7 +151,9 @@ def _backend(model: Any) -> str:
 
 
 def _run_workers(model: Any, location: str, processes: int, kwargs: dict[str, Any], work: Path) -> dict[str, Any]:
-    """torchrun the worker; its probes, or a failure naming the rank, the module and the error."""
+    """torchrun the worker; its probes, or a failure naming the rank, the module and the error. A run in which
+    no rank got as far as reporting (the launcher's rendezvous lost a race for its port under load) is retried
+    once before it counts."""
     __tracebackhide__ = True
     import torch
 
@@ -159,30 +161,43 @@ def _run_workers(model: Any, location: str, processes: int, kwargs: dict[str, An
     (work / "request.json").write_text(json.dumps(request))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
     command += ["--standalone", "-m", "pytest_causal_lm.tp_worker", str(work)]  # --standalone: a free port
+    for attempt in (1, 2):
+        done = _launch(model, command, processes)
+        errors = sorted(work.glob("error-rank*.txt"))
+        if done.returncode == 0 and not errors and (work / "probes.pt").exists():
+            return torch.load(work / "probes.pt")
+        if errors or attempt == 2:
+            break
+    raise failure(
+        "tensor parallelism: the worker failed "
+        + (f"on rank {errors[0].stem.removeprefix('error-rank')}" if errors else "to start (twice)"),
+        model,
+        [
+            ("error", errors[0].read_text().strip() if errors else _root_cause(done.stderr)),
+            ("processes", processes),
+            ("exit status", done.returncode),
+        ],
+    )
+
+
+def _launch(model: Any, command: list[str], processes: int) -> Any:
+    __tracebackhide__ = True
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_SECONDS, env=env)
+        return subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_SECONDS, env=env)
     except subprocess.TimeoutExpired:
         raise failure(
             f"tensor parallelism: the {processes} workers did not finish in {WORKER_TIMEOUT_SECONDS} s",
             model,
             [("command", " ".join(command))],
         ) from None
-    errors = sorted(work.glob("error-rank*.txt"))
-    if done.returncode != 0 or errors or not (work / "probes.pt").exists():
-        first = errors[0].read_text().strip() if errors else _last_line(done.stderr)
-        raise failure(
-            "tensor parallelism: the worker failed "
-            + (f"on rank {errors[0].stem.removeprefix('error-rank')}" if errors else "to start"),
-            model,
-            [("error", first), ("processes", processes), ("exit status", done.returncode)],
-        )
-    return torch.load(work / "probes.pt")
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(("W1", "I1", "*"))]
-    return lines[-1][:400] if lines else "no output"
+def _root_cause(text: str) -> str:
+    """The launcher's own error line (the last that names an error), else its last line of output."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(("W1", "I1", "*"))]
+    named = [line for line in lines if "Error" in line or "error:" in line.lower()]
+    return (named or lines or ["no output"])[-1][:400]
 
 
 def _compare(
