@@ -59,3 +59,25 @@ def test_built_in_suite_passes_on_smollm2_in_half_precision(
     }
     print(tolerances)  # the calibrated tolerance the closing note quotes (pytest -s)
     assert len(tolerances) == 1 and "noise floor" in dict(next(iter(tolerances)))["noise_source"]
+
+
+def test_smollm2_passes_tensor_parallelism_over_three_processes_and_disk_offload(
+    pytester: pytest.Pytester, smollm2_safetensors: Path
+) -> None:
+    # 9 attention heads and 3 key/value heads: 3 processes divide both, 2 do not
+    result = pytester.runpytest(
+        f"--causal-lm-checkpoint={smollm2_safetensors}",
+        "--causal-lm-suite=only",
+        "--causal-lm-tensor-parallel=3",
+        "--causal-lm-offload-parity",
+        "-k",
+        "tensor_parallel or device_map_parity",
+        "-v",
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*tensor parallel ok*3 processes, tp_plan='auto', gloo*",
+            "*device_map parity ok*against a second load (*on disk)*",
+        ]
+    )
