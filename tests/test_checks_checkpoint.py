@@ -211,13 +211,16 @@ def test_far_positions_catch_a_rotary_table_built_for_a_shorter_context(tiny_pat
     assert re.search(r"KL\s+: [\d.]+ nats > 0.25", message) and "top-1 at 128" in message
 
 
-def test_far_positions_catch_learned_position_rows_that_overflowed_in_an_export(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
+def test_far_positions_catch_learned_position_rows_that_overflowed_in_an_export(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
     from pytest_causal_lm.tiny import materialize
 
     path = broken.position_rows_overflowed_in_export(materialize("tiny:gpt2"), tmp_path / "ckpt", first_row=300)
     model, tokenizer = broken.load_healthy(path)
     with pytest.raises(AssertionError) as caught:
-        clm.assert_far_positions_consistent(model, tokenizer)
+        clm.assert_far_positions_consistent(model.to(dtype), tokenizer)
     message = str(caught.value)
     assert message.startswith("far positions: non-finite scores at position 496 (learned position embeddings)")
     assert "transformer.wpe: 512 rows, 16 non-finite among rows 496..511" in message

@@ -280,3 +280,12 @@ def test_tokenizer_and_chat_broken_models_fail_in_every_dtype(qwen3_path: Path, 
     model, tokenizer = drop_added_token(tmp_path / "lost", "<|im_start|>")
     with pytest.raises(AssertionError, match=r"chat markers are not single tokens"):
         clm.assert_chat_markers_are_tokens(model.to(dtype), tokenizer)
+    template = CONVENTIONS["qwen3"]["template"].replace("for message in messages", "for message in messages[1:]")
+    model, tokenizer = convention(qwen3_path, "qwen3", tmp_path / "turns", template=template)
+    with pytest.raises(AssertionError, match=r"message 1 of 1 \(user\) is missing"):
+        clm.assert_chat_turns_rendered(model.to(dtype), tokenizer)
+    convention(qwen3_path, "llama3", tmp_path / "shown")
+    headers = ("<|start_header_id|>", "<|end_header_id|>")
+    model, tokenizer = edit_tokenizer_json(tmp_path / "shown", lambda spec: _not_special(spec, headers))
+    with pytest.raises(AssertionError, match=r"shows template markers"):
+        clm.assert_decoded_answer_has_no_markers(model.to(dtype), tokenizer)
