@@ -171,3 +171,18 @@ def test_a_one_device_reference_that_does_not_fit_is_a_skip_saying_how_much_it_n
     assert re.fullmatch(r"the one-device model does not fit: its weights need [\d.]+ GiB, 0.0 GiB free", reason)
     monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 10**7, "SC_PAGE_SIZE": 4096}[name])
     assert clm.checks.single_device_room(healthy.model) is None
+
+
+def test_device_map_parity_without_accelerate_says_what_to_install(
+    healthy: clm.CausalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a)
+    )
+    with pytest.raises(
+        AssertionError, match=r"device_map parity needs the accelerate package(.|\n)*pytest-causal-lm\[offload\]"
+    ):
+        clm.assert_offload_matches(healthy.model, healthy.tokenizer, location="unused")

@@ -93,8 +93,16 @@ def assert_offload_matches(
     compared with a second load that accelerate spreads over the device, the CPU and disk (``offload_map``; or
     ``device_map="auto"`` under ``max_memory`` when given, default ``offload_map``); a model that is already spread, with a second load on one device."""
     __tracebackhide__ = True
+    import importlib.util
+
     from transformers import AutoModelForCausalLM
 
+    if importlib.util.find_spec("accelerate") is None:
+        raise failure(
+            "device_map parity needs the accelerate package",
+            model,
+            [("fix", "pip install 'pytest-causal-lm[offload]'")],
+        )
     tolerance = resolve_tolerance(model, tolerance)
     kwargs = {**(from_pretrained_kwargs or {}), "dtype": model.dtype}
     expected = parity_probes(model, tokenizer)
