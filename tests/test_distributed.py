@@ -35,7 +35,7 @@ def test_healthy_checkpoints_give_the_single_process_scores_over_two_processes(t
     result = _tensor_parallel(tiny_path, dtype=dtype)
     if dtype == "float32":
         assert result.greatest_difference < 1e-4
-    assert result.notes == ["2 processes, tp_plan='auto', gloo; reference: the session's single-process model"]
+    assert result.notes == ["2 processes, tp_plan='auto', gloo; reference: the session's single-process model on cpu"]
 
 
 @needs_tp_styles
@@ -186,3 +186,22 @@ def test_device_map_parity_without_accelerate_says_what_to_install(
         AssertionError, match=r"device_map parity needs the accelerate package(.|\n)*pytest-causal-lm\[offload\]"
     ):
         clm.assert_offload_matches(healthy.model, healthy.tokenizer, location="unused")
+
+
+def test_a_checkpoint_too_big_for_one_device_is_compared_with_its_device_map_placement(
+    pytester: pytest.Pytester,
+) -> None:
+    result = pytester.runpytest(
+        "--causal-lm-checkpoint=tiny:qwen3",
+        "--causal-lm-suite=only",
+        "--causal-lm-device-map=auto",
+        "--causal-lm-max-memory=cpu=90KB",
+        "--causal-lm-tensor-parallel=2",
+        "-k",
+        "tensor_parallel",
+        "-v",
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["*reference: the session's single-process model, spread by device_map over cpu, disk*"]
+    )

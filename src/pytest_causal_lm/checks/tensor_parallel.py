@@ -109,7 +109,7 @@ def assert_tensor_parallel_matches(
     with tempfile.TemporaryDirectory(prefix="causal-lm-tp-") as work:
         sharded = _run_workers(model, location, processes, from_pretrained_kwargs or {}, Path(work))
     result = CheckResult("tensor parallel", tolerance=tolerance)
-    how = f"{processes} processes, tp_plan='auto', {_backend(model)}; reference: the session's single-process model"
+    how = f"{processes} processes, tp_plan='auto', {_backend(model)}; reference: {_reference(model)}"
     compare_probes(model, tokenizer, result, expected, sharded, tolerance, how, "tensor parallelism")
     result.note(how)
     return result
@@ -144,6 +144,15 @@ def compare_probes(
             label,
         )
     _compare_greedy(model, tokenizer, result, expected, actual, tolerance, label)
+
+
+def _reference(model: Any) -> str:
+    """What the sharded model is compared with: the session's model, on one device or spread by device_map
+    (a checkpoint too big for one device is compared with its device_map placement)."""
+    spread = set(map(str, getattr(model, "hf_device_map", {}).values()))
+    if len(spread) > 1:
+        return f"the session's single-process model, spread by device_map over {', '.join(sorted(spread))}"
+    return f"the session's single-process model on {model.device}"
 
 
 def _backend(model: Any) -> str:
