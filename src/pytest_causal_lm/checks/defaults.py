@@ -13,24 +13,11 @@ import warnings
 from typing import Any
 
 from ._common import CheckResult, failure, text_of
+from .greedy import GREEDY_NEUTRAL
 
 __all__ = ["assert_generation_defaults"]
 
 PROMPT = "Hi dog how are you?"
-# Defaults that change what a plain call returns, with transformers' own default (a note names each one set).
-_OUTPUT_CHANGING = {
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "encoder_repetition_penalty": 1.0,
-    "bad_words_ids": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "forced_bos_token_id": None,
-    "forced_eos_token_id": None,
-    "min_length": 0,
-    "min_new_tokens": None,
-    "num_beams": 1,
-}
 _STOP_IDS = ("eos_token_id", "bos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
@@ -120,8 +107,8 @@ def _output_changing_defaults(config: Any, new_tokens: int) -> list[str]:
             f"no max_new_tokens or max_length set: a plain call stops at transformers' default length ({new_tokens} "
             "new tokens here)"
         )
-    for name, default in _OUTPUT_CHANGING.items():
-        value = getattr(config, name, default)
-        if value != default and value is not None:
+    for name, neutral in GREEDY_NEUTRAL.items():
+        value = getattr(config, name, neutral)
+        if name != "do_sample" and value != neutral and value is not None:  # sampling has its own note above
             notes.append(f"{name}={value}: a plain call's text differs from greedy decoding")
     return notes
