@@ -578,21 +578,26 @@ ALL_PARALLEL_STYLES.register("rowwise_unreduced", RowwiseParallel(input_layouts=
 """
 
 
-def tensor_parallel_port(qwen3_path: Any, out: Any, plan: dict[str, str], unreduced_style: bool = False) -> Any:
-    """The tiny Qwen3 as a custom-code port whose config declares ``plan`` over Qwen3's tensor-parallel plan."""
+def _custom_code_checkpoint(path: Any, out: Any, code: str, model_type: str) -> Any:
+    """``path`` as a custom-code checkpoint: ``code`` in modeling_port.py, loaded through auto_map."""
     import json
 
-    _copy_checkpoint(qwen3_path, out)
-    register = _UNREDUCED_STYLE if unreduced_style else ""
-    (out / "modeling_port.py").write_text(_TP_PORT.format(register=register, plan=plan))
+    _copy_checkpoint(path, out)
+    (out / "modeling_port.py").write_text(code)
     config = json.loads((out / "config.json").read_text())
-    config["model_type"] = "qwen3_tp_port"
+    config["model_type"] = model_type
     config["auto_map"] = {
         "AutoConfig": "modeling_port.PortedConfig",
         "AutoModelForCausalLM": "modeling_port.PortedForCausalLM",
     }
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+def tensor_parallel_port(qwen3_path: Any, out: Any, plan: dict[str, str], unreduced_style: bool = False) -> Any:
+    """The tiny Qwen3 as a custom-code port whose config declares ``plan`` over Qwen3's tensor-parallel plan."""
+    register = _UNREDUCED_STYLE if unreduced_style else ""
+    return _custom_code_checkpoint(qwen3_path, out, _TP_PORT.format(register=register, plan=plan), "qwen3_tp_port")
 
 
 def q_proj_sharded_along_its_input(qwen3_path: Any, out: Any) -> Any:
@@ -643,15 +648,4 @@ class PortedForCausalLM(Qwen3ForCausalLM):
 def device_read_off_a_weight(qwen3_path: Any, out: Any) -> Any:
     """A port that makes its default position ids on ``self.norm.weight.device``: on one device that is the
     device, under disk offload it is the meta device (accelerate loads the weight only while norm runs)."""
-    import json
-
-    _copy_checkpoint(qwen3_path, out)
-    (out / "modeling_port.py").write_text(_OFFLOAD_PORT)
-    config = json.loads((out / "config.json").read_text())
-    config["model_type"] = "qwen3_offload_port"
-    config["auto_map"] = {
-        "AutoConfig": "modeling_port.PortedConfig",
-        "AutoModelForCausalLM": "modeling_port.PortedForCausalLM",
-    }
-    (out / "config.json").write_text(json.dumps(config))
-    return out
+    return _custom_code_checkpoint(qwen3_path, out, _OFFLOAD_PORT, "qwen3_offload_port")
