@@ -18,7 +18,7 @@ import pytest
 
 from ..tolerances import Tolerance
 from ._common import CheckResult, failure, resolve_tolerance
-from .tensor_parallel import compare_probes, follow_modules, parity_probes
+from .tensor_parallel import compare_probes, follow_modules, parity_probes, spread_over
 
 __all__ = ["assert_offload_matches", "offload_map", "single_device_room"]
 
@@ -76,10 +76,6 @@ def _placements(model: Any) -> str:
     return ", ".join(f"{n} on {device}" for device, n in sorted(counts.items())) or "one device"
 
 
-def _is_spread(model: Any) -> bool:
-    return len(set(map(str, getattr(model, "hf_device_map", {}).values()))) > 1
-
-
 def assert_offload_matches(
     model: Any,
     tokenizer: Any,
@@ -107,7 +103,7 @@ def assert_offload_matches(
     kwargs = {**(from_pretrained_kwargs or {}), "dtype": model.dtype}
     expected = parity_probes(model, tokenizer)
     with tempfile.TemporaryDirectory(prefix="causal-lm-offload-") as folder:
-        if _is_spread(model):
+        if len(spread_over(model)) > 1:
             other = AutoModelForCausalLM.from_pretrained(location, **kwargs).eval()
         else:
             placement = {"device_map": "auto", "max_memory": max_memory} if max_memory else _offloaded(model)
@@ -131,6 +127,8 @@ def assert_offload_matches(
             del other
             gc.collect()
     result = CheckResult("device_map parity", tolerance=tolerance)
-    compare_probes(model, tokenizer, result, expected, actual, tolerance, how, "device_map")
+    compare_probes(
+        model, tokenizer, result, expected, actual, tolerance, how, "device_map", "differ between placements"
+    )
     result.note(how)
     return result

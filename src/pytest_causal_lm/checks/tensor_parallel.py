@@ -38,7 +38,14 @@ from ._common import (
 )
 from .greedy import generate_scored
 
-__all__ = ["assert_tensor_parallel_matches", "compare_probes", "follow_modules", "parity_probes", "tp_unsupported"]
+__all__ = [
+    "assert_tensor_parallel_matches",
+    "compare_probes",
+    "follow_modules",
+    "parity_probes",
+    "spread_over",
+    "tp_unsupported",
+]
 
 WORKER_TIMEOUT_SECONDS = 900
 
@@ -124,32 +131,46 @@ def compare_probes(
     tolerance: Tolerance,
     how: str,
     label: str,
+    differ: str = "differ from the single process's",
 ) -> None:
-    """Every probe of ``parity_probes`` of another placement against the session model's; fails naming ``label``."""
+    """Every probe of ``parity_probes`` of another placement against the session model's; a failure reads
+    ``{label}: the scores of {probe} {differ}``."""
     __tracebackhide__ = True
-    for probe, what in (("prompt", "a prompt"), ("decoded", "cached decoding, one token per step")):
-        _compare(model, tokenizer, result, expected[probe], actual[probe], tolerance, what, how, label)
-    for row, mask in enumerate(expected["mask"]):
-        kept = mask.bool()
-        what = f"a left-padded batch, row {row} of {len(expected['mask'])}"
-        _compare(
-            model,
-            tokenizer,
-            result,
-            expected["padded"][row][kept],
-            actual["padded"][row][kept],
-            tolerance,
-            what,
-            how,
-            label,
-        )
+    rows = [
+        ("a prompt", expected["prompt"], actual["prompt"]),
+        ("cached decoding, one token per step", expected["decoded"], actual["decoded"]),
+        *(
+            (
+                f"a left-padded batch, row {row} of {len(expected['mask'])}",
+                expected["padded"][row][kept],
+                actual["padded"][row][kept],
+            )
+            for row, kept in enumerate(expected["mask"].bool())
+        ),
+    ]
+    for what, wanted, got in rows:
+        mismatch = check_scores(result, wanted, got, tolerance)
+        if mismatch:
+            raise mismatch_failure(
+                f"{label}: the scores of {what} {differ}",
+                model,
+                tokenizer,
+                [("probe", f"{what} ({how})")],
+                mismatch,
+                tolerance,
+            )
     _compare_greedy(model, tokenizer, result, expected, actual, tolerance, label)
+
+
+def spread_over(model: Any) -> set[str]:
+    """The devices accelerate spread ``model`` over (``hf_device_map``); one or none for a one-device model."""
+    return set(map(str, getattr(model, "hf_device_map", {}).values()))
 
 
 def _reference(model: Any) -> str:
     """What the sharded model is compared with: the session's model, on one device or spread by device_map
     (a checkpoint too big for one device is compared with its device_map placement)."""
-    spread = set(map(str, getattr(model, "hf_device_map", {}).values()))
+    spread = spread_over(model)
     if len(spread) > 1:
         return f"the session's single-process model, spread by device_map over {', '.join(sorted(spread))}"
     return f"the session's single-process model on {model.device}"
@@ -207,32 +228,6 @@ def _root_cause(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(("W1", "I1", "*"))]
     named = [line for line in lines if "Error" in line or "error:" in line.lower()]
     return (named or lines or ["no output"])[-1][:400]
-
-
-def _compare(
-    model: Any,
-    tokenizer: Any,
-    result: CheckResult,
-    expected: Any,
-    actual: Any,
-    tolerance: Tolerance,
-    what: str,
-    how: str,
-    label: str,
-) -> None:
-    __tracebackhide__ = True
-    mismatch = check_scores(result, expected, actual, tolerance)
-    if mismatch:
-        raise mismatch_failure(
-            f"{label}: the scores of {what} differ from the single process's"
-            if label == "tensor parallelism"
-            else f"{label}: the scores of {what} differ between placements",
-            model,
-            tokenizer,
-            [("probe", f"{what} ({how})")],
-            mismatch,
-            tolerance,
-        )
 
 
 def _compare_greedy(

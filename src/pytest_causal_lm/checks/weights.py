@@ -22,7 +22,7 @@ __all__ = ["assert_weights_loaded", "grouped_keys", "module_name"]
 
 _MEANINGS = {
     "missing_keys": "not in the checkpoint, so randomly initialised",
-    "unexpected_keys": "stored in the checkpoint, thrown away (the class has no such module)",
+    "unexpected_keys": "stored in the checkpoint and thrown away: the class has no such module",
     "mismatched_keys": "stored with another shape, so randomly initialised",
     "error_msgs": "loader errors",
 }
