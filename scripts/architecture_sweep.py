@@ -22,7 +22,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging as hf_logging
 
 import pytest_causal_lm as clm
-from pytest_causal_lm.loading import CausalLM, Target, load
+from pytest_causal_lm.loading import CausalLM, load
+from pytest_causal_lm.targets import Target
 
 # every registered invariant that needs no pytest fixture (snapshots and the reference do)
 CHECKS: dict[str, Callable[[CausalLM], Any]] = {i.key: i.run for i in clm.invariants() if not i.fixtures}

@@ -15,7 +15,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def invariants_table() -> str:
-    from pytest_causal_lm.invariants import markdown_table
+    from pytest_causal_lm.registry import markdown_table
 
     return markdown_table()
 

@@ -24,7 +24,8 @@ os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")
 import torch  # noqa: E402  (after the cache variables above)
 import transformers  # noqa: E402
 
-from pytest_causal_lm.loading import CausalLM, Target, load  # noqa: E402
+from pytest_causal_lm.loading import CausalLM, load  # noqa: E402
+from pytest_causal_lm.targets import Target  # noqa: E402
 from pytest_causal_lm.tiny import materialize  # noqa: E402
 
 # One intra-op thread: the tests' models are tiny, and on 2 cores shared with a second busy process two

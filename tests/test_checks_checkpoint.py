@@ -13,7 +13,8 @@ import torch
 from conftest import needs_smollm2
 
 import pytest_causal_lm as clm
-from pytest_causal_lm.loading import Target, load
+from pytest_causal_lm.loading import load
+from pytest_causal_lm.targets import Target
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -307,7 +307,8 @@ def test_generation_by_classification_pools_the_last_token_when_the_model_genera
 
 @pytest.fixture(scope="module")
 def load_tiny():
-    from pytest_causal_lm.loading import Target, load
+    from pytest_causal_lm.loading import load
+    from pytest_causal_lm.targets import Target
 
     return lambda name: load(Target(f"tiny:{name}", "cpu", "float32"), seed=0)
 

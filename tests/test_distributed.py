@@ -9,7 +9,8 @@ import broken
 import pytest
 
 import pytest_causal_lm as clm
-from pytest_causal_lm.loading import Target, load
+from pytest_causal_lm.loading import load
+from pytest_causal_lm.targets import Target
 
 needs_tp_styles = pytest.mark.skipif(
     __import__("importlib").util.find_spec("transformers.distributed.tensor_parallel") is None,

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import pytest_causal_lm as clm
-from pytest_causal_lm.loading import stored_dtype
+from pytest_causal_lm.checkpoint_files import stored_dtype
 from pytest_causal_lm.tiny import materialize
 
 HALF = [torch.bfloat16, torch.float16]

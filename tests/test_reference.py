@@ -18,7 +18,8 @@ from pytest_causal_lm.checks.reference import (
     compare_to_reference,
     reference_outputs,
 )
-from pytest_causal_lm.loading import Target, load
+from pytest_causal_lm.loading import load
+from pytest_causal_lm.targets import Target
 
 PROMPTS = ["Hi dog how are you?", "The capital of France is", "def add(a, b):", "1, 2, 3, 4,", "She opened the door"]
 

@@ -13,8 +13,8 @@ import pytest
 from test_plugin import RUN_BY_DEFAULT
 
 import pytest_causal_lm as clm
-from pytest_causal_lm.invariants import markdown_table, markers
-from pytest_causal_lm.loading import Target, with_unique_labels
+from pytest_causal_lm.registry import markdown_table, markers
+from pytest_causal_lm.targets import Target, with_unique_labels
 
 ROOT = Path(__file__).parents[1]
 CHECKS = ROOT / "src" / "pytest_causal_lm" / "checks"

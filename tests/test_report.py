@@ -202,7 +202,7 @@ def test_merge_fails_when_a_merged_run_failed_and_says_what_it_cannot_read(
 
 
 def test_a_device_map_target_key_reads_back_as_the_same_target() -> None:
-    from pytest_causal_lm.loading import Target
+    from pytest_causal_lm.targets import Target
 
     target = Target("./my models/m", "cuda", "bfloat16", revision="v2", device_map="auto")
     assert Target.from_key(target.key) == target

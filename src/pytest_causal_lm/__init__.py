@@ -6,6 +6,7 @@ the tolerance table. Importing this package does not import torch or
 transformers; the helpers import them when called.
 """
 
+from . import builtin  # registers the built-in invariants  # noqa: F401  (after the registry)
 from .benchmark import benchmark_generation, forced_generate
 from .checks import (
     CheckResult,
@@ -52,11 +53,12 @@ from .checks import (
     greedy_loop,
     load_score_head_classifier,
 )
-from .invariants import Invariant, invariant_for_test, invariants, register_invariant, suite_test
-from .loading import CausalLM, CheckpointLoadError, Target
+from .loading import CausalLM, CheckpointLoadError
 from .precision import NoiseFloor, calibrated_tolerance, measure_noise_floor
+from .registry import Invariant, invariant_for_test, invariants, register_invariant, suite_test
 from .session import CausalLMSession, session_of
 from .snapshot import behaviour_record
+from .targets import Target
 from .tolerances import DEFAULT_TOLERANCES, Tolerance, tolerance_for
 
 __version__ = "0.1.0"

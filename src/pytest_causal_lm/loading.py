@@ -3,122 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .tiny import TINY_PREFIX, is_tiny, materialize
+from .checkpoint_files import CHECKPOINT_PARTS, gguf_location, looks_local, stored_dtype
+from .targets import Target
+from .tiny import is_tiny, materialize
 from .tolerances import Tolerance
 
 if TYPE_CHECKING:
     from .precision import NoiseFloor
 
-__all__ = ["CausalLM", "CheckpointLoadError", "ModelCache", "Target", "load", "with_unique_labels"]
-
-
-@dataclass(frozen=True)
-class Target:
-    """What to load: one checkpoint on one device in one dtype. Hashable; the cache key.
-
-    ``label`` is the display name, unique within a session (see ``with_unique_labels``);
-    it takes no part in equality, so two checkpoints with one folder name stay two targets.
-    """
-
-    checkpoint: str
-    device: str
-    dtype: str
-    revision: str | None = None
-    attn_implementation: str | None = None
-    trust_remote_code: bool = False
-    device_map: str | None = None
-    max_memory: str | None = None  # accelerate's, as the option gives it: "cpu=2GB,0=20GiB"
-    label: str = field(default="", compare=False)
-
-    @property
-    def id(self) -> str:
-        """Readable test id: ``SmolLM2-135M-Instruct-cpu-float32`` (``@rev`` and ``map-auto`` when set)."""
-        return self.label or self.labelled(1).label
-
-    @property
-    def key(self) -> str:
-        """The full identity as one string: what reports and benchmark results are keyed on."""
-        parts = [
-            self.checkpoint,
-            f"revision={self.revision or 'default'}",
-            f"device={self.device}",
-            f"dtype={self.dtype}",
-        ]
-        if self.device_map:
-            parts.append(f"device_map={self.device_map}")
-        if self.max_memory:
-            parts.append(f"max_memory={self.max_memory}")
-        return " ".join(parts)
-
-    @classmethod
-    def from_key(cls, key: str) -> Target:
-        """The target whose ``key`` this is (reports are keyed on it)."""
-        words = key.split(" ")
-        fields: dict[str, str] = {}
-        while words and "=" in words[-1] and words[-1].split("=", 1)[0] in _KEY_FIELDS:
-            name, value = words.pop().split("=", 1)
-            fields[name] = value
-        revision = fields.get("revision")
-        return cls(
-            checkpoint=" ".join(words),
-            device=fields.get("device", "cpu"),
-            dtype=fields.get("dtype", "float32"),
-            revision=None if revision in (None, "default") else revision,
-            device_map=fields.get("device_map"),
-            max_memory=fields.get("max_memory"),
-        )
-
-    def labelled(self, depth: int) -> Target:
-        """This target, labelled with the last ``depth`` components of its checkpoint's path or Hub id."""
-        name = short_name(self.checkpoint, depth) + (f"@{self.revision}" if self.revision else "")
-        device = f"map-{self.device_map}" if self.device_map else self.device
-        return replace(self, label=f"{name}-{device}-{self.dtype}")
-
-
-_KEY_FIELDS = ("revision", "device", "dtype", "device_map", "max_memory")
-
-
-def with_unique_labels(targets: list[Target]) -> list[Target]:
-    """Label every target so no two share a display name: parent folders or the org are added where names collide."""
-    depths = dict.fromkeys(targets, 1)
-    while True:
-        labelled = [t.labelled(depths[t]) for t in targets]
-        counts = Counter(t.label for t in labelled)
-        growing = [t for t, lt in zip(targets, labelled, strict=True) if counts[lt.label] > 1 and depths[t] < _depth(t)]
-        if not growing:
-            break
-        for target in growing:
-            depths[target] += 1
-    seen: Counter[str] = Counter()
-    unique = []
-    for target in labelled:  # the same folder spelt two ways ("./m" and "m") still gets two names
-        seen[target.label] += 1
-        unique.append(
-            target if seen[target.label] == 1 else replace(target, label=f"{target.label}#{seen[target.label]}")
-        )
-    return unique
-
-
-def _components(checkpoint: str) -> list[str]:
-    return [part for part in checkpoint.replace("\\", "/").split("/") if part not in ("", ".", "..", "~")]
-
-
-def _depth(target: Target) -> int:
-    return max(1, len(_components(target.checkpoint)))
-
-
-def short_name(checkpoint: str, depth: int = 1) -> str:
-    """The last ``depth`` components of a Hub id or path, joined by "-" (``tiny:qwen3`` becomes ``tiny-qwen3``)."""
-    if is_tiny(checkpoint):
-        return "tiny-" + checkpoint.removeprefix(TINY_PREFIX)
-    parts = _components(checkpoint) or [checkpoint]
-    parts[-1] = parts[-1].removesuffix(".gguf") or parts[-1]
-    return "-".join(parts[-depth:])
+__all__ = ["CausalLM", "CheckpointLoadError", "ModelCache", "load", "pretrained_location"]
 
 
 @dataclass
@@ -166,135 +63,8 @@ class CausalLM:
         return stored_dtype(location, kwargs.get("gguf_file"), self.revision)
 
 
-# safetensors and GGUF names of the float types, as torch names them
-_FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-def stored_dtype(location: str, gguf_file: str | None = None, revision: str | None = None) -> str | None:
-    """The dtype most of a checkpoint's tensors are stored in, or None where the files do not say."""
-    import json
-    from collections import Counter
-
-    if gguf_file is not None:
-        path = Path(location) / gguf_file
-        kind = _gguf_file_type(path)
-        if kind is None:  # no general.file_type: count the tensors' types (GGUFReader parses the whole header)
-            from gguf import GGUFReader
-
-            kinds = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors)
-            kind = kinds.most_common(1)[0][0] if kinds else None
-        return _FLOAT_NAMES.get(kind, kind)
-    config = _checkpoint_file(location, "config.json", revision)
-    declared = json.loads(config.read_text()) if config else {}
-    named = declared.get("dtype") or declared.get("torch_dtype")
-    if named:
-        return str(named).removeprefix("torch.")
-    shards = _safetensors_shards(location, revision)
-    if not shards:
-        return None
-    with open(
-        next(iter(shards.values())), "rb"
-    ) as handle:  # the first shard speaks for the rest  # the header: 8-byte length, then JSON of every tensor's dtype
-        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-    kinds = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__")
-    return _FLOAT_NAMES.get(kinds.most_common(1)[0][0]) if kinds else None
-
-
-def _safetensors_shards(location: str, revision: str | None) -> dict[str, Path]:
-    """``{shard file name: path}`` of a checkpoint's safetensors weights, in order (empty when it has none)."""
-    import json
-
-    single = _checkpoint_file(location, "model.safetensors", revision)
-    if single is not None:
-        return {single.name: single}
-    index = _checkpoint_file(location, "model.safetensors.index.json", revision)
-    if index is None:
-        return {}
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    found = {name: _checkpoint_file(location, name, revision) for name in names}
-    return {name: path for name, path in found.items() if path is not None}
-
-
-_GGUF_FILE_TYPES = {"ALL_F32": "F32", "MOSTLY_F16": "F16", "MOSTLY_BF16": "BF16"}
-
-
-def _gguf_file_type(path: Path) -> str | None:
-    """The GGUF's ``general.file_type`` (``Q4_1``, ``F16``, ...), reading the metadata only up to that key.
-
-    GGUFReader would parse the whole header first, tokenizer vocabulary included: 1.6 s (and 0.2 s of garbage
-    collection after) on SmolLM2's file, for one number that sits among the first keys.
-    """
-    import struct
-
-    from gguf import GGUFValueType, LlamaFileType
-
-    scalar = {GGUFValueType.BOOL: 1, GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2}
-    scalar |= {GGUFValueType.INT16: 2, GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4}
-    scalar |= {GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
-    with open(path, "rb") as handle:
-
-        def read(fmt: str) -> tuple[Any, ...]:
-            return struct.unpack("<" + fmt, handle.read(struct.calcsize("<" + fmt)))
-
-        def skip(kind: GGUFValueType) -> None:
-            if kind == GGUFValueType.STRING:
-                handle.seek(read("Q")[0], 1)
-            elif kind == GGUFValueType.ARRAY:
-                item, count = read("IQ")
-                for _ in range(count):
-                    skip(GGUFValueType(item))
-            else:
-                handle.seek(scalar[kind], 1)
-
-        magic, version, _, entries = read("4sIQQ")
-        if magic != b"GGUF" or version not in (2, 3):  # a big-endian or unknown layout: let GGUFReader decide
-            return None
-        for _ in range(entries):
-            key = handle.read(read("Q")[0]).decode("utf-8", "replace")
-            kind = GGUFValueType(read("I")[0])
-            if key == "general.file_type" and kind in (GGUFValueType.UINT32, GGUFValueType.INT32):
-                name = LlamaFileType(read("I")[0]).name
-                return _GGUF_FILE_TYPES.get(name, name.removeprefix("MOSTLY_"))
-            skip(kind)
-    return None
-
-
-def _checkpoint_file(location: str, name: str, revision: str | None) -> Path | None:
-    """A file of a local checkpoint folder, or of a Hub checkpoint from the local cache (no download)."""
-    path = Path(location).expanduser() / name
-    if path.is_file():
-        return path
-    if Path(location).expanduser().exists() or "/" not in location:
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(location, name, revision=revision)
-    return Path(cached) if isinstance(cached, str) else None
-
-
 class CheckpointLoadError(Exception):
     """A checkpoint could not be loaded; the message says why and what to do."""
-
-
-def _gguf_location(checkpoint: str) -> tuple[str, str | None]:
-    """(directory or Hub id, gguf file name or None) for ``checkpoint``."""
-    path = Path(checkpoint).expanduser()
-    if checkpoint.endswith(".gguf"):
-        return str(path.parent), path.name
-    if path.is_dir() and not (path / "config.json").exists():
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return str(path), ggufs[0]
-    return checkpoint, None
-
-
-def _looks_local(checkpoint: str) -> bool:
-    return (
-        checkpoint.startswith((".", "/", "~", "\\"))
-        or os.path.isabs(checkpoint)
-        or checkpoint.count("/") > 1
-        or checkpoint.endswith(".gguf")
-    )
 
 
 def _check_local(checkpoint: str, location: str, gguf_file: str | None) -> None:
@@ -304,7 +74,7 @@ def _check_local(checkpoint: str, location: str, gguf_file: str | None) -> None:
             raise CheckpointLoadError(f"GGUF file {path / gguf_file} does not exist. Fix: check the path.")
         return
     if not path.exists():
-        if _looks_local(checkpoint):
+        if looks_local(checkpoint):
             raise CheckpointLoadError(f"checkpoint path {checkpoint} does not exist. Fix: check the path.")
         return  # a Hub id
     if not path.is_dir():
@@ -320,34 +90,14 @@ def _check_local(checkpoint: str, location: str, gguf_file: str | None) -> None:
             else " Fix: pass the directory written by save_pretrained (config.json + weights)."
         )
         raise CheckpointLoadError(f"checkpoint directory {checkpoint} has no config.json.{hint}")
-    missing = [part for part, patterns in _PARTS.items() if not any(next(path.glob(p), None) for p in patterns)]
+    missing = [
+        part for part, patterns in CHECKPOINT_PARTS.items() if not any(next(path.glob(p), None) for p in patterns)
+    ]
     if missing:
         raise CheckpointLoadError(
             f"checkpoint directory {checkpoint} has config.json but no {' and no '.join(missing)}. "
             "Fix: write what is missing with model.save_pretrained(dir) / tokenizer.save_pretrained(dir)."
         )
-
-
-# What a loadable checkpoint directory holds besides config.json, by file name patterns.
-_WEIGHTS = "weights (*.safetensors, pytorch_model*.bin)"
-_PARTS = {
-    _WEIGHTS: (
-        "*.safetensors",
-        "*.safetensors.index.json",
-        "*.bin",
-        "*.pt",
-        "*.pth",
-    ),
-    "tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json)": (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "tokenizer.model",
-        "vocab.json",
-        "vocab.txt",
-        "*.tiktoken",
-        "spiece.model",
-    ),
-}
 
 
 def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
@@ -409,7 +159,7 @@ def explain_load_error(exc: BaseException, checkpoint: str, what: str) -> str:
 
 def _if_local_folder(checkpoint: str) -> str:
     """``org/name`` that is no local folder was taken for a Hub id; it may have been meant as a folder."""
-    if "/" not in checkpoint or _looks_local(checkpoint):
+    if "/" not in checkpoint or looks_local(checkpoint):
         return ""
     return f" If you meant a local folder: there is no {checkpoint} in {Path.cwd()} (pass ./{checkpoint} to say so)."
 
@@ -419,7 +169,7 @@ _MIN_TOKENIZER_SIZE = 16
 
 def pretrained_location(target: Target, source: str) -> tuple[str, dict[str, Any]]:
     """Where ``from_pretrained`` reads ``target`` from, and the kwargs every Auto class needs for it."""
-    location, gguf_file = _gguf_location(source)
+    location, gguf_file = gguf_location(source)
     kwargs: dict[str, Any] = {"trust_remote_code": target.trust_remote_code}
     if target.revision:
         kwargs["revision"] = target.revision
@@ -523,19 +273,6 @@ def _offload_folder() -> str:
     folder = tempfile.mkdtemp(prefix="causal-lm-offload-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
-
-
-def weights_size(checkpoint: str) -> int | None:
-    """Bytes of a local checkpoint's weight files (a .gguf file's size); None for a Hub id."""
-    if is_tiny(checkpoint):
-        return 0
-    path = Path(checkpoint).expanduser()
-    if path.is_file():
-        return path.stat().st_size
-    if not path.is_dir():
-        return 0 if _looks_local(checkpoint) else None
-    files = {f for pattern in (*_PARTS[_WEIGHTS], "*.gguf") for f in path.glob(pattern)}
-    return sum(f.stat().st_size for f in files)
 
 
 def _hub_access(checkpoint: str, revision: str | None) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""The pytest11 entry point: options, ini keys, markers, report header, fixtures, built-in suite.
+"""The pytest11 entry point, hooks only: options, ini keys, markers, report header, collection of the
+built-in suite, the verdict's feed. Fixtures live in ``fixtures.py`` and the terminal and report output in
+``output.py``, both registered from here.
 
 Imports neither torch nor transformers: projects that have the plugin
 installed but never configure a checkpoint pay nothing for it.
@@ -7,17 +9,18 @@ installed but never configure a checkpoint pay nothing for it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from .invariants import invariant_for_test, invariants, show_registry_frames
-from .invariants import markers as invariant_markers
-from .loading import CausalLM, CheckpointLoadError, Target, with_unique_labels
+from .output import failure_context
+from .registry import invariant_for_test, invariants, show_registry_frames
+from .registry import markers as invariant_markers
 from .session import CausalLMSession, has_session, session_of, start_session
-from .settings import OPTIONS, Settings, resolve_settings
+from .settings import HOW_TO_CONFIGURE, OPTIONS, Settings, resolve_settings
+from .targets import Target, targets_of
+
+pytest_plugins = ["pytest_causal_lm.fixtures", "pytest_causal_lm.output"]
 
 SUITE_DIR = Path(__file__).parent / "suite"
 BENCHMARK_MODULE = "test_causal_lm_benchmark.py"
@@ -27,12 +30,6 @@ MARKERS = {
     "causal_lm": "a test of the built-in causal LM invariant suite",
     "causal_lm_benchmark": "generation benchmark: no cache, dynamic, static and compiled caches (opt-in: --causal-lm-benchmark)",
 }
-
-HOW_TO_CONFIGURE = (
-    "pass --causal-lm-checkpoint=CKPT (e.g. tiny:qwen3), "
-    "set CAUSAL_LM_CHECKPOINT, or add causal_lm_checkpoint to [tool.pytest.ini_options]"
-)
-NO_CHECKPOINT_REASON = "no causal LM checkpoint configured: " + HOW_TO_CONFIGURE
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -173,7 +170,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         invariant = invariant_for_test(getattr(item, "originalname", item.name))
         if invariant is None or not item.get_closest_marker("causal_lm"):
             continue
-        reason = invariant.opt_in(config) if invariant.opt_in else None
+        reason = invariant.opt_in(session) if invariant.opt_in else None
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
         elif invariant.key in session.settings.known_limitations:
@@ -198,99 +195,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         session_of(item.config).passed_items.append(item)
     target = _target_of(item)
     if report.failed and target is not None:
-        report.sections.append(("causal-lm", _failure_context(item.config, target)))
+        report.sections.append(("causal-lm", failure_context(item.config, target)))
     return report
-
-
-def _failure_context(config: pytest.Config, target: Target) -> str:
-    """One line: what was tested, with which seed and library versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return (
-        f"checkpoint {target.checkpoint}, revision {target.revision or 'default'}, device {target.device}, "
-        f"dtype {target.dtype}, seed {session_of(config).settings.seed}, "
-        f"torch {installed('torch')}, transformers {installed('transformers')}"
-    )
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    _benchmark_summary(terminalreporter, config)
-    _verdict_summary(terminalreporter, config)
-
-
-def _verdict_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    if not has_session(config):
-        return
-    session = session_of(config)
-    table = session.verdict
-    if not table.cells:
-        return
-    for key in session.benchmarks.targets():
-        table.benchmarks[key] = {
-            "summary": session.benchmarks.summary(key),
-            "diagnoses": session.benchmarks.diagnoses(key),
-            "cells": session.benchmarks.report_cells(key),
-            "notes": session.benchmarks.notes(key),
-        }
-    terminalreporter.section("causal-lm verdict")
-    for line in table.terminal_lines(config.get_verbosity()):
-        terminalreporter.write_line(line)
-    _write_reports(terminalreporter, session)
-
-
-def _write_reports(terminalreporter: pytest.TerminalReporter, session: CausalLMSession) -> None:
-    from .report import library_versions
-
-    settings = session.settings
-    if not settings.report and not settings.github_summary:
-        return
-    table = session.verdict
-    if not table.ran_anything():  # e.g. --benchmark-only: keep the report of the last run that ran the suite
-        terminalreporter.write_line("causal-lm: no invariant ran in this session; the report was left as it was")
-        return
-    versions = library_versions()
-    if settings.report:
-        path = Path(settings.report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        as_json = path.suffix == ".json"
-        text = table.to_json(versions, settings) if as_json else table.to_markdown(versions, settings.describe())
-        path.write_text(text, encoding="utf-8")
-        terminalreporter.write_line(f"causal-lm report written to {path}")
-    if settings.github_summary:
-        import os
-
-        summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if summary:
-            with open(summary, "a", encoding="utf-8") as handle:
-                handle.write(table.to_markdown(versions, settings.describe()) + "\n")
-            terminalreporter.write_line(f"causal-lm verdict appended to {summary}")
-        else:
-            terminalreporter.write_line("causal-lm: GITHUB_STEP_SUMMARY is not set; no job summary written")
-
-
-def _benchmark_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    if not has_session(config):
-        return
-    session = session_of(config)
-    collector = session.benchmarks
-    if not collector.measurements:
-        return
-    terminalreporter.section("causal-lm benchmark: forced greedy generation (medians; ITL = inter-token latency)")
-    for key in collector.targets():
-        terminalreporter.write_line(collector.labels[key])
-        for line in [*collector.table(key), *collector.diagnoses(key)]:
-            terminalreporter.write_line("  " + line)
-    plot = collector.plot(Path(session.settings.benchmark_plot))
-    if plot is None:
-        terminalreporter.write_line("plot skipped: pip install matplotlib to draw tokens/s per mode")
-    else:
-        terminalreporter.write_line(f"plot of tokens/s vs new tokens and vs prompt length: {plot}")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -299,28 +205,6 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return []
     settings = session_of(config).settings
     return ["causal-lm: " + ", ".join(settings.describe(everything=config.get_verbosity() > 1))]
-
-
-def targets_of(settings: Settings) -> list[Target]:
-    """Every checkpoint x device combination to test, ``auto`` devices resolved, each with a unique label."""
-    from .devices import resolve_device
-
-    devices = ["cpu"] if settings.device_map else list(dict.fromkeys(resolve_device(d) for d in settings.device))
-    targets = [
-        Target(
-            checkpoint=checkpoint,
-            device=device,
-            dtype=settings.dtype,
-            revision=settings.revision,
-            attn_implementation=settings.attn_implementation,
-            trust_remote_code=settings.trust_remote_code,
-            device_map=settings.device_map,
-            max_memory=settings.max_memory if settings.device_map else None,
-        )
-        for checkpoint in dict.fromkeys(settings.checkpoint)
-        for device in devices
-    ]
-    return with_unique_labels(targets)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -337,161 +221,3 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return  # the fixture skips with NO_CHECKPOINT_REASON
     targets = targets_of(settings)
     metafunc.parametrize("causal_lm_target", targets, ids=[t.id for t in targets], indirect=True, scope="session")
-
-
-@pytest.fixture(scope="session")
-def causal_lm_settings(request: pytest.FixtureRequest) -> Settings:
-    """The resolved plugin settings (option > env > ini > default) of this session."""
-    return session_of(request.config).settings
-
-
-@pytest.fixture(scope="session")
-def causal_lm_target(request: pytest.FixtureRequest) -> Target:
-    """The checkpoint/device/dtype under test; parametrised from the settings. Override in a conftest."""
-    from .devices import unavailable_reason
-
-    target = getattr(request, "param", None)
-    if target is None:
-        pytest.skip(NO_CHECKPOINT_REASON)
-    reason = unavailable_reason(target.device)
-    if reason:  # only a target built in a conftest gets here: named devices are checked at start-up
-        pytest.fail(reason, pytrace=False)
-    return target
-
-
-@pytest.fixture(scope="session")
-def causal_lm(request: pytest.FixtureRequest, causal_lm_target: Target) -> Iterator[CausalLM]:
-    """The loaded checkpoint: model, tokenizer, tolerance, target. Loaded once per session.
-
-    A checkpoint that cannot load fails the first test that needs it, with the one-line cause;
-    its other tests skip, pointing there.
-    """
-    session = session_of(request.config)
-    try:
-        with _load_progress(request.config, causal_lm_target, session):
-            handle = session.models.get(causal_lm_target)
-    except CheckpointLoadError as exc:
-        problem = str(exc)
-    else:
-        problem = None
-    if problem is not None:  # failed outside the except block so no chained exception is printed
-        item = session.current_item
-        if item is not None:  # the report carries the cause to the verdict (under xdist too)
-            session.load_failure_shown_at[causal_lm_target] = item.nodeid
-            item.user_properties.append(("causal_lm_load_error", problem))
-        pytest.fail(f"cannot load {causal_lm_target.checkpoint}: {problem}", pytrace=False)
-    yield handle
-
-
-# Checkpoints smaller than this load in about a second: no progress line for them.
-PROGRESS_MIN_BYTES = 50_000_000
-
-
-@contextmanager
-def _load_progress(config: pytest.Config, target: Target, session: CausalLMSession) -> Iterator[None]:
-    """Say on the terminal what is loading, how big it is and how long it took (setup output is captured)."""
-    import time
-
-    from .loading import weights_size
-
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capture = config.pluginmanager.get_plugin("capturemanager")
-    size = weights_size(target.checkpoint)
-    if reporter is None or target in session.models.loaded or (size is not None and size < PROGRESS_MIN_BYTES):
-        yield
-        return
-
-    def say(line: str) -> None:
-        if capture is None:
-            reporter.write_line(line)
-            return
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(line)
-
-    shown = "size unknown" if size is None else f"{size / 1e9:.2f} GB"
-    say(f"causal-lm: loading {target.checkpoint} ({shown}) on {target.device_map or target.device} ...")
-    start = time.perf_counter()
-    try:
-        yield
-    except BaseException:
-        say(f"causal-lm: {target.id}: load failed after {time.perf_counter() - start:.1f} s")
-        raise
-    say(f"causal-lm: {target.id}: loaded in {time.perf_counter() - start:.1f} s")
-
-
-@pytest.fixture
-def causal_lm_snapshot(request: pytest.FixtureRequest, snapshot: Any) -> Any:
-    """syrupy's ``snapshot`` with the causal-lm extension: ``assert causal_lm_snapshot == behaviour_record(...)``."""
-    return snapshot.use_extension(session_of(request.config).snapshot_extension())
-
-
-@pytest.fixture(scope="session")
-def causal_lm_reference(request: pytest.FixtureRequest, causal_lm_target: Target) -> Any:
-    """The reference checkpoint's outputs on the candidate's device, computed once; the reference model is freed.
-
-    Request it before ``causal_lm`` so the reference is gone before the candidate loads.
-    """
-    session = session_of(request.config)
-    settings = session.settings
-    if not settings.reference:
-        pytest.skip("no reference configured: pass --causal-lm-reference=CKPT to compare checkpoints with it")
-    device = causal_lm_target.device
-    if device not in session.references:
-        session.references[device] = _compute_reference(session, device)
-    if isinstance(session.references[device], str):
-        pytest.fail(session.references[device], pytrace=False)
-    return session.references[device]
-
-
-def _compute_reference(session: CausalLMSession, device: str) -> Any:
-    """The reference's outputs on ``device``, or why it could not load; the reference model is freed after."""
-    import gc
-
-    from .checks.reference import reference_outputs
-    from .loading import load
-
-    settings = session.settings
-    target = Target(
-        checkpoint=settings.reference,
-        device=device,
-        dtype=settings.reference_dtype,
-        attn_implementation=settings.attn_implementation,
-        trust_remote_code=settings.trust_remote_code,
-    )
-    try:
-        handle = load(target, seed=settings.seed)
-    except CheckpointLoadError as exc:
-        return f"cannot load the reference {settings.reference}: {exc}"
-    outputs = reference_outputs(handle.model, handle.tokenizer, prompts=_reference_prompts(session))
-    del handle
-    gc.collect()
-    return outputs
-
-
-def _reference_prompts(session: CausalLMSession) -> list[str]:
-    import json
-
-    from .checks.reference import REFERENCE_PROMPTS
-
-    path = session.settings.reference_prompts
-    if not path:
-        return list(REFERENCE_PROMPTS)
-    text = Path(path).read_text(encoding="utf-8")
-    prompts = json.loads(text) if path.endswith(".json") else [line for line in text.splitlines() if line.strip()]
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise pytest.UsageError(
-            f"--causal-lm-reference-prompts: {path} holds no prompts (one per line, or a JSON list)"
-        )
-    return prompts
-
-
-@pytest.fixture(scope="session")
-def causal_lm_model(causal_lm: CausalLM) -> object:
-    """The model under test (``AutoModelForCausalLM``), in eval mode with gradients off."""
-    return causal_lm.model
-
-
-@pytest.fixture(scope="session")
-def causal_lm_tokenizer(causal_lm: CausalLM) -> object:
-    """The tokenizer of the checkpoint under test."""
-    return causal_lm.tokenizer

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .benchmark import speedup_text
-from .invariants import Invariant, invariant_for_test, invariants
+from .registry import Invariant, invariant_for_test, invariants
 
 __all__ = ["Cell", "VerdictTable", "device_name", "library_versions", "merge_reports"]
 
@@ -275,7 +275,7 @@ class VerdictTable:
 
     def relabel(self) -> None:
         """Unique display names over every target, as one run over all of them would give."""
-        from .loading import Target, with_unique_labels
+        from .targets import Target, with_unique_labels
 
         targets = [Target.from_key(key) for key in self.cells]
         self.labels = {t.key: t.label for t in with_unique_labels(targets)}

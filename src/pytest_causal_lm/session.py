@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 from .benchmark import BenchmarkCollector
-from .loading import ModelCache, Target
+from .loading import ModelCache
 from .report import VerdictTable
 from .settings import Settings
+from .targets import Target
 
 __all__ = ["DEFAULT_SNAPSHOT_DIR", "CausalLMSession", "session_of"]
 

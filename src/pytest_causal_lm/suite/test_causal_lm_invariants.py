@@ -1,6 +1,6 @@
 """The built-in invariant suite, collected when a checkpoint is configured.
 
-One test per registered invariant (``pytest_causal_lm.invariants``), named
+One test per registered invariant (``pytest_causal_lm.registry``; the built-in ones in ``builtin.py``), named
 ``test_<key>`` and marked ``causal_lm`` plus its family marker (select with -m
 or -k). Each records what it measured as the ``causal_lm`` user property,
 which feeds the verdict table and --junitxml.

@@ -1,153 +1,28 @@
-"""The invariant registry: one declaration per invariant.
+"""The built-in invariants, registered on import (the package imports this module).
 
-The suite's tests, the ``-m`` markers, the verdict columns and legend, the
-architecture sweep and the README's table are all derived from it, so a new
-invariant is a check function plus one ``register_invariant`` call.
+Each entry names its public helper; the suite calls it with the loaded checkpoint's model, tokenizer,
+tolerance and seed. The few helpers that need more (files, settings, fixtures) get a short ``run`` here.
 Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import checks
-from .checks._common import CheckResult, measured_of
+from .checks._common import CheckResult
+from .registry import Invariant, hide_registry_frames, register_invariant
 
 if TYPE_CHECKING:
     from .loading import CausalLM
+    from .session import CausalLMSession
 
-# This module's frames (the suite's test function, the registry's lambdas) are hidden from tracebacks, so a
-# failing invariant shows the check's own message first; under --tb=long (set by the plugin) they show.
-_SHOW_REGISTRY_FRAMES = [False]
-
-
-def show_registry_frames(show: bool) -> None:
-    """Show (``--tb=long``) or hide this module's frames in tracebacks."""
-    _SHOW_REGISTRY_FRAMES[0] = show
+__tracebackhide__ = hide_registry_frames  # the glue below is hidden from tracebacks as the registry is
 
 
-def _hide_registry_frames(excinfo: object) -> bool:
-    return not _SHOW_REGISTRY_FRAMES[0]
-
-
-__tracebackhide__ = _hide_registry_frames  # pytest reads it from a frame's globals too
-
-__all__ = ["Invariant", "invariant_for_test", "invariants", "markdown_table", "markers", "register_invariant"]
-
-
-@dataclass(frozen=True)
-class Invariant:
-    """One invariant of the built-in suite.
-
-    ``run(causal_lm, **fixtures)`` raises AssertionError (ideally one made by
-    ``checks._common.failure``, which carries figures) or skips; it may return a CheckResult for the reports.
-    ``fixtures`` are resolved, in order, before the model loads. ``opt_in(config)``
-    returns why the invariant is off in this session (then it skips), or None.
-    ``healthy_skips`` are regexes of the skip reasons a healthy checkpoint may give.
-    """
-
-    key: str
-    name: str
-    column: str
-    marker: str
-    summary: str
-    run: Callable[..., CheckResult | None]
-    helper: str = ""  # the public assert_* helper it runs, for the docs
-    fixtures: tuple[str, ...] = ()
-    opt_in: Callable[[pytest.Config], str | None] | None = None
-    healthy_skips: tuple[str, ...] = ()
-
-    @property
-    def test_name(self) -> str:
-        return f"test_{self.key}"
-
-    @property
-    def marker_name(self) -> str:
-        return f"causal_lm_{self.marker}"
-
-
-_REGISTRY: dict[str, Invariant] = {}
-
-
-def register_invariant(invariant: Invariant, *, replace: bool = False) -> Invariant:
-    """Add ``invariant`` to the suite (call it from a plugin or conftest, before collection)."""
-    if len(invariant.column) > 4:
-        raise ValueError(f"invariant {invariant.key!r}: column {invariant.column!r} is longer than 4 characters")
-    clash = next((i for i in _REGISTRY.values() if i.column == invariant.column and i.key != invariant.key), None)
-    if clash is not None:
-        raise ValueError(f"invariant {invariant.key!r}: column {invariant.column!r} is taken by {clash.key!r}")
-    if invariant.key in _REGISTRY and not replace:
-        raise ValueError(f"invariant {invariant.key!r} is already registered (pass replace=True to redefine it)")
-    _REGISTRY[invariant.key] = invariant
-    return invariant
-
-
-def invariants() -> tuple[Invariant, ...]:
-    """Every registered invariant, in report order."""
-    return tuple(_REGISTRY.values())
-
-
-def invariant_for_test(test_name: str) -> Invariant | None:
-    return next((i for i in _REGISTRY.values() if i.test_name == test_name), None)
-
-
-def markers() -> dict[str, str]:
-    """``marker -> help``: one marker per family, named after its invariants."""
-    families: dict[str, list[str]] = {}
-    for invariant in _REGISTRY.values():
-        families.setdefault(invariant.marker_name, []).append(invariant.name)
-    return {marker: "causal LM invariant: " + ", ".join(names) for marker, names in families.items()}
-
-
-def markdown_table() -> str:
-    """The README's table of invariants."""
-    rows = ["| test | helper | what it checks | marker | column |", "|---|---|---|---|---|"]
-    for i in _REGISTRY.values():
-        helper = f"`{i.helper}`" if i.helper else ""
-        opt_in = " (opt-in)" if i.opt_in else ""
-        rows.append(f"| `{i.test_name}` | {helper} | {i.summary}{opt_in} | `{i.marker_name}` | `{i.column}` |")
-    return "\n".join(rows)
-
-
-def suite_test(invariant: Invariant) -> Callable[..., None]:
-    """The built-in suite's test function for ``invariant``, with its markers.
-
-    Its fixtures are the invariant's own, then ``causal_lm`` (so a reference is computed and
-    freed before the candidate loads), then ``record_property``; opt-in skips are applied at collection.
-    """
-
-    def test(**fixtures: Any) -> None:
-        extras = {name: fixtures[name] for name in invariant.fixtures}
-        try:
-            result = invariant.run(fixtures["causal_lm"], **extras)
-        except AssertionError as exc:
-            fixtures["record_property"]("causal_lm", {"invariant": invariant.name, **(measured_of(exc) or {})})
-            raise
-        if result is not None:
-            fixtures["record_property"]("causal_lm", result.as_dict())
-
-    names = (*invariant.fixtures, "causal_lm", "record_property")
-    test.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
-    )
-    test.__name__ = test.__qualname__ = invariant.test_name
-    test.__doc__ = invariant.summary
-    test = pytest.mark.causal_lm(test)
-    return getattr(pytest.mark, invariant.marker_name)(test)
-
-
-# --- the built-in invariants -------------------------------------------------------------------------------------
-
-
-def _snapshots_off(config: pytest.Config) -> str | None:
-    from .session import session_of
-
-    session = session_of(config)
+def _snapshots_off(session: CausalLMSession) -> str | None:
     if session.snapshots_enabled():
         return None
     return (
@@ -156,10 +31,8 @@ def _snapshots_off(config: pytest.Config) -> str | None:
     )
 
 
-def _reference_off(config: pytest.Config) -> str | None:
-    from .session import session_of
-
-    if session_of(config).settings.reference:
+def _reference_off(session: CausalLMSession) -> str | None:
+    if session.settings.reference:
         return None
     return "no reference configured: pass --causal-lm-reference=CKPT to compare checkpoints with it"
 
@@ -216,10 +89,8 @@ def _knows_language(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
     return checks.assert_knows_language(lm.model, lm.tokenizer, seed=lm.seed)
 
 
-def _tensor_parallel_off(config: pytest.Config) -> str | None:
-    from .session import session_of
-
-    if session_of(config).settings.tensor_parallel:
+def _tensor_parallel_off(session: CausalLMSession) -> str | None:
+    if session.settings.tensor_parallel:
         return None
     return "tensor parallelism is opt-in: pass --causal-lm-tensor-parallel=N (N processes, torchrun)"
 
@@ -236,10 +107,8 @@ def _tensor_parallel(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
     )
 
 
-def _placement_off(config: pytest.Config) -> str | None:
-    from .session import session_of
-
-    settings = session_of(config).settings
+def _placement_off(session: CausalLMSession) -> str | None:
+    settings = session.settings
     if settings.device_map or settings.offload_parity:
         return None
     return "device_map parity is opt-in: pass --causal-lm-offload-parity, or run with --causal-lm-device-map"
@@ -272,8 +141,8 @@ _BUILT_IN = (
         "wts",
         "weights",
         "the session's own `from_pretrained` reports no missing (randomly initialised), unexpected (thrown away) or mismatched keys beyond what the architecture declares ignorable, grouped by pattern with the likely cause (wrong architecture, renamed prefix, untied head)",
-        lambda lm: checks.assert_weights_loaded(lm.model, lm.loading_info),
         helper="assert_weights_loaded",
+        run=lambda lm: checks.assert_weights_loaded(lm.model, lm.loading_info),
     ),
     Invariant(
         "knows_language",
@@ -281,8 +150,8 @@ _BUILT_IN = (
         "lang",
         "weights",
         "a trained checkpoint predicts built-in prose far better than chance (mean NLL <= 0.5 x log(vocab); SmolLM2-135M: 0.24) and copies: on 48 random tokens repeated, the second copy's NLL <= 0.5 x the first's (SmolLM2-135M: 0.20); skipped for `tiny:` checkpoints and under `--causal-lm-random-weights`",
-        _knows_language,
         helper="assert_knows_language",
+        run=_knows_language,
         fixtures=("causal_lm_settings",),
         healthy_skips=(r"random weights on purpose",),
     ),
@@ -292,7 +161,6 @@ _BUILT_IN = (
         "shap",
         "shapes",
         "logits `(batch, seq, vocab)` for batch 1 and a padded batch; one hidden state per decoder block plus the embeddings, each `seq` positions of `hidden_size` (models with several residual streams may lay them out their own way); every attention layer's cached keys and values hold batch 1 and all `seq` positions (at most `seq` for sliding-window layers; heads and head size are left alone, since multi-query, multi-latent and compressed caches differ); all logits finite",
-        lambda lm: checks.assert_output_shapes(lm.model, lm.tokenizer),
         helper="assert_output_shapes",
     ),
     Invariant(
@@ -301,7 +169,6 @@ _BUILT_IN = (
         "keep",
         "shapes",
         "`logits_to_keep=k` returns the last `k` rows only, equal to the full forward's, for k = 1 (what `generate` asks) and 3 (assisted decoding asks for its proposals + 1); skipped when `forward` has no such argument",
-        lambda lm: checks.assert_logits_to_keep(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_logits_to_keep",
         healthy_skips=(r"has no logits_to_keep argument",),
     ),
@@ -311,7 +178,6 @@ _BUILT_IN = (
         "voc",
         "vocab",
         "logits width == `config.vocab_size` == output embedding rows <= input embedding rows (a spare input row, as Moshi keeps, is harmless); every token id the tokenizer can produce (`len(tokenizer)`, special and added tokens) is `< vocab_size` (a padded, larger vocab_size is fine); argmax ids decode",
-        lambda lm: checks.assert_vocab_alignment(lm.model, lm.tokenizer),
         helper="assert_vocab_alignment",
     ),
     Invariant(
@@ -320,7 +186,6 @@ _BUILT_IN = (
         "ids",
         "vocab",
         "eos of tokenizer and config are among the ids `generation_config` stops at; bos and pad ids are equal wherever set",
-        lambda lm: checks.assert_special_tokens_agree(lm.model, lm.tokenizer),
         helper="assert_special_tokens_agree",
     ),
     Invariant(
@@ -329,7 +194,6 @@ _BUILT_IN = (
         "caus",
         "causality",
         'the tutorial\'s "Hi dog" / "Hi dog how are you?" generalised: scores before a change do not move when tokens are appended (1 and 4), a single token changes (start, middle, end) or the tail is replaced; on natural text and random ids',
-        lambda lm: checks.assert_prefix_causal(lm.model, lm.tokenizer, tolerance=lm.tolerance, seed=lm.seed),
         helper="assert_prefix_causal",
     ),
     Invariant(
@@ -338,7 +202,6 @@ _BUILT_IN = (
         "det",
         "determinism",
         "the same input twice gives the same scores (dropout left on)",
-        lambda lm: checks.assert_deterministic(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_deterministic",
     ),
     Invariant(
@@ -347,7 +210,6 @@ _BUILT_IN = (
         "kv",
         "cache",
         "scores from incremental decoding with `past_key_values` equal the full forward's at every position: prefill then one token per step; prefill in 2 and 3 chunks; a left-padded batch extended token by token (skipped for recurrent/state-space caches)",
-        lambda lm: checks.assert_kv_cache_parity(lm.model, lm.tokenizer, tolerance=lm.tolerance, seed=lm.seed),
         helper="assert_kv_cache_parity",
         healthy_skips=(r"recurrent/state-space cache", _NO_CACHE),
     ),
@@ -357,7 +219,6 @@ _BUILT_IN = (
         "c1",
         "cache",
         "during cached `generate`, every step after the prefill feeds exactly one new token per sequence (counted with a forward hook, never timed)",
-        lambda lm: checks.assert_cache_effective(lm.model, lm.tokenizer),
         helper="assert_cache_effective",
         healthy_skips=(_NO_CACHE,),
     ),
@@ -367,8 +228,8 @@ _BUILT_IN = (
         "stat",
         "cache",
         '`generate(cache_implementation="static")` scores every step as one forward pass over the same tokens: a prompt, then a longer one (no keys or write position kept from the first call), then a left-padded batch; with `--causal-lm-compile` under `torch.compile` too',
-        _static_cache,
         helper="assert_static_cache_matches",
+        run=_static_cache,
         fixtures=("causal_lm_settings",),
         healthy_skips=(r"does not generate with cache_implementation='static'", _NEEDS_KV),
     ),
@@ -378,8 +239,8 @@ _BUILT_IN = (
         "long",
         "context",
         "KV-cache parity and prefix causality on a sequence crossing every boundary the config declares (sliding window, attention chunk, RoPE scaling's original context): chunks straddling each boundary and single steps past it, prefixes ending on either side; around each boundary and a sample of the rest; length from the config, capped by `max_position_embeddings` and `--causal-lm-long-context-tokens`",
-        _long_context,
         helper="assert_long_context_consistent",
+        run=_long_context,
         fixtures=("causal_lm_settings",),
         healthy_skips=(r"declares no context boundary", r"beyond the cap of", _NEEDS_KV),
     ),
@@ -389,7 +250,6 @@ _BUILT_IN = (
         "gdef",
         "generation",
         "the checkpoint's own `generation_config.json` passes transformers' strict validation (no sampling settings next to `do_sample: false`), names no stop id outside the vocabulary, and a plain `model.generate(**tokenizer(prompt, return_tensors=\"pt\"))` on it alone (seeded when it samples) returns new tokens; the verdict notes defaults that change a plain call's output (sampling, `repetition_penalty`, a 20-token `max_length`)",
-        lambda lm: checks.assert_generation_defaults(lm.model, lm.tokenizer, seed=lm.seed),
         helper="assert_generation_defaults",
     ),
     Invariant(
@@ -398,7 +258,6 @@ _BUILT_IN = (
         "far",
         "context",
         "up to `max_position_embeddings` without a long input: for encodings that depend on distance only (RoPE without length-dependent scaling, ALiBi; decided from the config) a 16-token window with `position_ids` shifted to a quarter, half and the end of the context scores as at the start (per-position KL <= 0.25 nats); learned absolute position embeddings give finite scores there",
-        lambda lm: checks.assert_far_positions_consistent(lm.model, lm.tokenizer),
         helper="assert_far_positions_consistent",
         healthy_skips=(
             r"far positions: (RoPE \w+ scales|the config declares|max_position_embeddings \d+ is too short)",
@@ -410,7 +269,6 @@ _BUILT_IN = (
         "grdy",
         "generation",
         "the tutorial's loop (forward, argmax of the last position, append, stop at eos) gives the same tokens as `model.generate` with an explicit greedy config, on plain and chat-formatted prompts: with the cache step by step, and without it in one pass along generate's tokens (the scores the uncached loop would see, given prefix causality)",
-        lambda lm: checks.assert_greedy_parity(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_greedy_parity",
     ),
     Invariant(
@@ -419,7 +277,6 @@ _BUILT_IN = (
         "cont",
         "generation",
         "`generate` continued from the `past_key_values` it returned (after its own tokens, then after an appended multi-token turn, as multi-turn chat does) scores every step as one forward pass over the whole conversation",
-        lambda lm: checks.assert_continuation_matches(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_continuation_matches",
         healthy_skips=(_NEEDS_KV,),
     ),
@@ -429,7 +286,6 @@ _BUILT_IN = (
         "asst",
         "generation",
         "assisted decoding with the model as its own assistant, and prompt-lookup decoding on a prompt that repeats itself, score every step as one forward pass (several proposed tokens verified per forward, the cache cropped after a rejection)",
-        lambda lm: checks.assert_assisted_decoding_matches(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_assisted_decoding_matches",
         healthy_skips=(r"does not support .* decoding", _NEEDS_KV),
     ),
@@ -439,7 +295,6 @@ _BUILT_IN = (
         "emb",
         "embeddings",
         "`forward(inputs_embeds=get_input_embeddings()(ids))` equals `forward(input_ids=ids)` (an embedding scale such as Gemma's applies on both paths), and `generate(inputs_embeds=...)` scores every step as a forward pass over the same tokens",
-        lambda lm: checks.assert_inputs_embeds_match(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_inputs_embeds_match",
         healthy_skips=(r"has no inputs_embeds argument", r"does not generate from inputs_embeds"),
     ),
@@ -449,7 +304,6 @@ _BUILT_IN = (
         "attn",
         "attention",
         "every attention implementation the model supports and the machine has (eager, sdpa; flash-attention and flex on accelerators) gives eager's scores, plain and on a left-padded batch, and its greedy continuation; the verdict notes which were compared",
-        lambda lm: checks.assert_attention_implementations_agree(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_attention_implementations_agree",
         healthy_skips=(r"can run here",),
     ),
@@ -459,8 +313,8 @@ _BUILT_IN = (
         "cls",
         "classification",
         '`AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=vocab_size, key_mapping={"lm_head.weight": "score.weight"})` gives the causal LM\'s last-position scores (alone, left- and right-padded), and generating by classification reproduces `generate`',
-        _classification_head,
         helper="assert_classification_head_equivalent",
+        run=_classification_head,
         healthy_skips=(
             r"has no sequence-classification class",
             r"has no last-token linear score head",
@@ -473,7 +327,6 @@ _BUILT_IN = (
         "pad",
         "padding",
         "a left-padded batch gives each prompt's own last-token scores and greedy continuation; a forward that does not use `position_ids` (probed by stretching them) fails with that cause, since batched generation gives its users wrong text",
-        lambda lm: checks.assert_padding_invariant(lm.model, lm.tokenizer, tolerance=lm.tolerance),
         helper="assert_padding_invariant",
     ),
     Invariant(
@@ -482,7 +335,6 @@ _BUILT_IN = (
         "bat",
         "padding",
         "a row's scores do not depend on the other rows of the batch",
-        lambda lm: checks.assert_batch_independent(lm.model, lm.tokenizer, tolerance=lm.tolerance, seed=lm.seed),
         helper="assert_batch_independent",
     ),
     Invariant(
@@ -491,7 +343,6 @@ _BUILT_IN = (
         "chat",
         "chat",
         "`apply_chat_template(tokenize=True)` equals tokenizing the rendered text without added specials, with no doubled BOS; `enable_thinking=False` reaches templates that use it (skipped without a template)",
-        lambda lm: checks.assert_chat_template_consistent(lm.model, lm.tokenizer),
         helper="assert_chat_template_consistent",
         healthy_skips=(r"the tokenizer has no chat template",),
     ),
@@ -501,10 +352,10 @@ _BUILT_IN = (
         "dtyp",
         "precision",
         "in half precision (the run dtype, or the checkpoint's stored dtype under a float32 run) the same weights agree with float32: finite, varied score rows, KL mean and top-1 within float32's top 5, greedy agreement up to a first divergence inside both top 5s",
-        lambda lm: checks.assert_dtype_parity(
+        helper="assert_dtype_parity",
+        run=lambda lm: checks.assert_dtype_parity(
             lm.model, lm.tokenizer, tolerance=lm.tolerance, stored_dtype=lm.stored_dtype
         ),
-        helper="assert_dtype_parity",
         healthy_skips=(r"a float32 run of a checkpoint", r"dtype parity needs the weights in"),
     ),
     Invariant(
@@ -513,7 +364,6 @@ _BUILT_IN = (
         "rt",
         "tokenizer",
         "`decode(encode(text))` gives the text back on a built-in corpus (prose, indented code, numbers, accents and scripts, emoji, leading and repeated spaces, newlines), plain and with special tokens added then skipped; declared normalizations (lowercasing, accent stripping) are allowed",
-        lambda lm: checks.assert_tokenizer_round_trip(lm.model, lm.tokenizer),
         helper="assert_tokenizer_round_trip",
     ),
     Invariant(
@@ -522,7 +372,6 @@ _BUILT_IN = (
         "turn",
         "chat",
         "judged by rendering: a user message, system + user, and three-turn histories with and without a system message each render every message's content exactly once and in order (a template may reject a system role by raising, never drop or reorder a message)",
-        lambda lm: checks.assert_chat_turns_rendered(lm.model, lm.tokenizer),
         helper="assert_chat_turns_rendered",
         healthy_skips=(r"the tokenizer has no chat template",),
     ),
@@ -532,7 +381,6 @@ _BUILT_IN = (
         "dec",
         "tokenizer",
         "`decode(..., skip_special_tokens=True)` of a templated assistant answer and of the whole conversation, as chat UIs and pipelines decode, shows none of the markers the template writes (each must be registered as special)",
-        lambda lm: checks.assert_decoded_answer_has_no_markers(lm.model, lm.tokenizer),
         helper="assert_decoded_answer_has_no_markers",
         healthy_skips=(r"the tokenizer has no chat template",),
     ),
@@ -542,7 +390,6 @@ _BUILT_IN = (
         "strm",
         "tokenizer",
         "transformers' `TextStreamer` fed one token at a time shows the text one `decode` of the same ids shows, on a chat answer and the round-trip corpus (indentation after newlines, split multi-byte characters, repeated spaces)",
-        lambda lm: checks.assert_streamed_decode_matches(lm.model, lm.tokenizer),
         helper="assert_streamed_decode_matches",
     ),
     Invariant(
@@ -551,7 +398,6 @@ _BUILT_IN = (
         "spec",
         "tokenizer",
         "a plain `tokenizer(text)` never appends eos or a separator, keeps the text's own ids, and adds a BOS exactly when the chat template writes one",
-        lambda lm: checks.assert_prompt_special_tokens(lm.model, lm.tokenizer),
         helper="assert_prompt_special_tokens",
     ),
     Invariant(
@@ -560,7 +406,6 @@ _BUILT_IN = (
         "mark",
         "chat",
         "every marker the template writes (`<|im_start|>`, `<start_of_turn>`, `<think>`, `[INST]`, ...) is one registered special/added token inside the embedding rows",
-        lambda lm: checks.assert_chat_markers_are_tokens(lm.model, lm.tokenizer),
         helper="assert_chat_markers_are_tokens",
         healthy_skips=(r"the tokenizer has no chat template",),
     ),
@@ -570,7 +415,6 @@ _BUILT_IN = (
         "gp",
         "chat",
         "judged by rendering: the conversation answered by the assistant starts with the `add_generation_prompt=True` rendering and continues with the answer (after a reasoning block)",
-        lambda lm: checks.assert_generation_prompt_opens_the_answer(lm.model, lm.tokenizer),
         helper="assert_generation_prompt_opens_the_answer",
         healthy_skips=(r"the tokenizer has no chat template",),
     ),
@@ -580,7 +424,6 @@ _BUILT_IN = (
         "term",
         "chat",
         "the token the template writes after an assistant message stops `generate` (forced as the first new token, generation must end there)",
-        lambda lm: checks.assert_turn_terminator_stops_generation(lm.model, lm.tokenizer),
         helper="assert_turn_terminator_stops_generation",
         healthy_skips=(r"the tokenizer has no chat template", r"ends an assistant turn with no special token"),
     ),
@@ -590,8 +433,8 @@ _BUILT_IN = (
         "tp",
         "distributed",
         'the checkpoint loaded with `tp_plan="auto"` in N `torchrun` processes (gloo on CPU, nccl on GPUs) gives the single-process scores on a prompt, a left-padded batch and cached decoding step by step, and the same greedy continuation; a worker\'s error comes back naming its rank and module; skipped where the architecture declares no plan or N does not divide its heads',
-        _tensor_parallel,
         helper="assert_tensor_parallel_matches",
+        run=_tensor_parallel,
         fixtures=("causal_lm_settings",),
         opt_in=_tensor_parallel_off,
         healthy_skips=(r"tensor parallelism: .*(declares no tensor-parallel plan|does not divide)",),
@@ -602,8 +445,8 @@ _BUILT_IN = (
         "map",
         "distributed",
         'the checkpoint spread by accelerate (`device_map="auto"` under a `max_memory` that sends most layers to disk) gives the one-device scores on a prompt, a left-padded batch and cached decoding, and the same greedy continuation; with `--causal-lm-device-map` the session\'s spread model is compared with a one-device load where that fits',
-        _device_map_parity,
         helper="assert_offload_matches",
+        run=_device_map_parity,
         opt_in=_placement_off,
         healthy_skips=(r"device_map parity: the one-device model does not fit",),
     ),
@@ -613,8 +456,8 @@ _BUILT_IN = (
         "snap",
         "snapshot",
         "greedy continuations and their log-probabilities equal the syrupy snapshot stored in your repo (near-ties and a stored tolerance allowed)",
-        _snapshot,
         helper="behaviour_record",
+        run=_snapshot,
         fixtures=("causal_lm_snapshot",),
         opt_in=_snapshots_off,
     ),
@@ -624,8 +467,8 @@ _BUILT_IN = (
         "ref",
         "reference",
         "KL divergence, top-1/top-5 and greedy agreement and perplexity against `--causal-lm-reference`, within thresholds",
-        _reference_drift,
         helper="assert_close_to_reference",
+        run=_reference_drift,
         fixtures=("causal_lm_reference", "causal_lm_settings"),
         opt_in=_reference_off,
     ),
