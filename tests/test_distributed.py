@@ -90,7 +90,7 @@ def test_the_suite_runs_tensor_parallelism_only_when_asked(pytester: pytest.Pyte
 def _offloaded(path: Path, dtype: str = "float32") -> clm.CheckResult:
     lm = load(Target(str(path), "cpu", dtype, trust_remote_code=True), seed=0)
     location, kwargs = lm.pretrained_location()
-    return clm.assert_offload_matches(
+    return clm.assert_device_map_parity(
         lm.model, lm.tokenizer, location=location, from_pretrained_kwargs=kwargs, tolerance=lm.tolerance
     )
 
@@ -186,7 +186,7 @@ def test_device_map_parity_without_accelerate_says_what_to_install(
     with pytest.raises(
         AssertionError, match=r"device_map parity needs the accelerate package(.|\n)*pytest-causal-lm\[offload\]"
     ):
-        clm.assert_offload_matches(healthy.model, healthy.tokenizer, location="unused")
+        clm.assert_device_map_parity(healthy.model, healthy.tokenizer, location="unused")
 
 
 def test_a_checkpoint_too_big_for_one_device_is_compared_with_its_device_map_placement(

@@ -17,7 +17,7 @@ from pytest_causal_lm.registry import markdown_table, markers
 from pytest_causal_lm.targets import Target, with_unique_labels
 
 ROOT = Path(__file__).parents[1]
-CHECKS = ROOT / "src" / "pytest_causal_lm" / "checks"
+PACKAGE = ROOT / "src" / "pytest_causal_lm"
 
 
 def test_every_invariant_has_one_test_marker_and_column() -> None:
@@ -26,6 +26,28 @@ def test_every_invariant_has_one_test_marker_and_column() -> None:
     for invariant in registered:
         assert invariant.marker_name in markers()
         assert clm.invariant_for_test(invariant.test_name) is invariant
+
+
+def test_each_invariant_has_one_name_its_helper_lives_in_its_familys_module() -> None:
+    for invariant in clm.invariants():
+        helper = getattr(clm, invariant.helper)
+        assert helper.__module__ in (
+            f"pytest_causal_lm.checks.{invariant.marker}",
+            f"pytest_causal_lm.{invariant.marker}",
+        ), f"{invariant.key}: {invariant.helper} lives in {helper.__module__}, marker {invariant.marker_name}"
+        assert invariant.key.split("_")[0][:5] in invariant.helper, (invariant.key, invariant.helper)
+
+
+def test_an_invariant_with_a_run_of_its_own_calls_its_helper() -> None:
+    """The glue cannot drift from the helper the docs name: a derived run calls it, a custom one must too."""
+    for invariant in clm.invariants():
+        if invariant.run is not None:
+            assert invariant.helper in invariant.run.__code__.co_names, invariant.key
+
+
+def test_an_invariant_needs_a_run_or_a_helper_the_checks_have() -> None:
+    with pytest.raises(ValueError, match=r"checks has no helper 'assert_nothing'"):
+        clm.register_invariant(clm.Invariant("nothing", "nothing", "none", "x", "x", helper="assert_nothing"))
 
 
 def test_a_column_or_key_cannot_be_taken_twice() -> None:
@@ -45,9 +67,9 @@ def test_the_docs_tables_are_generated_from_the_code() -> None:
     assert result.returncode == 0, result.stdout
 
 
-def test_no_check_function_is_longer_than_60_lines() -> None:
+def test_no_function_of_the_package_is_longer_than_60_lines() -> None:
     long = []
-    for path in CHECKS.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60:
                 long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")

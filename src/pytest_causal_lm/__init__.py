@@ -6,7 +6,7 @@ the tolerance table. Importing this package does not import torch or
 transformers; the helpers import them when called.
 """
 
-from . import builtin  # registers the built-in invariants  # noqa: F401  (after the registry)
+from . import builtin  # noqa: F401  (importing it registers the built-in invariants)
 from .benchmark import benchmark_generation, forced_generate
 from .checks import (
     CheckResult,
@@ -24,6 +24,7 @@ from .checks import (
     assert_continuation_matches,
     assert_decoded_answer_has_no_markers,
     assert_deterministic,
+    assert_device_map_parity,
     assert_dtype_parity,
     assert_far_positions_consistent,
     assert_finite_logits,
@@ -36,7 +37,6 @@ from .checks import (
     assert_kv_cache_parity,
     assert_logits_to_keep,
     assert_long_context_consistent,
-    assert_offload_matches,
     assert_output_shapes,
     assert_padding_invariant,
     assert_prefix_causal,
@@ -87,6 +87,7 @@ __all__ = [
     "assert_continuation_matches",
     "assert_decoded_answer_has_no_markers",
     "assert_deterministic",
+    "assert_device_map_parity",
     "assert_dtype_parity",
     "assert_far_positions_consistent",
     "assert_finite_logits",
@@ -99,7 +100,6 @@ __all__ = [
     "assert_kv_cache_parity",
     "assert_logits_to_keep",
     "assert_long_context_consistent",
-    "assert_offload_matches",
     "assert_output_shapes",
     "assert_padding_invariant",
     "assert_prefix_causal",

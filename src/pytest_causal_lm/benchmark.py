@@ -21,9 +21,9 @@ from typing import Any
 
 from .devices import synchronize
 from .roofline import Roofline, device_peaks, step_cost
+from .settings import BENCHMARK_MODES
 
 __all__ = [
-    "MODES",
     "BenchmarkCase",
     "BenchmarkCollector",
     "Measurement",
@@ -36,9 +36,8 @@ __all__ = [
     "timed_generate",
 ]
 
-MODES = ("no_cache", "dynamic", "static", "static_compiled")
 # Compiling costs tens of seconds, and on CPU buys little: it runs by default on accelerators only.
-DEFAULT_MODES = {"cpu": MODES[:3], "accelerator": MODES}
+DEFAULT_MODES = {"cpu": BENCHMARK_MODES[:3], "accelerator": BENCHMARK_MODES}
 DEFAULT_PROMPT_LENGTHS = {"cpu": (32, 512), "accelerator": (32, 1024, 8192)}
 
 
@@ -55,7 +54,7 @@ def random_prompt(model: Any, tokenizer: Any, length: int, seed: int = 0, batch:
 
 def generation_options(mode: str | bool) -> tuple[bool, dict[str, Any]]:
     """``(use_cache, GenerationConfig fields)`` of a mode; ``True``/``False`` mean dynamic / no cache."""
-    from .checks.generation_paths import static_cache_fields
+    from .checks._generation import static_cache_fields
 
     if mode is True or mode == "dynamic":
         return True, {}
@@ -63,7 +62,7 @@ def generation_options(mode: str | bool) -> tuple[bool, dict[str, Any]]:
         return False, {}
     if mode in ("static", "static_compiled"):
         return True, static_cache_fields(compile=mode == "static_compiled")
-    raise ValueError(f"unknown benchmark mode {mode!r}; choose from {', '.join(MODES)}")
+    raise ValueError(f"unknown benchmark mode {mode!r}; choose from {', '.join(BENCHMARK_MODES)}")
 
 
 def forced_generate(
@@ -71,9 +70,9 @@ def forced_generate(
 ) -> list[int]:
     """Greedy ``generate`` forced to exactly ``new_tokens`` tokens (eos cannot stop it early); row 0's tokens.
 
-    ``mode``: one of ``MODES`` (``True``/``False`` are kept for dynamic / no cache).
+    ``mode``: one of ``BENCHMARK_MODES`` (``True``/``False`` are kept for dynamic / no cache).
     """
-    from .checks.greedy import greedy_generate
+    from .checks._generation import greedy_generate
 
     use_cache, fields = generation_options(mode)
     rows = greedy_generate(
@@ -481,7 +480,7 @@ def _plot_sweep(axis: Any, cells: list[Measurement], x_of: Any, xlabel: str, sym
     """tokens/s against ``x_of`` per mode, each labelled with how its total time grew with ``symbol``."""
     axis.set(xlabel=xlabel, ylabel="tokens/s", xscale="log")
     measured: set[int] = set()
-    for mode in MODES:
+    for mode in BENCHMARK_MODES:
         points = sorted((x_of(m), m.tokens_per_second, m.seconds) for m in cells if m.case.mode == mode)
         if not points:
             continue
@@ -551,7 +550,7 @@ def benchmark_generation(
 
 def _assert_modes_agree(causal_lm: Any, collector: BenchmarkCollector, measurement: Measurement, prompt: Any) -> None:
     __tracebackhide__ = True
-    from .checks.greedy import assert_same_continuation
+    from .checks._generation import assert_same_continuation
 
     other = collector.reference_for(measurement)
     if other is None:

@@ -122,7 +122,7 @@ def _device_map_parity(lm: CausalLM) -> CheckResult:
         room = checks.single_device_room(lm.model)
         if room:
             pytest.skip(f"device_map parity: {room}")
-    return checks.assert_offload_matches(
+    return checks.assert_device_map_parity(
         lm.model,
         lm.tokenizer,
         location=location,
@@ -445,7 +445,7 @@ _BUILT_IN = (
         "map",
         "distributed",
         'the checkpoint spread by accelerate (`device_map="auto"` under a `max_memory` that sends most layers to disk) gives the one-device scores on a prompt, a left-padded batch and cached decoding, and the same greedy continuation; with `--causal-lm-device-map` the session\'s spread model is compared with a one-device load where that fits',
-        helper="assert_offload_matches",
+        helper="assert_device_map_parity",
         run=_device_map_parity,
         opt_in=_placement_off,
         healthy_skips=(r"device_map parity: the one-device model does not fit",),

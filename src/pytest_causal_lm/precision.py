@@ -24,11 +24,6 @@ __all__ = ["NOISE_FACTOR", "NoiseFloor", "calibrated_tolerance", "measure_noise_
 # Two half-precision computations of one score each sit within the noise floor of float32, so they may
 # differ by twice it; measured on SmolLM2 in bfloat16, the suite's own comparisons stayed under 0.4x the floor.
 NOISE_FACTOR = 2.0
-CALIBRATION_TEXTS: tuple[str, ...] = (
-    "Hi dog how are you?",
-    "Text generation is sequence classification in a for-loop.",
-    "The quick brown fox jumps over the lazy dog.",
-)
 
 
 @dataclass(frozen=True)
@@ -96,11 +91,14 @@ def _scores(model: Any, tokenizer: Any, texts: Sequence[str]) -> list[Any]:
     return [forward_logits(model, encode(tokenizer, text, model.device))[0].cpu() for text in texts]
 
 
-def measure_noise_floor(model: Any, tokenizer: Any, texts: Sequence[str] = CALIBRATION_TEXTS) -> NoiseFloor | None:
+def measure_noise_floor(model: Any, tokenizer: Any, texts: Sequence[str] | None = None) -> NoiseFloor | None:
     """The target's rounding noise in its run dtype, or None when it is float32, cannot be upcast here,
     or is not deterministic (noise that random would hide every bug)."""
     import torch
 
+    from .checks._common import DEFAULT_TEXTS
+
+    texts = DEFAULT_TEXTS if texts is None else texts
     if model.dtype == torch.float32 or not room_for(model, torch.float32)[0]:
         return None
     start = time.perf_counter()

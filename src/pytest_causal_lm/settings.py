@@ -20,7 +20,7 @@ __all__ = ["DTYPE_CHOICES", "OPTIONS", "OptionSpec", "Setting", "Settings", "res
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 SUITE_CHOICES = ("on", "off", "only")
-BENCHMARK_MODES = ("no_cache", "dynamic", "static", "static_compiled")  # benchmark.MODES, without importing it
+BENCHMARK_MODES = ("no_cache", "dynamic", "static", "static_compiled")  # the generation benchmark's modes
 HOW_TO_CONFIGURE = (
     "pass --causal-lm-checkpoint=CKPT (e.g. tiny:qwen3), "
     "set CAUSAL_LM_CHECKPOINT, or add causal_lm_checkpoint to [tool.pytest.ini_options]"

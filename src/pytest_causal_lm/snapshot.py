@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checks._common import DEFAULT_TEXTS, eos_ids, pad_id
-from .checks.greedy import NearTieWarning, default_prompts, greedy_loop
+from .checks._common import DEFAULT_TEXTS, eos_ids, first_difference, pad_id
+from .checks._generation import NearTieWarning, default_prompts, greedy_loop
 
 __all__ = ["LOGPROB_TOLERANCES", "behaviour_record", "compare_records", "format_record", "snapshot_extension"]
 
@@ -38,45 +38,12 @@ def behaviour_record(
     name: str | None = None,
 ) -> dict[str, Any]:
     """What ``model`` says about ``prompts`` (plus a chat-formatted prompt when ``chat`` and a template exist)."""
-    import torch
-
     dtype = str(model.dtype).removeprefix("torch.")
     config = model.config.get_text_config()
     cases = default_prompts(tokenizer, model.device, prompts)
     if not chat:
         cases = [case for case in cases if not case[0].startswith("chat ")]
-    records = []
-    for label, ids in cases:
-        with torch.no_grad():
-            logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1).cpu()
-        table = []
-        for position in range(ids.shape[1]):
-            values, indices = logprobs[position].topk(top_k)
-            table.append(
-                {
-                    "text": tokenizer.decode(ids[0, : position + 1].tolist()),
-                    "top": [
-                        [tokenizer.decode([int(i)]), int(i), round(float(v), _DECIMALS)]
-                        for v, i in zip(values, indices, strict=True)
-                    ],
-                }
-            )
-        # the tutorial's loop gives the continuation and every step's scores in one pass (parity with
-        # generate is its own invariant)
-        run = greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=eos_ids(model, tokenizer))
-        generated = run.tokens
-        margins = []
-        for scores in run.step_scores:
-            top = scores.log_softmax(-1).topk(2).values
-            margins.append(round(float(top[0] - top[1]), _DECIMALS))
-        records.append(
-            {
-                "prompt": label,
-                "input_ids": ids[0].tolist(),
-                "greedy": {"ids": generated, "text": tokenizer.decode(generated), "margins": margins},
-                "next_tokens": table,
-            }
-        )
+    records = [_prompt_record(model, tokenizer, label, ids, max_new_tokens, top_k) for label, ids in cases]
     return {
         "model": name or Path(str(model.name_or_path)).name,
         "dtype": dtype,
@@ -96,6 +63,39 @@ def behaviour_record(
             },
         },
         "prompts": records,
+    }
+
+
+def _prompt_record(model: Any, tokenizer: Any, label: str, ids: Any, max_new_tokens: int, top_k: int) -> dict[str, Any]:
+    """One prompt's tokenization, top-k next tokens at every position and greedy continuation with its margins."""
+    import torch
+
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1).cpu()
+    table = []
+    for position in range(ids.shape[1]):
+        values, indices = logprobs[position].topk(top_k)
+        table.append(
+            {
+                "text": tokenizer.decode(ids[0, : position + 1].tolist()),
+                "top": [
+                    [tokenizer.decode([int(i)]), int(i), round(float(v), _DECIMALS)]
+                    for v, i in zip(values, indices, strict=True)
+                ],
+            }
+        )
+    # the tutorial's loop gives the continuation and every step's scores in one pass (parity with
+    # generate is its own invariant)
+    run = greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=eos_ids(model, tokenizer))
+    margins = []
+    for scores in run.step_scores:
+        top = scores.log_softmax(-1).topk(2).values
+        margins.append(round(float(top[0] - top[1]), _DECIMALS))
+    return {
+        "prompt": label,
+        "input_ids": ids[0].tolist(),
+        "greedy": {"ids": run.tokens, "text": tokenizer.decode(run.tokens), "margins": margins},
+        "next_tokens": table,
     }
 
 
@@ -184,9 +184,7 @@ def _compare_greedy(label: str, before: dict, after: dict, tolerance: float, not
     old_ids, new_ids = before["ids"], after["ids"]
     if old_ids == new_ids:
         return
-    step = next(
-        (i for i, (a, b) in enumerate(zip(old_ids, new_ids, strict=False)) if a != b), min(len(old_ids), len(new_ids))
-    )
+    step = first_difference(old_ids, new_ids) or 0
     margins = [m[step] for m in (before.get("margins", []), after.get("margins", [])) if step < len(m)]
     text = f"greedy continuation of {label} diverges at step {step}: was {before['text']!r}, now {after['text']!r}"
     if _ambiguous(before["text"], after["text"]):  # different tokens can decode to the same characters
@@ -249,21 +247,25 @@ def snapshot_extension(root: str | Path, may_judge_unused: Callable[[str], bool]
             return not problems
 
         def diff_lines(self, serialized_data: Any, snapshot_data: Any) -> Iterator[str]:
-            if not snapshot_data:
-                yield "Run pytest with --snapshot-update to create it."
-                return
             try:
-                problems, notes = compare_records(json.loads(snapshot_data), json.loads(serialized_data))
+                yield from _difference_lines(serialized_data, snapshot_data)
             except ValueError:
                 yield from super().diff_lines(serialized_data, snapshot_data)
-                return
-            yield f"causal-lm snapshot differs ({len(problems)} difference(s); snapshot = before, this run = now):"
-            for problem in problems[:20]:
-                yield f"  - {problem}"
-            if len(problems) > 20:
-                yield f"  ... and {len(problems) - 20} more"
-            for note in notes:
-                yield f"  (accepted) {note}"
-            yield "Run pytest with --snapshot-update to accept the new behaviour."
 
     return CausalLMSnapshotExtension
+
+
+def _difference_lines(serialized_data: Any, snapshot_data: Any) -> Iterator[str]:
+    """What a failing snapshot comparison shows, in words (ValueError for data that is no behaviour record)."""
+    if not snapshot_data:
+        yield "Run pytest with --snapshot-update to create it."
+        return
+    problems, notes = compare_records(json.loads(snapshot_data), json.loads(serialized_data))
+    yield f"causal-lm snapshot differs ({len(problems)} difference(s); snapshot = before, this run = now):"
+    for problem in problems[:20]:
+        yield f"  - {problem}"
+    if len(problems) > 20:
+        yield f"  ... and {len(problems) - 20} more"
+    for note in notes:
+        yield f"  (accepted) {note}"
+    yield "Run pytest with --snapshot-update to accept the new behaviour."

@@ -39,7 +39,7 @@ def main(work: Path) -> int:
     rank = int(os.environ.get("RANK", "0"))
     where = ["loading"]
     try:
-        from pytest_causal_lm.checks.tensor_parallel import follow_modules, parity_probes
+        from pytest_causal_lm.checks._probes import follow_modules, parity_probes
 
         model, tokenizer = _load(json.loads((work / "request.json").read_text()))
         model.requires_grad_(False)

@@ -1,39 +1,49 @@
-"""Families of invariants; each helper raises AssertionError with a full message."""
+"""Families of invariants, one module per family (named as its ``-m causal_lm_<family>`` marker); each helper
+raises AssertionError with a full message. Shared machinery lives in ``_common`` (messages, score comparison),
+``_generation`` (greedy loops, ``generate`` with scores, paths transformers refuses) and ``_probes`` (what two
+placements of a checkpoint must agree on)."""
 
 from ._common import CheckResult
-from .attention import assert_attention_implementations_agree
-from .cache import assert_cache_effective, assert_kv_cache_parity
-from .causality import assert_prefix_causal
-from .chat import assert_chat_template_consistent, assert_chat_turns_rendered
-from .classification import assert_classification_head_equivalent, load_score_head_classifier
-from .context import assert_long_context_consistent
-from .decoding import assert_decoded_answer_has_no_markers, assert_streamed_decode_matches
-from .defaults import assert_generation_defaults
-from .determinism import assert_deterministic
-from .dtype_parity import assert_dtype_parity
-from .generation_paths import (
-    assert_assisted_decoding_matches,
-    assert_continuation_matches,
+from ._generation import (
+    NearTieWarning,
     assert_generation_matches_forward,
-    assert_inputs_embeds_match,
-    assert_static_cache_matches,
+    assert_same_continuation,
+    greedy_loop,
 )
-from .greedy import GenerationConfigWarning, NearTieWarning, assert_greedy_parity, assert_same_continuation, greedy_loop
-from .language import assert_knows_language
-from .padding import assert_batch_independent, assert_padding_invariant
-from .placement import assert_offload_matches, single_device_room
-from .positions import assert_far_positions_consistent
-from .reference import assert_close_to_reference
-from .shapes import assert_finite_logits, assert_logits_to_keep, assert_output_shapes
-from .tensor_parallel import assert_tensor_parallel_matches
-from .tokenizer import assert_prompt_special_tokens, assert_tokenizer_round_trip
-from .turns import (
+from .attention import assert_attention_implementations_agree
+from .cache import assert_cache_effective, assert_kv_cache_parity, assert_static_cache_matches
+from .causality import assert_prefix_causal
+from .chat import (
     assert_chat_markers_are_tokens,
+    assert_chat_template_consistent,
+    assert_chat_turns_rendered,
     assert_generation_prompt_opens_the_answer,
     assert_turn_terminator_stops_generation,
 )
+from .classification import assert_classification_head_equivalent, load_score_head_classifier
+from .context import assert_far_positions_consistent, assert_long_context_consistent
+from .determinism import assert_deterministic
+from .distributed import assert_device_map_parity, assert_tensor_parallel_matches, single_device_room
+from .embeddings import assert_inputs_embeds_match
+from .generation import (
+    GenerationConfigWarning,
+    assert_assisted_decoding_matches,
+    assert_continuation_matches,
+    assert_generation_defaults,
+    assert_greedy_parity,
+)
+from .padding import assert_batch_independent, assert_padding_invariant
+from .precision import assert_dtype_parity
+from .reference import assert_close_to_reference
+from .shapes import assert_finite_logits, assert_logits_to_keep, assert_output_shapes
+from .tokenizer import (
+    assert_decoded_answer_has_no_markers,
+    assert_prompt_special_tokens,
+    assert_streamed_decode_matches,
+    assert_tokenizer_round_trip,
+)
 from .vocab import assert_special_tokens_agree, assert_vocab_alignment
-from .weights import assert_weights_loaded
+from .weights import assert_knows_language, assert_weights_loaded
 
 __all__ = [
     "CheckResult",
@@ -51,6 +61,7 @@ __all__ = [
     "assert_continuation_matches",
     "assert_decoded_answer_has_no_markers",
     "assert_deterministic",
+    "assert_device_map_parity",
     "assert_dtype_parity",
     "assert_far_positions_consistent",
     "assert_finite_logits",
@@ -63,7 +74,6 @@ __all__ = [
     "assert_kv_cache_parity",
     "assert_logits_to_keep",
     "assert_long_context_consistent",
-    "assert_offload_matches",
     "assert_output_shapes",
     "assert_padding_invariant",
     "assert_prefix_causal",

@@ -43,6 +43,34 @@ def text_of(tokenizer: Any, ids: Sequence[int] | Any) -> str:
     return text if len(text) <= 100 else "'..." + text[-96:]
 
 
+def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
+    """Where two sequences (ids, text) first differ: the first unequal index, or the shorter one's length when it
+    is a prefix of the other; None when they are equal."""
+    for index, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def kl_per_position(expected: Any, actual: Any) -> Any:
+    """KL(expected || actual) in nats at each position of two ``(..., vocab)`` score tensors (raw scores or
+    log-probabilities: both are normalised here), in float32."""
+    import torch.nn.functional as F
+
+    log_p, log_q = expected.float().log_softmax(-1), actual.float().log_softmax(-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).clamp(min=0)
+
+
+def next_token_nll(model: Any, ids: Any) -> Any:
+    """Negative log-likelihood (nats) of each next token of ``ids`` ``(1, seq)`` under ``model``: ``(seq - 1,)``."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        scores = model(input_ids=ids).logits[0, :-1].float()
+    return F.cross_entropy(scores, ids[0, 1:].to(scores.device), reduction="none")
+
+
 def measured_of(exc: BaseException) -> dict[str, Any] | None:
     """What a failed check measured (figure, position, token, tolerance), or None for other exceptions."""
     return getattr(exc, "causal_lm_measured", None)

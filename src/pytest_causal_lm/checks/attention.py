@@ -25,7 +25,7 @@ from ._common import (
     padded_batch,
     resolve_tolerance,
 )
-from .greedy import GreedyRun, compare_continuations, generate_scored
+from ._generation import GreedyRun, compare_continuations, generate_scored
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "assert_attention_implementations_agree"]
 

@@ -1,4 +1,5 @@
-"""KV-cache parity (cached scores equal the full forward's) and cache effectiveness (one new token per step)."""
+"""The cache: KV-cache parity (cached scores equal the full forward's), cache effectiveness (one new token per
+step), and static-cache generation (a preallocated cache, reused across calls, scores as a forward pass does)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,20 @@ from ._common import (
     text_of,
     token,
 )
-from .greedy import greedy_generate
+from ._generation import (
+    assert_generation_matches_forward,
+    generate_or_fail,
+    generate_or_skip,
+    greedy_generate,
+    require_kv_cache,
+    static_cache_fields,
+)
 
-__all__ = ["assert_cache_effective", "assert_kv_cache_parity"]
+__all__ = [
+    "assert_cache_effective",
+    "assert_kv_cache_parity",
+    "assert_static_cache_matches",
+]
 
 
 def _require_standard_cache(model: Any, input_ids: Any) -> None:
@@ -228,4 +240,51 @@ def assert_cache_effective(
                 ),
             ],
         )
+    return result
+
+
+def assert_static_cache_matches(
+    model: Any,
+    tokenizer: Any,
+    *,
+    texts: Sequence[str] = DEFAULT_TEXTS,
+    max_new_tokens: int = 6,
+    compile: bool = False,
+    tolerance: Tolerance | None = None,
+) -> CheckResult:
+    """``generate(cache_implementation="static")`` scores every step as a forward pass does: on a prompt, then a
+    longer one (a reused static cache must keep nothing of the first call: not its keys, not its write
+    position), then a left-padded batch.
+
+    With ``compile``, the static cache runs under ``torch.compile`` (on every device; transformers compiles
+    static-cache generation by itself only on accelerators). Without it, compilation is turned off.
+    """
+    __tracebackhide__ = True
+    tolerance = resolve_tolerance(model, tolerance)
+    result = CheckResult("static cache" + (" + compile" if compile else ""), tolerance=tolerance)
+    fields = static_cache_fields(compile=compile)
+    shorter, longer = sorted(texts[:2], key=len)
+    ids = encode(tokenizer, shorter, model.device)
+    require_kv_cache(model, ids, "a static cache")
+    cases = [("first call", ids, None), ("second call, longer prompt", encode(tokenizer, longer, model.device), None)]
+    batch, mask, _ = padded_batch(tokenizer, texts, model.device, pad_id(model, tokenizer))
+    cases.append((f"left-padded batch of {len(texts)}", batch, mask))
+    refusal = f"{type(model).__name__} does not generate with cache_implementation='static'"
+    for number, (label, prompt, prompt_mask) in enumerate(cases):
+        kwargs = {"attention_mask": prompt_mask, "max_new_tokens": max_new_tokens, "config_fields": fields}
+        if number == 0:
+            generated = generate_or_skip(refusal, model, tokenizer, prompt, **kwargs)
+        else:
+            generated = generate_or_fail(f"{result.invariant} ({label})", model, tokenizer, prompt, **kwargs)
+        assert_generation_matches_forward(
+            model,
+            tokenizer,
+            prompt,
+            generated,
+            title=f"{result.invariant} differs ({label})",
+            result=result,
+            attention_mask=prompt_mask,
+            details=[("prompt", text_of(tokenizer, prompt[-1]))],
+        )
+    result.note(f"{len(cases)} static-cache generations, compile {'on' if compile else 'off'}")
     return result

@@ -29,7 +29,7 @@ from ._common import (
     padded_batch,
     resolve_tolerance,
 )
-from .greedy import compare_continuations, greedy_generate, greedy_loop
+from ._generation import compare_continuations, greedy_generate, greedy_loop
 from .weights import grouped_keys, module_name
 
 __all__ = ["assert_classification_head_equivalent", "load_score_head_classifier"]

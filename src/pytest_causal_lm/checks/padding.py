@@ -19,7 +19,7 @@ from ._common import (
     text_of,
     token,
 )
-from .greedy import compare_continuations, greedy_generate, greedy_loop_along
+from ._generation import compare_continuations, greedy_generate, greedy_loop_along
 
 __all__ = ["assert_batch_independent", "assert_padding_invariant"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..tolerances import Tolerance
-from ._common import failure, resolve_tolerance, text_of, token
-from .greedy import greedy_generate
+from ._common import failure, first_difference, kl_per_position, next_token_nll, resolve_tolerance, text_of, token
+from ._generation import greedy_generate
 from .tokenizer import ROUND_TRIP_CORPUS
 
 __all__ = [
@@ -144,13 +144,9 @@ def _tokenizer_facts(tokenizer: Any) -> dict[str, Any]:
 
 
 def _perplexity(model: Any, tokenizer: Any) -> float:
-    import torch
 
     ids = tokenizer(PERPLEXITY_TEXT, return_tensors="pt")["input_ids"].to(model.device)
-    with torch.no_grad():
-        logprobs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-    nll = -logprobs.gather(-1, ids[0, 1:, None]).mean()
-    return math.exp(float(nll))
+    return math.exp(float(next_token_nll(model, ids).mean()))
 
 
 def reference_outputs(
@@ -196,9 +192,7 @@ def _tokenizer_differences(reference: ReferenceOutputs, tokenizer: Any) -> list[
     differing = [(text, ids, tokenizer(text)["input_ids"]) for text, ids in texts.items()]
     differing = [(text, ids, theirs) for text, ids, theirs in differing if theirs != ids]
     for text, ids, theirs in differing[:3]:
-        first = next(
-            (i for i, (a, b) in enumerate(zip(ids, theirs, strict=False)) if a != b), min(len(ids), len(theirs))
-        )
+        first = first_difference(ids, theirs)
         problems.append(
             (
                 f"encoding of {text[:30]!r}",
@@ -236,7 +230,7 @@ def compare_to_reference(
         with torch.no_grad():
             candidate = model(input_ids=ids).logits[0].float().log_softmax(-1).cpu()
         ref = reference.logprobs[index]
-        kl = (ref.exp() * (ref - candidate)).sum(-1).clamp(min=0)
+        kl = kl_per_position(ref, candidate)
         kls.append(kl)
         top1.append((ref.argmax(-1) == candidate.argmax(-1)).float())
         ref_top, cand_top = ref.topk(5, -1).indices, candidate.topk(5, -1).indices
@@ -280,7 +274,8 @@ def _greedy_agreement(
     """The share of the reference's greedy continuation reproduced before the first divergence, and that divergence."""
     expected = reference.greedy[index]
     generated = greedy_generate(model, tokenizer, ids, max_new_tokens=len(expected) or 1)[0]
-    step = next((i for i, (a, b) in enumerate(zip(expected, generated, strict=False)) if a != b), None)
+    shared = min(len(expected), len(generated))  # an earlier eos is not a divergence of the tokens both have
+    step = first_difference(expected[:shared], generated[:shared])
     if step is None:
         return 1.0, None
     scores = reference.greedy_logprobs[index][step]

@@ -16,8 +16,19 @@ from typing import Any
 import pytest
 
 from ..tolerances import Tolerance, tolerance_for
-from ._common import CheckResult, encode, eos_ids, failure, forward_logits, resolve_tolerance, text_of, token
-from .greedy import greedy_loop
+from ._common import (
+    CheckResult,
+    encode,
+    eos_ids,
+    failure,
+    first_difference,
+    forward_logits,
+    kl_per_position,
+    resolve_tolerance,
+    text_of,
+    token,
+)
+from ._generation import greedy_loop
 
 __all__ = ["DTYPE_PARITY_TEXTS", "assert_dtype_parity"]
 
@@ -106,7 +117,7 @@ def assert_dtype_parity(
         _check_rows(model, tokenizer, ids, half_scores, exact_scores, label)
         _check_top1(model, tokenizer, ids, half_scores, exact_scores, label, clear)
         _check_greedy(model, tokenizer, ids, half_run, exact_run, label)
-        kls.append(_kl(exact_scores, half_scores))
+        kls.append(kl_per_position(exact_scores, half_scores))
         result.observe(exact_scores, half_scores)
     kl = torch.cat(kls)
     result.figure = ("KL mean", float(kl.mean()))
@@ -118,12 +129,6 @@ def assert_dtype_parity(
             figure=result.figure,
         )
     return result
-
-
-def _kl(exact: Any, half: Any) -> Any:
-    p = exact.float().log_softmax(-1)
-    q = half.float().log_softmax(-1)
-    return (p.exp() * (p - q)).sum(-1).clamp(min=0)
 
 
 def _check_rows(model: Any, tokenizer: Any, ids: Any, half: Any, exact: Any, label: str) -> None:
@@ -183,7 +188,8 @@ def _check_greedy(model: Any, tokenizer: Any, ids: Any, half: Any, exact: Any, l
     """Greedy continuations agree up to the first divergence, where each side's token is in the other's top 5
     (vLLM's check_logprobs_close); after it the prefixes differ and nothing more is compared."""
     __tracebackhide__ = True
-    step = next((i for i, (a, b) in enumerate(zip(half.tokens, exact.tokens, strict=False)) if a != b), None)
+    shared = min(len(half.tokens), len(exact.tokens))  # one side's earlier eos is not a divergence
+    step = first_difference(half.tokens[:shared], exact.tokens[:shared])
     if step is None:
         return
     half_top5 = half.step_scores[step].topk(5).indices.tolist()

@@ -1,16 +1,19 @@
-"""Greedy-loop parity: "forward, argmax of the last position, append" equals ``model.generate``.
-
-The tutorial's claim made testable: text generation is next-token
-classification in a for-loop. Divergences at near-ties are reported, not failed.
+"""The generation machinery every family uses: the tutorial's greedy loop, ``generate`` with an explicit
+greedy config and the scores of every step, the comparison of two continuations (a divergence at a near-tie is
+reported, not failed), the comparison of generated steps with one forward pass, and the line between a path
+transformers refuses (a skip) and a path that breaks (a failure).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import pytest
 
 from ..tolerances import Tolerance
 from ._common import (
@@ -18,9 +21,13 @@ from ._common import (
     CheckResult,
     cache_kind,
     cache_kwargs,
+    check_scores,
     default_positions_differ,
     eos_ids,
     failure,
+    first_difference,
+    forward_logits,
+    mismatch_failure,
     pad_id,
     resolve_tolerance,
     returned_cache,
@@ -29,16 +36,23 @@ from ._common import (
 )
 
 __all__ = [
-    "GenerationConfigWarning",
+    "CHAT_MESSAGES",
+    "GREEDY_NEUTRAL",
+    "GreedyRun",
     "NearTieWarning",
-    "assert_greedy_parity",
+    "ScoredGeneration",
+    "assert_generation_matches_forward",
     "assert_same_continuation",
     "compare_continuations",
+    "default_prompts",
+    "generate_or_fail",
+    "generate_or_skip",
     "generate_scored",
-    "generation_config_deviations",
     "greedy_generate",
     "greedy_loop",
     "greedy_loop_along",
+    "require_kv_cache",
+    "static_cache_fields",
 ]
 
 CHAT_MESSAGES: tuple[dict[str, str], ...] = ({"role": "user", "content": "How are you?"},)
@@ -66,10 +80,6 @@ GREEDY_NEUTRAL: dict[str, Any] = {
 
 class NearTieWarning(UserWarning):
     """Two greedy sequences diverged where the top two scores were within the tolerance."""
-
-
-class GenerationConfigWarning(UserWarning):
-    """The checkpoint's generation_config.json changes what greedy generation returns."""
 
 
 @dataclass
@@ -266,7 +276,7 @@ def compare_continuations(
     other = list(other)
     if ref == other:
         return
-    step = next((i for i, (a, b) in enumerate(zip(ref, other, strict=False)) if a != b), min(len(ref), len(other)))
+    step = first_difference(ref, other) or 0
     shared = text_of(tokenizer, list(prompt_ids[0].tolist()) + ref[:step])
     side_by_side = [
         (reference_label, text_of(tokenizer, ref[step:])),
@@ -340,21 +350,6 @@ def assert_same_continuation(
     )
 
 
-def generation_config_deviations(model: Any) -> dict[str, Any]:
-    """Settings of ``model.generation_config`` that make ``generate()`` differ from plain greedy."""
-    config = getattr(model, "generation_config", None)
-    if config is None:
-        return {}
-    found = {}
-    for name, neutral in GREEDY_NEUTRAL.items():
-        value = getattr(config, name, neutral)
-        if value in (None, [], {}) and neutral is None:
-            continue
-        if value is not None and value != neutral:
-            found[name] = value
-    return found
-
-
 def default_prompts(tokenizer: Any, device: Any, texts: Sequence[str] = DEFAULT_TEXTS[:2]) -> list[tuple[str, Any]]:
     """Plain prompts, plus the chat-formatted one when the tokenizer has a chat template."""
     prompts = [(f"plain {text!r}", tokenizer(text, return_tensors="pt")["input_ids"].to(device)) for text in texts]
@@ -367,94 +362,99 @@ def default_prompts(tokenizer: Any, device: Any, texts: Sequence[str] = DEFAULT_
     return prompts
 
 
-def _report_generation_config(
+def assert_generation_matches_forward(
     model: Any,
     tokenizer: Any,
-    prompts: list[tuple[str, Any]],
-    greedy: list[list[int]],
-    max_new_tokens: int,
-    result: CheckResult,
-) -> None:
-    """Say, separately from parity, whether the checkpoint's own generation_config changes greedy output."""
-    import torch
-
-    deviations = generation_config_deviations(model)
-    if not deviations:
-        return
-    settings = ", ".join(f"{name}={value!r}" for name, value in deviations.items())
-    if deviations.get("do_sample"):
-        message = f"checkpoint generation_config sets {settings}: model.generate() samples by default, so its output is random; parity was checked against explicit greedy"
-    else:
-        changed = []
-        for (label, ids), expected in zip(prompts, greedy, strict=True):
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens)
-            own = out[0, ids.shape[1] :].tolist()[: len(expected)]
-            if own != expected[: len(own)]:
-                step = next(i for i, (a, b) in enumerate(zip(own, expected, strict=False)) if a != b)
-                changed.append(
-                    f"{label} from step {step}: greedy {token(tokenizer, expected[step])}, own config {token(tokenizer, own[step])}"
-                )
-        effect = (
-            "changes greedy output: " + "; ".join(changed)
-            if changed
-            else "does not change greedy output on these prompts"
-        )
-        message = f"checkpoint generation_config sets {settings}; it {effect}"
-    warnings.warn(GenerationConfigWarning(message), stacklevel=3)
-    result.note(message)
-
-
-def assert_greedy_parity(
-    model: Any,
-    tokenizer: Any,
+    prompt_ids: Any,
+    generated: ScoredGeneration,
     *,
-    prompts: Sequence[str] | None = None,
-    max_new_tokens: int = 12,
-    tolerance: Tolerance | None = None,
-) -> CheckResult:
-    """The hand-written greedy loop, without and with the cache, gives the same tokens as ``generate``.
+    title: str,
+    result: CheckResult,
+    attention_mask: Any = None,
+    details: Sequence[tuple[str, object]] = (),
+) -> None:
+    """Every step's scores of ``generated`` equal one forward pass over the prompt and the generated tokens.
 
-    ``generate`` runs with an explicit greedy configuration. Plain prompts, plus a
-    chat-formatted one when the tokenizer has a chat template. When the
-    checkpoint's generation_config.json would change greedy output, a
-    GenerationConfigWarning names the setting.
+    A row is compared up to and including its first eos; a padded batch gets its mask and positions counted
+    from the mask, as ``generate`` passes them.
     """
     __tracebackhide__ = True
-    tolerance = resolve_tolerance(model, tolerance)
-    result = CheckResult("greedy-loop parity", tolerance=tolerance)
-    cases = default_prompts(tokenizer, model.device, *(() if prompts is None else (prompts,)))
-    stop = eos_ids(model, tokenizer)
-    keeps_kv_cache = cache_kind(model, cases[0][1]) == "kv"
-    greedy_rows = []
-    for label, ids in cases:
-        generated = greedy_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)[0]
-        greedy_rows.append(generated)
-        loops = [(greedy_loop_along(model, ids, generated), "loop without cache")]
-        if keeps_kv_cache:
-            cached = greedy_loop(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop, use_cache=True)
-            uncached = loops[0][0]
-            # scores compare only while both loops read the same tokens: up to and including the first divergence
-            pairs = zip(uncached.tokens, cached.tokens, strict=False)
-            shared = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
-            steps = zip(uncached.step_scores, cached.step_scores, strict=False)
-            for scores_a, scores_b in list(steps)[: None if shared is None else shared + 1]:
-                result.observe(scores_a, scores_b)
-            loops.append((cached, "loop with cache"))
-        elif not result.notes or "no past_key_values" not in result.notes[-1]:
-            result.note("the model returns no past_key_values (recurrent/state-space cache): cached loop not run")
-        for loop, name in loops:
-            compare_continuations(
+    import torch
+
+    steps = generated.logits.shape[1]
+    new = torch.full((prompt_ids.shape[0], steps), pad_id(model, tokenizer), dtype=prompt_ids.dtype)
+    for index, row in enumerate(generated.rows):
+        new[index, : len(row)] = torch.tensor(row, dtype=prompt_ids.dtype)
+    ids = torch.cat([prompt_ids, new.to(prompt_ids.device)], dim=1)
+    kwargs: dict[str, Any] = {}
+    if attention_mask is not None and not bool(attention_mask.all()):
+        mask = torch.cat([attention_mask, torch.ones_like(new).to(attention_mask.device)], dim=1)
+        kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    full = forward_logits(model, ids, **kwargs)
+    start = prompt_ids.shape[1] - 1
+    for index, row in enumerate(generated.rows):
+        expected = full[index, start : start + len(row)]
+        mismatch = check_scores(result, expected, generated.logits[index, : len(row)], result.tolerance)
+        if mismatch:
+            cause = default_positions_differ(model, prompt_ids[index : index + 1], result.tolerance)
+            raise mismatch_failure(
+                f"{title}: step {mismatch.first_position} of row {index} scores differently from one forward pass "
+                "over the same tokens",
                 model,
                 tokenizer,
-                ids,
-                loop,
-                generated,
-                reference_label=name,
-                other_label="model.generate",
-                tolerance=tolerance,
-                result=result,
-                title=f"greedy-loop parity violated ({label})",
+                [
+                    *details,
+                    ("generated", text_of(tokenizer, row)),
+                    *([("likely cause", cause)] if cause else []),
+                ],
+                mismatch,
+                result.tolerance,
+                position_label="step",
             )
-    _report_generation_config(model, tokenizer, cases, greedy_rows, max_new_tokens, result)
-    return result
+
+
+def require_kv_cache(model: Any, input_ids: Any, what: str) -> None:
+    kind = cache_kind(model, input_ids)
+    if kind != "kv":
+        held = "a recurrent/state-space cache (cache_params)" if kind == "recurrent" else "no past_key_values"
+        pytest.skip(f"{type(model).__name__} returns {held}; {what} needs a key/value cache")
+
+
+# How transformers and model code say a generation path is not supported for a model: a refusal, not a wrong answer.
+_REFUSAL = re.compile(r"not supported|does not support|doesn't support|only supported|requires a cache|not implemented")
+
+
+def generate_or_skip(refusal: str, model: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> ScoredGeneration:
+    """``generate_scored``, skipping with transformers' own words when it refuses the path for this model
+    (a refusal is an error the user sees, not a wrong answer); any other exception propagates."""
+    try:
+        return generate_scored(model, tokenizer, *args, **kwargs)
+    except (ValueError, NotImplementedError, RuntimeError, AssertionError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, (RuntimeError, AssertionError)) and not _REFUSAL.search(first_line):
+            raise
+        pytest.skip(f"{refusal}: {first_line[:300]}")
+
+
+def generate_or_fail(title: str, model: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> ScoredGeneration:
+    """``generate_scored`` on a path that already worked once: an exception now is the bug (a stale state)."""
+    try:
+        return generate_scored(model, tokenizer, *args, **kwargs)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise failure(
+            f"{title}: generate raised {type(exc).__name__} after an earlier call on this path succeeded",
+            model,
+            [("error", first_line), ("likely cause", "state kept from the earlier call (a cache not reset)")],
+        ) from exc
+
+
+def static_cache_fields(*, compile: bool) -> dict[str, Any]:
+    """GenerationConfig fields of static-cache generation, compiled on every device or not at all."""
+    if not compile:
+        return {"cache_implementation": "static", "disable_compile": True}
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig()  # transformers' own choice: reduce-overhead (CUDA graphs where available)
+    compile_config._compile_all_devices = True  # transformers compiles by itself only on accelerators
+    return {"cache_implementation": "static", "compile_config": compile_config}
