@@ -415,6 +415,87 @@ def cache_crop_skips_a_layer(path: Any, layer: int = 1) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+# --- ports whose error on a path users take must fail, not skip (only transformers' own refusal skips) -------
+
+
+def static_cache_slot_reserved(path: Any, error: type[Exception] = ValueError) -> tuple[Any, Any]:
+    """A port's own bookkeeping of a static cache that reserves a slot for the token generated next, which
+    generate never feeds: the last decoding step of a cache sized exactly raises ``error`` (ValueError from its
+    bounds check, or IndexError from marking the slot in a list of max_cache_len entries)."""
+    model, tokenizer = load_healthy(path)
+    for layer in model.model.layers:
+        attention = layer.self_attn
+
+        def forward(hidden_states, *args, original=attention.forward, index=attention.layer_idx, **kwargs):
+            cache = cache_in(kwargs)
+            limit = getattr(cache.layers[index], "max_cache_len", None) if cache is not None else None
+            if limit is not None:
+                after = int(cache.get_seq_length(index)) + hidden_states.shape[1]
+                if error is ValueError and after + 1 >= limit:
+                    raise ValueError(f"static cache full: {after} of {limit} slots written, none left for the next")
+                written = [False] * limit
+                written[after + 1 if error is IndexError else 0] = True
+            return original(hidden_states, *args, **kwargs)
+
+        attention.forward = forward
+    return model, tokenizer
+
+
+def inputs_embeds_with_a_given_cache(path: Any, error: type[Exception] = ValueError) -> tuple[Any, Any]:
+    """A port whose forward handles inputs_embeds only without a cache handed in (it expected to build its own):
+    generate(inputs_embeds=...) hands one in and gets ``error`` (ValueError from the port's own argument check, or
+    IndexError from reading the embedding one past the last as its pooled state)."""
+    model, tokenizer = load_healthy(path)
+    original = model.model.forward
+
+    def forward(input_ids=None, inputs_embeds=None, **kwargs):
+        cache = cache_in(kwargs)
+        if inputs_embeds is not None and cache is not None:
+            if error is ValueError:
+                raise ValueError("inputs_embeds cannot be combined with past_key_values")
+            inputs_embeds[:, int(cache.get_seq_length()) + inputs_embeds.shape[1]]
+        return original(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    model.model.forward = forward
+    return model, tokenizer
+
+
+def cache_crop_with_a_sign_bug(path: Any, error: type[Exception] = ValueError) -> tuple[Any, Any]:
+    """A port's own cache crop, which assisted and prompt-lookup decoding call after rejecting proposed tokens:
+    ValueError from a sign bug (it computes the tokens to drop as kept - held, negative, and refuses that), or
+    IndexError from looping over its layers 1..N."""
+    model, tokenizer = load_healthy(path)
+
+    def refusing(layer):
+        def crop(max_length):
+            drop = max_length - layer.get_seq_length()
+            if drop < 0:
+                raise ValueError(f"cannot drop a negative number of tokens ({drop}) from the cache")
+
+        return crop
+
+    def one_based(cache):
+        def crop(max_length):
+            for index in range(1, len(cache.layers) + 1):
+                cache.layers[index].crop(max_length)
+
+        return crop
+
+    def patch(module, args, kwargs, output):
+        cache = cache_in(dict(output)) if hasattr(output, "keys") else None
+        if cache is not None and not getattr(cache, "crop_patched", False):
+            if error is ValueError:
+                for layer in cache.layers:
+                    layer.crop = refusing(layer)
+            else:
+                cache.crop = one_based(cache)
+            cache.crop_patched = True
+        return output
+
+    model.register_forward_hook(patch, with_kwargs=True)
+    return model, tokenizer
+
+
 # --- broken checkpoints: the files edited the way a conversion, a merge or a hand edit leaves them ------------
 
 

@@ -96,7 +96,9 @@ def test_benchmark_writes_every_figure_a_table_a_diagnosis_and_a_png(pytester: p
         # the paired ratios no_cache round / this round lie between the extreme pairings of the two cells' rounds
         base = cells[("no_cache", new)]
         low, high = base["min_seconds"] / info["max_seconds"], base["max_seconds"] / info["min_seconds"]
-        assert low - 1e-3 <= info["speedup_min"] <= info["speedup_vs_no_cache"] <= info["speedup_max"] <= high + 1e-3  # rounded to 3 decimals
+        assert (
+            low - 1e-3 <= info["speedup_min"] <= info["speedup_vs_no_cache"] <= info["speedup_max"] <= high + 1e-3
+        )  # rounded to 3 decimals
 
 
 def test_the_reports_carry_the_benchmark(pytester: pytest.Pytester) -> None:

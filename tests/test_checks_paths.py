@@ -191,6 +191,52 @@ def test_logits_to_keep_catches_a_head_that_keeps_one_row_whatever_it_is_asked(l
         clm.assert_logits_to_keep(model, tokenizer)
 
 
+# A port's own error on a path users take: only transformers' refusal of the path skips, so each is a failure
+# that names the error, the module it came from and the line that raised it.
+PORT_ERRORS = {
+    "static_cache_slot_reserved": (
+        clm.assert_static_cache_matches,
+        "static-cache generation",
+        r"model\.layers\.0\.self_attn \(LlamaAttention\)",
+    ),
+    "inputs_embeds_with_a_given_cache": (
+        clm.assert_inputs_embeds_match,
+        "generation from inputs_embeds",
+        r"model \(LlamaModel\)",
+    ),
+    "cache_crop_with_a_sign_bug": (clm.assert_assisted_decoding_matches, "assisted by itself decoding", None),
+}
+
+
+@pytest.mark.parametrize("error", [ValueError, IndexError], ids=lambda e: e.__name__)
+@pytest.mark.parametrize("name", sorted(PORT_ERRORS))
+def test_a_ports_error_on_a_generation_path_fails_naming_it_instead_of_skipping(
+    name: str, error: type[Exception], llama_path: Path
+) -> None:
+    check, path, module = PORT_ERRORS[name]
+    model, tokenizer = getattr(broken, name)(llama_path, error=error)
+    with pytest.raises(AssertionError) as caught:
+        check(model, tokenizer)
+    message = str(caught.value)
+    assert message.startswith(f"{path} raised {error.__name__}: "), message
+    assert re.search(r"raised at\s+: .*broken\.py:\d+ in ", message), message
+    if module is not None:  # the forward the error came from, by qualified name and class
+        assert re.search(rf"in module\s+: {module}\n", message), message
+    assert "transformers did not refuse this path" in message
+
+
+def test_transformers_refusing_a_path_is_still_a_skip_with_its_words(qwen3_path: Path) -> None:
+    model, tokenizer = broken.load_healthy(qwen3_path)
+    model._is_stateful = True  # how a recurrent model class tells generate it cannot roll its state back
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        clm.assert_assisted_decoding_matches(model, tokenizer)
+    assert re.match(
+        r"transformers refuses assisted by itself decoding for Qwen3ForCausalLM: ValueError: assisted generation is "
+        "not supported with stateful models",
+        str(skipped.value),
+    )
+
+
 # Which invariants each broken model trips, and why the others it trips are tripped too.
 EXPECTED_FAILURES = {
     # its frequencies follow each call's length: a shorter prompt and a longer forward disagree only past 64 tokens

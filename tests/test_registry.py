@@ -197,6 +197,36 @@ def test_registering_an_invariant_adds_its_test_marker_and_column(pytester: pyte
     )
 
 
+ERRING_CONFTEST = """
+import torch
+import pytest_causal_lm as clm
+
+
+def _reads_past_the_vocabulary(causal_lm):
+    causal_lm.model(input_ids=torch.tensor([[10**6]]))
+
+
+clm.register_invariant(clm.Invariant("toy_vocab_read", "toy vocab read", "toyv", "toy", "reads", _reads_past_the_vocabulary))
+"""
+
+
+def test_an_error_in_a_check_is_one_failure_naming_it_and_its_module(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(ERRING_CONFTEST)
+    result = pytester.runpytest_subprocess(
+        "--causal-lm-checkpoint=tiny:qwen3", "--causal-lm-suite=only", "-m", "causal_lm_toy"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E   AssertionError: toy vocab read raised IndexError: index out of range in self",
+            "*in module  : model.embed_tokens (Embedding)",
+            "*raised at  : */torch/nn/functional.py:* in embedding",
+            "*toy vocab read FAIL*",
+        ]
+    )
+    assert "Traceback" not in result.stdout.str()
+
+
 def test_the_version_lives_in_one_place_and_the_changelog_names_it() -> None:
     from importlib.metadata import version
 

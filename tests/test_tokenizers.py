@@ -189,6 +189,19 @@ def test_chat_turns_note_a_template_that_rejects_the_system_role(qwen3_path: Pat
     assert "three user turns: 5 messages rendered once each, in order" in notes
 
 
+def test_a_template_that_breaks_on_a_system_message_fails_instead_of_counting_as_a_rejection(
+    qwen3_path: Path, tmp_path: Path
+) -> None:
+    # a hand edit with a typo in the system branch: jinja raises UndefinedError, not the template's own refusal
+    template = CONVENTIONS["qwen3"]["template"].replace(
+        "messages[0].content + '<|im_end|>", "messages[0].contnet.strip() + '<|im_end|>"
+    )
+    model, tokenizer = convention(qwen3_path, "qwen3", tmp_path, template=template)
+    with pytest.raises(AssertionError, match=r"chat template raises on a conversation of system and user") as caught:
+        clm.assert_chat_turns_rendered(model, tokenizer)
+    assert "UndefinedError" in str(caught.value)
+
+
 # --- what users read ------------------------------------------------------------------------------------------
 
 
@@ -266,8 +279,20 @@ def test_turn_terminator_skips_a_template_that_writes_no_terminator(qwen3_path: 
     model, tokenizer = convention(
         qwen3_path, "qwen3", tmp_path, template=plain + "{% if add_generation_prompt %}assistant: {% endif %}"
     )
-    with pytest.raises(pytest.skip.Exception, match="ends an assistant turn with no special token"):
+    with pytest.raises(pytest.skip.Exception, match="the template marks no turn with a special token"):
         clm.assert_turn_terminator_stops_generation(model, tokenizer)
+
+
+def test_turn_terminator_fails_a_chat_template_whose_turns_never_close(qwen3_path: Path, tmp_path: Path) -> None:
+    # a template edited to drop <|im_end|> after each message: turns open with <|im_start|>, nothing ends one
+    template = CONVENTIONS["qwen3"]["template"].replace("'<|im_end|>\\n'", "'\\n'")
+    assert "<|im_end|>" not in template
+    model, tokenizer = convention(qwen3_path, "qwen3", tmp_path, template=template)
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_turn_terminator_stops_generation(model, tokenizer)
+    message = str(caught.value)
+    assert message.startswith("the chat template closes an assistant turn with no special token")
+    assert re.search(r"turns open with +: \['<\|im_start\|>'", message), message
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

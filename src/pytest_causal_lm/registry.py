@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from . import checks
-from .checks._common import CheckResult, measured_of
+from .checks._common import CheckResult, error_failure, measured_of
 
 if TYPE_CHECKING:
     from .loading import CausalLM
@@ -160,7 +160,12 @@ def suite_test(invariant: Invariant) -> Callable[..., None]:
     def test(**fixtures: Any) -> None:
         extras = {name: fixtures[name] for name in invariant.fixtures}
         try:
-            result = invariant.check(fixtures["causal_lm"], **extras)
+            try:
+                result = invariant.check(fixtures["causal_lm"], **extras)
+            except (AssertionError, MemoryError):
+                raise
+            except Exception as exc:  # an error on the checked path is that path's failure, said in one message
+                raise error_failure(exc, fixtures["causal_lm"].model, invariant.name) from None
         except AssertionError as exc:
             fixtures["record_property"]("causal_lm", {"invariant": invariant.name, **(measured_of(exc) or {})})
             raise

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..tolerances import Tolerance, tolerance_for
@@ -69,6 +71,79 @@ def next_token_nll(model: Any, ids: Any) -> Any:
     with torch.no_grad():
         scores = model(input_ids=ids).logits[0, :-1].float()
     return F.cross_entropy(scores, ids[0, 1:].to(scores.device), reduction="none")
+
+
+# How transformers words its refusal of a path for a model (generate's validation, attention switching).
+_REFUSAL = re.compile(
+    r"not supported|does not support|doesn't support|only supports?|requires|not implemented|not compatible"
+    r"|doesn't have its forwarding implemented|is not available|not installed|install"
+)
+# Where those refusals are raised: generate's own validation and the model-loading machinery; never a model's
+# forward, a cache or custom code (there a "not supported" is a bug reached at run time, e.g. a crop called with
+# the wrong sign).
+_REFUSING_MODULES = ("generation", "modeling_utils.py", "integrations", "utils/import_utils.py")
+
+
+def transformers_refusal(exc: BaseException) -> str | None:
+    """transformers' own words when it refuses a path for this model (the innermost frame is in its generation or
+    loading machinery and the message reads as a refusal), or None: then the exception is a failure."""
+    import transformers
+
+    frames = _frames(exc)
+    if not frames:
+        return None
+    package = Path(transformers.__file__).resolve().parent
+    raised_in = Path(frames[-1].f_code.co_filename).resolve()
+    inside = package in raised_in.parents and str(raised_in.relative_to(package)).startswith(_REFUSING_MODULES)
+    words = first_line(exc)
+    return words if inside and _REFUSAL.search(words) else None
+
+
+def first_line(exc: BaseException) -> str:
+    """``ValueError: the first line of the message`` (at most 300 characters)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def _frames(exc: BaseException) -> list[Any]:
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames
+
+
+def raised_where(exc: BaseException, model: Any) -> tuple[str | None, str]:
+    """``(module, place)``: the innermost module of ``model`` whose forward was running when ``exc`` was raised
+    (its qualified name and class), and the file and line that raised it."""
+    import torch
+
+    names = {id(module): name for name, module in model.named_modules()} if hasattr(model, "named_modules") else {}
+    module = None
+    frames = _frames(exc)
+    for frame in frames:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, torch.nn.Module) and id(candidate) in names:
+            module = candidate
+    named = None if module is None else f"{names[id(module)] or '(the model itself)'} ({type(module).__name__})"
+    place = f"{frames[-1].f_code.co_filename}:{frames[-1].f_lineno} in {frames[-1].f_code.co_name}" if frames else "?"
+    return named, place
+
+
+def error_failure(exc: BaseException, model: Any, doing: str) -> AssertionError:
+    """An exception a check did not expect, as a failure that names it, the module it came from and where it was
+    raised: an error on a path users take is a bug of that path, not a reason to skip it."""
+    module, place = raised_where(exc, model)
+    return failure(
+        f"{doing} raised {first_line(exc)}",
+        model,
+        [
+            ("error", first_line(exc)),
+            *([("in module", module)] if module else []),
+            ("raised at", place),
+            ("not a skip", "transformers did not refuse this path; the code that runs it raised"),
+        ],
+    )
 
 
 def measured_of(exc: BaseException) -> dict[str, Any] | None:

@@ -6,7 +6,6 @@ transformers refuses (a skip) and a path that breaks (a failure).
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,15 +23,19 @@ from ._common import (
     check_scores,
     default_positions_differ,
     eos_ids,
+    error_failure,
     failure,
     first_difference,
+    first_line,
     forward_logits,
     mismatch_failure,
     pad_id,
+    raised_where,
     resolve_tolerance,
     returned_cache,
     text_of,
     token,
+    transformers_refusal,
 )
 
 __all__ = [
@@ -420,20 +423,17 @@ def require_kv_cache(model: Any, input_ids: Any, what: str) -> None:
         pytest.skip(f"{type(model).__name__} returns {held}; {what} needs a key/value cache")
 
 
-# How transformers and model code say a generation path is not supported for a model: a refusal, not a wrong answer.
-_REFUSAL = re.compile(r"not supported|does not support|doesn't support|only supported|requires a cache|not implemented")
-
-
-def generate_or_skip(refusal: str, model: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> ScoredGeneration:
-    """``generate_scored``, skipping with transformers' own words when it refuses the path for this model
-    (a refusal is an error the user sees, not a wrong answer); any other exception propagates."""
+def generate_or_skip(path: str, model: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> ScoredGeneration:
+    """``generate_scored`` on ``path`` (``"static-cache generation"``...), skipping with transformers' own words
+    when transformers refuses the path for this model (``transformers_refusal``); any other exception is a
+    failure naming it and the module it came from."""
     try:
         return generate_scored(model, tokenizer, *args, **kwargs)
-    except (ValueError, NotImplementedError, RuntimeError, AssertionError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if isinstance(exc, (RuntimeError, AssertionError)) and not _REFUSAL.search(first_line):
-            raise
-        pytest.skip(f"{refusal}: {first_line[:300]}")
+    except Exception as exc:
+        words = transformers_refusal(exc)
+        if words is None:
+            raise error_failure(exc, model, path) from None
+    pytest.skip(f"transformers refuses {path} for {type(model).__name__}: {words}")
 
 
 def generate_or_fail(title: str, model: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> ScoredGeneration:
@@ -441,12 +441,17 @@ def generate_or_fail(title: str, model: Any, tokenizer: Any, *args: Any, **kwarg
     try:
         return generate_scored(model, tokenizer, *args, **kwargs)
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        module, place = raised_where(exc, model)
         raise failure(
             f"{title}: generate raised {type(exc).__name__} after an earlier call on this path succeeded",
             model,
-            [("error", first_line), ("likely cause", "state kept from the earlier call (a cache not reset)")],
-        ) from exc
+            [
+                ("error", first_line(exc)),
+                *([("in module", module)] if module else []),
+                ("raised at", place),
+                ("likely cause", "state kept from the earlier call (a cache not reset)"),
+            ],
+        ) from None
 
 
 def static_cache_fields(*, compile: bool) -> dict[str, Any]:

@@ -19,11 +19,13 @@ from ._common import (
     CheckResult,
     check_scores,
     encode,
+    error_failure,
     forward_logits,
     mismatch_failure,
     pad_id,
     padded_batch,
     resolve_tolerance,
+    transformers_refusal,
 )
 from ._generation import GreedyRun, compare_continuations, generate_scored
 
@@ -47,8 +49,11 @@ def _switch(model: Any, name: str) -> str | None:
         return "compiles its kernel at first use (tens of seconds on CPU); compared on accelerators"
     try:
         model.set_attn_implementation(name)
-    except (ValueError, ImportError, NotImplementedError, RuntimeError) as exc:
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    except Exception as exc:
+        words = transformers_refusal(exc)
+        if words is None:
+            raise error_failure(exc, model, f"switching to the {name} attention implementation") from None
+        return words[:160]
     return None
 
 

@@ -97,9 +97,8 @@ def assert_inputs_embeds_match(
             mismatch,
             tolerance,
         )
-    refusal = f"{type(model).__name__} does not generate from inputs_embeds"
     generated = generate_or_skip(
-        refusal,
+        "generation from inputs_embeds",
         model,
         tokenizer,
         None,

@@ -236,7 +236,7 @@ def assert_assisted_decoding_matches(
     ]
     for label, prompt, fields, inputs in cases:
         generated = generate_or_skip(
-            f"{type(model).__name__} does not support {label} decoding",
+            f"{label} decoding",
             model,
             tokenizer,
             prompt,
