@@ -343,3 +343,42 @@ def test_a_failing_invariant_shows_its_own_message_first_and_the_plugin_frames_o
     assert not any("registry.py" in line or "builtin.py" in line for line in block)
     long = pytester.runpytest(*args, "--tb=long").stdout.str()
     assert "pytest_causal_lm/registry.py" in long
+
+
+def test_the_suite_installed_in_the_repositorys_own_venv_is_still_collected(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uv's and poetry's layout: the package lives in ./.venv, which pytest's recursion skips."""
+    site = pytester.path / ".venv" / "lib" / "python3" / "site-packages"
+    shutil.copytree(Path(clm.__file__).parent, site / "pytest_causal_lm", ignore=shutil.ignore_patterns("__pycache__"))
+    (pytester.path / ".venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (site / "other_package").mkdir()
+    (site / "other_package" / "test_not_ours.py").write_text("def test_other():\n    assert False\n")
+    pytester.makepyfile(test_mine="def test_mine():\n    assert True\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    result = pytester.runpytest_subprocess("--causal-lm-checkpoint=tiny:qwen3", "-k", "determinism or mine", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*.venv/lib/python3/site-packages/pytest_causal_lm/suite/test_causal_lm_invariants.py::test_determinism*PASSED*",
+            "*test_mine.py::test_mine PASSED*",
+        ]
+    )
+
+
+IGNORING_PLUGIN = """
+def pytest_ignore_collect(collection_path):
+    if collection_path.name == "test_causal_lm_invariants.py":
+        return True
+"""
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_a_configured_suite_that_collected_nothing_fails_saying_so(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: list[str]
+) -> None:
+    pytester.makepyfile(ignoresuite=IGNORING_PLUGIN)
+    monkeypatch.setenv("PYTHONPATH", str(pytester.path))
+    result = pytester.runpytest_subprocess("-p", "ignoresuite", "--causal-lm-checkpoint=tiny:qwen3", *xdist)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "the built-in suite (suite=on) collected no test from" in result.stdout.str() + result.stderr.str()

@@ -82,6 +82,27 @@ def pytest_configure(config: pytest.Config) -> None:
         config.args[:] = [str(SUITE_DIR)]
     elif settings.checkpoint and settings.suite == "on" and str(SUITE_DIR) not in config.args:
         config.args.append(str(SUITE_DIR))
+        session.suite_hidden_under = _hidden_root(config)
+
+
+def _hidden_root(config: pytest.Config) -> Path | None:
+    """The topmost directory above the suite, inside the rootdir, that pytest skips when it recurses (a virtual
+    environment, a dot- or ``venv`` directory: uv's and poetry's ``./.venv``), or None.
+
+    pytest folds an argument inside another one (the suite inside the repository) into the recursion, so the
+    suite installed in ``./.venv`` would be skipped with the environment: inside that directory only the way
+    down to the suite is collected, and nothing else of the environment.
+    """
+    from fnmatch import fnmatch
+
+    patterns = config.getini("norecursedirs")
+    for directory in reversed(SUITE_DIR.parents):  # from the filesystem's root down
+        if config.rootpath not in directory.parents:
+            continue
+        is_environment = (directory / "pyvenv.cfg").is_file() or (directory / "conda-meta" / "history").is_file()
+        if is_environment or any(fnmatch(directory.name, pattern) for pattern in patterns):
+            return directory
+    return None
 
 
 def _check_marker_expression(config: pytest.Config) -> None:
@@ -98,11 +119,19 @@ def _under_xdist(config: pytest.Config) -> bool:
     return bool(config.getoption("numprocesses", None)) or config.getoption("dist", "no") != "no"
 
 
+@pytest.hookimpl(tryfirst=True)  # first: its answer inside a hidden environment overrides pytest's own
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    """The benchmark module is collected only when benchmarks are asked for (no row of skips otherwise)."""
+    """The benchmark module is collected only when benchmarks are asked for (no row of skips otherwise); inside
+    an environment pytest would skip (``_hidden_root``), only the way down to the suite."""
+    session = session_of(config)
     if collection_path.name == BENCHMARK_MODULE and collection_path.parent == SUITE_DIR:
-        return None if session_of(config).benchmarks_enabled() else True
-    return None
+        return None if session.benchmarks_enabled() else True
+    hidden = session.suite_hidden_under
+    if hidden is None or (collection_path != hidden and hidden not in collection_path.parents):
+        return None
+    if collection_path == SUITE_DIR or SUITE_DIR in collection_path.parents:
+        return None  # the suite's own files: pytest's rules as anywhere else
+    return collection_path not in SUITE_DIR.parents
 
 
 def _require_named_devices(settings: Settings) -> None:
@@ -120,6 +149,69 @@ def _require_named_devices(settings: Settings) -> None:
 def _target_of(item: pytest.Item) -> Target | None:
     callspec = getattr(item, "callspec", None)
     return callspec.params.get("causal_lm_target") if callspec is not None else None
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if item.path.parent == SUITE_DIR:
+        session_of(item.config).suite_items += 1
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k, -m and --lf deselect: those may select nothing on purpose
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A run configured to test a checkpoint whose built-in suite collected nothing fails, saying so: it must not
+    go green having tested nothing."""
+    state = session_of(config)
+    if (
+        state.settings.checkpoint
+        and state.settings.suite != "off"
+        and not state.suite_items
+        and not session.testsfailed
+    ):
+        raise pytest.UsageError(_suite_not_collected(state.settings))
+    _prepare_items(config, items)
+
+
+def _suite_not_collected(settings: Settings) -> str:
+    return (
+        f"the built-in suite (suite={settings.suite}) collected no test from {SUITE_DIR} for "
+        f"{', '.join(settings.checkpoint)}: nothing of the checkpoint would be tested. pytest's collection left "
+        "it out (an --ignore-glob or a plugin's pytest_ignore_collect matching it?); run with "
+        "--causal-lm-suite=only to test the checkpoint alone"
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under pytest-xdist the workers collect: a controller whose workers collected nothing says why, and fails."""
+    settings = session_of(session.config).settings
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and settings.checkpoint and settings.suite != "off":
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"ERROR: {_suite_not_collected(settings)}", red=True)
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
+
+
+def _prepare_items(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tag each target's tests for the verdict, and skip the opt-in ones that are off (xfail acknowledged ones)."""
+    session = session_of(config)
+    skip = pytest.mark.skip(reason="benchmarks are opt-in: pass --causal-lm-benchmark (or --benchmark-only)")
+    for item in items:
+        target = _target_of(item)
+        if target is not None:  # tags the reports so the verdict table can be built from them alone
+            test = getattr(item, "originalname", item.name)
+            cell = {"target": target.key, "label": target.id, "test": test, "device": target.device}
+            item.user_properties.append(("causal_lm_cell", cell))
+        if item.get_closest_marker("causal_lm_benchmark") and not session.benchmarks_enabled():
+            item.add_marker(skip)
+        invariant = invariant_for_test(getattr(item, "originalname", item.name))
+        if invariant is None or not item.get_closest_marker("causal_lm"):
+            continue
+        reason = invariant.opt_in(session) if invariant.opt_in else None
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+        elif invariant.key in session.settings.known_limitations:
+            why = "a known limitation this project acknowledges (causal_lm_known_limitations)"
+            item.add_marker(pytest.mark.xfail(reason=why, strict=True))
 
 
 @pytest.hookimpl(trylast=True)  # after other plugins have reordered: this is the order tests run in
@@ -154,28 +246,6 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     target = session.last_test_of.get(item.nodeid)
     if target is not None and (nextitem is None or _target_of(nextitem) != target):
         session.models.release(target)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    session = session_of(config)
-    skip = pytest.mark.skip(reason="benchmarks are opt-in: pass --causal-lm-benchmark (or --benchmark-only)")
-    for item in items:
-        target = _target_of(item)
-        if target is not None:  # tags the reports so the verdict table can be built from them alone
-            test = getattr(item, "originalname", item.name)
-            cell = {"target": target.key, "label": target.id, "test": test, "device": target.device}
-            item.user_properties.append(("causal_lm_cell", cell))
-        if item.get_closest_marker("causal_lm_benchmark") and not session.benchmarks_enabled():
-            item.add_marker(skip)
-        invariant = invariant_for_test(getattr(item, "originalname", item.name))
-        if invariant is None or not item.get_closest_marker("causal_lm"):
-            continue
-        reason = invariant.opt_in(session) if invariant.opt_in else None
-        if reason:
-            item.add_marker(pytest.mark.skip(reason=reason))
-        elif invariant.key in session.settings.known_limitations:
-            why = "a known limitation this project acknowledges (causal_lm_known_limitations)"
-            item.add_marker(pytest.mark.xfail(reason=why, strict=True))
 
 
 class _VerdictListener:

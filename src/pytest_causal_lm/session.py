@@ -37,6 +37,8 @@ class CausalLMSession:
     last_test_of: dict[str, Target] = field(default_factory=dict)  # nodeid of each target's last test
     load_failure_shown_at: dict[Target, str] = field(default_factory=dict)  # where a load failure was reported
     current_item: pytest.Item | None = None  # the test being set up
+    suite_hidden_under: Path | None = None  # an environment pytest skips that holds the suite (plugin._hidden_root)
+    suite_items: int = 0  # the built-in suite's tests collected, before -k/-m deselect any
     passed_items: list[pytest.Item] = field(default_factory=list)  # tests whose call passed, in this process
     _snapshot_extension: type | None = None
 
