@@ -147,7 +147,16 @@ def test_model_repo_example_runs_suite_custom_prompts_and_benchmark(pytester: py
         "--causal-lm-benchmark-rounds=1",
     )
     assert only.parseoutcomes()["passed"] == 3  # this repo's benchmark, and the built-in one in two modes
-    only.stdout.fnmatch_lines(["causal-lm: no invariant ran in this session; the report was left as it was"])
+    only.stdout.fnmatch_lines(
+        [
+            "*causal-lm verdict*",
+            "no invariant ran in this session",
+            "*benchmark tok/s at 2 new tokens*",
+            "not run: * test(s)",
+            "causal-lm: no invariant ran in this session; the report was left as it was",
+        ]
+    )
+    assert "checkpoint-device-dtype" not in only.stdout.str()  # no table of skips
     assert (pytester.path / "causal-lm-report.md").read_text() == report
 
 

@@ -46,9 +46,10 @@ def test_require_checkpoint_makes_a_session_without_one_an_error(
     pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "-p", "no:randomly", "-k", "uses").assert_outcomes(passed=1)
 
 
-def test_an_unknown_causal_lm_marker_names_the_real_ones(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "-m", "causal_lm_vocabb or causal_lm_cache")
-    _usage_error(result, "*-m causal_lm_vocabb: no such marker; the causal-lm markers are causal_lm, *causal_lm_vocab*")
+def test_an_unknown_causal_lm_marker_names_the_closest_one(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "-m", "causal_lm_causalty or causal_lm_cache")
+    _usage_error(result, "*-m causal_lm_causalty: no such marker; did you mean causal_lm_causality? (pytest --markers*")
+    assert "causal_lm_vocab" not in result.stderr.str()  # one name, not the list of twenty
 
 
 def test_an_early_stop_lists_every_test_that_never_started(pytester: pytest.Pytester) -> None:

@@ -17,7 +17,7 @@ from .output import failure_context
 from .registry import invariant_for_test, invariants, show_registry_frames
 from .registry import markers as invariant_markers
 from .session import CausalLMSession, has_session, session_of, start_session
-from .settings import HOW_TO_CONFIGURE, OPTIONS, Settings, resolve_settings
+from .settings import HOW_TO_CONFIGURE, OPTIONS, Settings, closest, resolve_settings
 from .targets import Target, targets_of
 
 pytest_plugins = ["pytest_causal_lm.fixtures", "pytest_causal_lm.output"]
@@ -73,11 +73,6 @@ def pytest_configure(config: pytest.Config) -> None:
     elif settings.require_checkpoint:
         raise pytest.UsageError(f"--causal-lm-require-checkpoint: no checkpoint configured; {HOW_TO_CONFIGURE}")
     _check_marker_expression(config)
-    if session.benchmarks_enabled() and _under_xdist(config):
-        raise pytest.UsageError(
-            "--causal-lm-benchmark under pytest-xdist (-n): pytest-benchmark turns timing off in xdist workers, "
-            "so nothing would be measured. Run the benchmark without -n (e.g. -p no:xdist)"
-        )
     if settings.checkpoint and settings.suite == "only":
         config.args[:] = [str(SUITE_DIR)]
     elif settings.checkpoint and settings.suite == "on" and str(SUITE_DIR) not in config.args:
@@ -105,6 +100,17 @@ def _hidden_root(config: pytest.Config) -> Path | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's own configure, which refuses the same with its words
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    benchmark = config.getoption("benchmark_only", False) or resolve_settings(config).benchmark
+    if benchmark and _under_xdist(config):
+        raise pytest.UsageError(
+            "the generation benchmark (--causal-lm-benchmark or --benchmark-only) under pytest-xdist (-n): "
+            "pytest-benchmark turns timing off in xdist workers, so nothing would be measured. Run the benchmark "
+            "without -n (e.g. -p no:xdist)"
+        )
+
+
 def _check_marker_expression(config: pytest.Config) -> None:
     """``-m causal_lm_typo`` would select nothing and exit 5 without a word: name the real markers."""
     import re
@@ -112,7 +118,9 @@ def _check_marker_expression(config: pytest.Config) -> None:
     known = {*MARKERS, *invariant_markers()}
     for name in re.findall(r"\bcausal_lm\w*", config.getoption("markexpr", "") or ""):
         if name not in known:
-            raise pytest.UsageError(f"-m {name}: no such marker; the causal-lm markers are {', '.join(sorted(known))}")
+            raise pytest.UsageError(
+                f"-m {name}: no such marker{closest(name, sorted(known), '')} (pytest --markers lists them)"
+            )
 
 
 def _under_xdist(config: pytest.Config) -> bool:

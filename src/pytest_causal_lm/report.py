@@ -178,6 +178,9 @@ class VerdictTable:
         """``-q``: a line per target; default: the table and failures; ``-v``: every figure too."""
         if verbosity < 0:
             return [f"{self.labels[t]}: {self._row_summary(t)}" for t in self.cells] + self._not_run_lines()
+        if not self.ran_anything() and not self.load_errors:  # e.g. --benchmark-only: no table of skips
+            benchmarks = [f"{self.labels[t]} benchmark {b['summary']}" for t, b in self.benchmarks.items()]
+            return ["no invariant ran in this session", *benchmarks, *self._not_run_lines()]
         columns = self._columns()
         width = min(max(len("checkpoint-device-dtype"), *(len(label) for label in self.labels.values())), 40)
         lines = [f"{'checkpoint-device-dtype':<{width}} " + " ".join(f"{i.column:<4}" for i in columns)]

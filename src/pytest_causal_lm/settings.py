@@ -429,18 +429,19 @@ def check_names(ini_keys: Iterable[str], environ: Mapping[str, str]) -> None:
     the suite off and leave a run green having tested nothing."""
     known_ini = [spec.ini for spec in OPTIONS]
     for key in sorted(k for k in ini_keys if k.startswith("causal_lm_") and k not in known_ini):
-        raise pytest.UsageError(f"ini key {key}: no such pytest-causal-lm setting{_closest(key, known_ini)}")
+        raise pytest.UsageError(f"ini key {key}: no such pytest-causal-lm setting{closest(key, known_ini)}")
     known_env = [spec.env for spec in OPTIONS] + list(OTHER_ENV)
     for name in sorted(n for n in environ if n.startswith("CAUSAL_LM_") and n not in known_env):
         if not name.startswith(TEST_ENV_PREFIX):
             raise pytest.UsageError(
-                f"environment variable {name}: no such pytest-causal-lm setting{_closest(name, known_env)}"
+                f"environment variable {name}: no such pytest-causal-lm setting{closest(name, known_env)}"
             )
 
 
-def _closest(name: str, known: list[str]) -> str:
+def closest(name: str, known: list[str], otherwise: str = "; pytest --help lists them (causal-lm group)") -> str:
+    """``"; did you mean X?"`` for the known name nearest to a misspelt one, else ``otherwise``."""
     match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f"; did you mean {match[0]}?" if match else "; pytest --help lists them (causal-lm group)"
+    return f"; did you mean {match[0]}?" if match else otherwise
 
 
 def _ini_keys(config: pytest.Config) -> Iterable[str]:

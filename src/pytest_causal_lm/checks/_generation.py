@@ -454,11 +454,24 @@ def generate_or_fail(title: str, model: Any, tokenizer: Any, *args: Any, **kwarg
         ) from None
 
 
+def _import_what_inductor_imports() -> None:
+    """torch's inductor imports ``torch.utils.mkldnn`` at the first CPU compile, whose classes still use
+    ``torch.jit.script_method`` and so log 14 DeprecationWarnings of torch's own making into the user's run:
+    imported here once, with exactly that warning silenced."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.script_method` is deprecated", DeprecationWarning)
+        import torch.utils.mkldnn  # noqa: F401
+
+
 def static_cache_fields(*, compile: bool) -> dict[str, Any]:
     """GenerationConfig fields of static-cache generation, compiled on every device or not at all."""
     if not compile:
         return {"cache_implementation": "static", "disable_compile": True}
     from transformers import CompileConfig
+
+    _import_what_inductor_imports()
 
     compile_config = CompileConfig()  # transformers' own choice: reduce-overhead (CUDA graphs where available)
     compile_config._compile_all_devices = True  # transformers compiles by itself only on accelerators
