@@ -175,6 +175,39 @@ def _clean_generation_config(model: Any, tokenizer: Any) -> Iterator[Any]:
         model.generation_config = original
 
 
+# transformers 5.25's own assisted decoding calls the assistant's generate with a generation_config and
+# max_new_tokens/min_new_tokens side by side, which its own deprecation then logs into the user's run.
+_ASSISTANT_CALL_DEPRECATION = "Passing `generation_config` together with generation-related arguments"
+
+
+class _DropRecord:
+    """A logging filter that drops the records starting with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
+@contextmanager
+def _assistant_calls_quiet(active: bool) -> Iterator[None]:
+    """While the plugin runs assisted decoding, drop the deprecation transformers logs about its own call of the
+    assistant (no argument of the plugin's causes it); everything else it logs passes."""
+    import logging
+
+    if not active:
+        yield
+        return
+    logger = logging.getLogger("transformers.generation.utils")
+    dropped = _DropRecord(_ASSISTANT_CALL_DEPRECATION)
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)
+
+
 @dataclass
 class ScoredGeneration:
     """What ``generate`` returned: each row's new tokens (cut after its first eos), the raw scores of every
@@ -223,7 +256,8 @@ def generate_scored(
             output_logits=keep_scores,
             **(config_fields or {}),
         )
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **inputs)
+        with _assistant_calls_quiet("assistant_model" in inputs):
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **inputs)
     prompt_length = 0 if input_ids is None else input_ids.shape[1]  # from inputs_embeds, only new tokens return
     rows = []
     for row in out.sequences[:, prompt_length:].tolist():
