@@ -26,7 +26,7 @@ from pytest_causal_lm.loading import CausalLM, load
 from pytest_causal_lm.targets import Target
 
 # every registered invariant that needs no pytest fixture (snapshots and the reference do)
-CHECKS: dict[str, Callable[[CausalLM], Any]] = {i.key: i.run for i in clm.invariants() if not i.fixtures}
+CHECKS: dict[str, Callable[[CausalLM], Any]] = {i.key: i.check for i in clm.invariants() if not i.fixtures}
 
 
 class _Timeout(Exception):

@@ -14,11 +14,11 @@ docs/breadth.md lists the architectures and the skips.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import pytest
 
 import pytest_causal_lm as clm
+from pytest_causal_lm.known_issues import KNOWN_DISCREPANCIES, TENSOR_PARALLEL_DISCREPANCIES
 
 # The lists below were verified against this transformers release; another one may add architectures.
 VERIFIED_WITH_TRANSFORMERS = "5.23.0"
@@ -188,218 +188,6 @@ VERIFIED = [
 ]
 
 
-@dataclass(frozen=True)
-class Discrepancy:
-    """Suite tests that fail on this architecture, each with a regex its failure must match, and why."""
-
-    failing: dict[str, str]
-    why: str
-
-
-_POSITIONS_FROM_ZERO = r"likely cause\s+: the forward's default positions are not the ones generate passes"
-_ROBERTA_POSITIONS = Discrepancy(
-    dict.fromkeys(
-        [
-            "test_greedy_loop_parity",
-            "test_padding_invariance",
-            "test_static_cache",
-            "test_continuation",
-            "test_assisted_decoding",
-            "test_inputs_embeds",
-        ],
-        _POSITIONS_FROM_ZERO,
-    ),
-    "transformers 5's generate passes position_ids counted from 0; the forward, given none, counts from "
-    "padding_idx + 1 (RoBERTa's convention), so generate decodes with other position embeddings than the model",
-)
-_NO_POSITION_IDS = Discrepancy(
-    {"test_padding_invariance": r"likely cause\s+: \w+\.forward does not use position_ids: left padding shifts"},
-    "the forward takes no position_ids (learned absolute positions counted from 0), so a left-padded row's tokens "
-    "sit at other positions than the prompt alone and batched generation with left padding gives other text; "
-    "transformers' own tests skip left padding for these models",
-)
-KNOWN_DISCREPANCIES: dict[str, Discrepancy] = {
-    "ctrl": Discrepancy(
-        {"test_inputs_embeds": r"forward\(inputs_embeds=...\) changed the tensor it was given, in place"},
-        "CTRLModel scales the caller's inputs_embeds in place (`inputs_embeds *= np.sqrt(d_model_size)`), so a "
-        "second call with the same embeddings (a retry, generate after a forward) scales them again",
-    ),
-    "moshi": Discrepancy(
-        {
-            "test_long_context": r"long context: cached pass, segment 3 of 6 \(positions 33..33\)",
-            "test_continuation": r"generate continued after a new turn",
-            "test_assisted_decoding": r"prompt lookup decoding",
-        },
-        "Moshi's forward masks with create_causal_mask (no window) while its config's sliding_window makes the "
-        "DynamicCache keep only the last window - 1 keys: past the window, cached decoding sees fewer tokens than "
-        "the full forward (measured from position 33 with a window of 32)",
-    ),
-    "recurrent_gemma": Discrepancy(
-        {"test_attention_implementations": r"'sdpa' differs from 'eager' on a left-padded batch"},
-        "its recurrent blocks carry every position, pad tokens included, into the next ones; the attention "
-        "blocks give fully masked pad rows other values under eager than under sdpa, so a left-padded row's "
-        "real tokens score differently with the two (padding invariance holds under sdpa, the default)",
-    ),
-    "deepseek_v4": Discrepancy(
-        {
-            "test_static_cache": r"KeyError: 'heavily_compressed_attention'",
-            "test_inputs_embeds": r"'NoneType' object has no attribute 'reshape'",
-        },
-        "StaticCache has no layer class for DeepSeek-V4's compressed-attention layer types (KeyError instead of "
-        "a refusal), and its forward reads input_ids even when given inputs_embeds",
-    ),
-    **dict.fromkeys(
-        ["gemma4", "gemma4_unified"],
-        Discrepancy(
-            {"test_inputs_embeds": r"IndexError: index out of range in self"},
-            "its per-layer embeddings need input_ids; from inputs_embeds alone it recovers them by exact equality "
-            "with the scaled embedding rows, which generate(inputs_embeds=...) does not survive",
-        ),
-    ),
-    **dict.fromkeys(
-        ["camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod"],
-        _ROBERTA_POSITIONS,
-    ),
-    **dict.fromkeys(
-        [
-            "bart",
-            "bigbird_pegasus",
-            "blenderbot",
-            "blenderbot-small",
-            "marian",
-            "mbart",
-            "mvp",
-            "pegasus",
-            "plbart",
-            "trocr",
-        ],
-        _NO_POSITION_IDS,
-    ),
-    "rwkv": Discrepancy(
-        {"test_padding_invariance": r"RwkvForCausalLM\.forward uses neither attention_mask nor position_ids"},
-        "RWKV's recurrence reads every token, pad tokens included: neither attention_mask nor position_ids reach it",
-    ),
-    "bamba": Discrepancy(
-        {
-            "test_kv_cache_parity": r"KV-cache parity violated: decoding step 1 ",
-            "test_greedy_loop_parity": r"greedy-loop parity violated",
-        },
-        "BambaModel.forward, given no position_ids, counts positions from 0 even after a cache, so a cached "
-        "step gets the rotary position of token 0 (GraniteMoeHybrid, with the same Mamba mixer, adds the cached length)",
-    ),
-    "git": Discrepancy(
-        {
-            "test_kv_cache_parity": r"KV-cache parity violated: left-padded batch",
-            "test_padding_invariance": r"padding changes the greedy continuation",
-            "test_inputs_embeds": r"forward\(inputs_embeds=...\) changed the tensor it was given, in place",
-        },
-        "GIT widens a cached step's attention mask by its image-patch count even when no image was given, "
-        "so left-padded cached decoding masks the wrong positions; GitEmbeddings adds the position embeddings "
-        "to the caller's inputs_embeds in place (`embeddings += ...`), so reusing them adds positions twice",
-    ),
-    "jamba": Discrepancy(
-        {
-            "test_kv_cache_parity": r"KV-cache parity violated: chunk 2 of 2",
-            "test_continuation": r"generate continued after a new turn",
-        },
-        "Jamba's torch Mamba path uses the cached SSM state only for one-token steps; a multi-token step after "
-        "a cache (chunked prefill, a new chat turn appended to a cached conversation) restarts from a zero state",
-    ),
-    "reformer": Discrepancy(
-        {"test_padding_invariance": r"padding changes the greedy continuation"},
-        "Reformer's prepare_inputs_for_generation drops attention_mask and position_ids, so a left-padded "
-        "generate reads the pad tokens",
-    ),
-    "whisper": Discrepancy(
-        {
-            "test_padding_invariance": r"padding changes the greedy continuation",
-            "test_static_cache": r"static cache differs \(left-padded batch of 3\)",
-        },
-        "WhisperForCausalLM takes position_ids only through **kwargs; generate passes position_ids only to a "
-        "forward whose signature names them, so left-padded generation shifts every position",
-    ),
-    "xlm": Discrepancy(
-        {
-            "test_greedy_loop_parity": r"greedy-loop parity violated",
-            "test_padding_invariance": r"padding changes scores",
-        },
-        "XLM's generate appends its mask token and predicts there, and its causal attention mask ignores the "
-        "padding mask (get_masks), so pad tokens are attended",
-    ),
-    "xlnet": Discrepancy(
-        {
-            "test_prefix_causality": r"prefix causality violated",
-            "test_greedy_loop_parity": r"greedy-loop parity violated",
-            "test_padding_invariance": r"XLNetLMHeadModel\.forward does not use position_ids",
-            "test_generation_defaults": r"`max_length` is set to -1",
-        },
-        "XLNet attends bidirectionally over its input by default (attn_type='bi'), and its generate appends a "
-        "dummy token with a permutation mask; a plain generate() without max_new_tokens raises, since its config "
-        "reports max_position_embeddings=-1 (no limit) and generate caps its default max_length at that",
-    ),
-    "prophetnet": Discrepancy(
-        {
-            "test_prefix_causality": r"prefix causality violated",
-            "test_kv_cache_parity": r"KV-cache parity violated",
-            "test_greedy_loop_parity": r"greedy-loop parity violated",
-            "test_padding_invariance": r"ProphetNetForCausalLM\.forward does not use position_ids",
-            "test_static_cache": r"size of tensor a",
-            "test_continuation": r"generate continued from its returned past_key_values",
-            "test_inputs_embeds": r"generate\(inputs_embeds=...\): step 0",
-        },
-        "ProphetNetForCausalLM's logits come from its first n-gram predicting stream; run on its own, earlier "
-        "positions' scores change when tokens are appended and cached decoding differs (so every cached path "
-        "into generate does), and its n-gram attention cannot size a static cache; the leak inside the n-gram "
-        "attention is not traced further",
-    ),
-    "cpmant": Discrepancy(
-        {
-            "test_output_shapes": r"cache layer 0 keys\s+: shape \(1, \d+, 38, ",
-            "test_prefix_causality": r"prefix causality violated",
-            "test_kv_cache_parity": r"size of tensor a",
-            "test_cache_effectiveness": r"cache not effective",
-            "test_greedy_loop_parity": r"size of tensor a",
-            "test_padding_invariance": r"CpmAntForCausalLM\.forward uses neither attention_mask nor position_ids",
-            "test_static_cache": r"index_copy_\(\): index \d+ is out of bounds",
-            "test_continuation": r"generate continued from its returned past_key_values",
-            "test_assisted_decoding": r"assisted by itself decoding",
-        },
-        "CPM-Ant prepends 32 internal prompt positions to every input and to its cache, so cached decoding "
-        "cannot line up, and position 0's scores change when the input grows",
-    ),
-}
-
-# Architectures whose transformers tensor-parallel plan breaks at N=2 on the tiny checkpoints (transformers
-# 5.23.0, gloo on CPU): the failure each gives, and why. Every other architecture with a plan passes.
-TENSOR_PARALLEL_DISCREPANCIES: dict[str, tuple[str, str]] = {
-    "doge": (
-        r"in model.layers.0.self_attn.dt_proj: RuntimeError: output with shape .* doesn't match the broadcast shape",
-        "the plan shards the attention heads but not the dynamic-mask parameter A that dt_proj's output is "
-        "broadcast with, so the local heads meet all heads",
-    ),
-    "gemma4": (
-        r"in model.language_model.embed_tokens: RuntimeError: aten.where.self got mixed torch.Tensor and DTensor",
-        "the sharded embedding's DTensor output meets a plain tensor in Gemma 4's per-layer-input lookup",
-    ),
-    "hrm_text": (
-        r"the scores of a prompt differ from the single process's",
-        "every position's scores differ (up to 0.99): its recurrent high/low-level modules run a layer whose "
-        "sharded output is not gathered back; the plan does not fit the model",
-    ),
-    "inkling_text": (
-        r"in model.embed_tokens.embed_norm: AssertionError",
-        "the embedding norm asserts on the shape of the sharded embedding output",
-    ),
-    "lfm2": (
-        r"in lm_head: RuntimeError: narrow unexpectedly changed concrete size",
-        "the gathered head's output is narrowed to the vocabulary twice (768 -> 384 on a 384-token vocabulary)",
-    ),
-    "lfm3": (
-        r"in lm_head: RuntimeError: narrow unexpectedly changed concrete size",
-        "the same head gather as lfm2",
-    ),
-}
-
 NOT_BUILDABLE: dict[str, str] = {
     "blt": r"96,268,416 parameters",  # byte patcher, local encoder/decoder and global model keep their sizes
     "dbrx": r"has no attribute 'rope_theta'",  # the attention reads it from a sub-config that lacks it
@@ -470,12 +258,20 @@ def test_every_verified_architecture_passes_the_built_in_suite(pytester: pytest.
 @pytest.mark.architecture_matrix
 @pytest.mark.parametrize("name", sorted(KNOWN_DISCREPANCIES))
 def test_known_discrepancies_fail_exactly_the_named_invariants(pytester: pytest.Pytester, name: str) -> None:
-    expected = KNOWN_DISCREPANCIES[name].failing
+    import transformers
+
+    known = KNOWN_DISCREPANCIES[name]
+    if not known.applies_to(transformers.__version__):
+        pytest.skip(f"{name}'s discrepancy is one of transformers {known.transformers}")
+    expected = {f"test_{key}": pattern for key, pattern in known.failing.items()}
     reports = _suite_reports(pytester, [name])
-    failed = {r.nodeid.split("::")[-1].split("[")[0]: r.longreprtext for r in reports if r.failed}
+    failed = {r.nodeid.split("::")[-1].split("[")[0]: r for r in reports if r.failed}
     assert set(failed) == set(expected)
     for test, pattern in expected.items():
-        assert re.search(pattern, failed[test]), f"{test}: {failed[test][-1500:]}"
+        text = failed[test].longreprtext
+        assert re.search(pattern, text), f"{test}: {text[-1500:]}"
+        said = "\n".join(section for name, section in failed[test].sections if name == "causal-lm")
+        assert "a transformers bug or design, not your checkpoint" in said, said
     unexpected = sorted({why for r in reports if r.skipped and (why := _unexpected_skip(r))})
     assert not unexpected, unexpected
 
@@ -532,6 +328,42 @@ def test_tensor_parallelism_passes_every_architecture_with_a_plan_but_the_pinned
     expected = {name for name in names if name in TENSOR_PARALLEL_DISCREPANCIES}
     assert set(failed) == expected, (sorted(set(failed) - expected), sorted(expected - set(failed)))
     for name, text in failed.items():
-        assert re.search(TENSOR_PARALLEL_DISCREPANCIES[name][0], text), f"{name}: {text[-800:]}"
+        assert re.search(TENSOR_PARALLEL_DISCREPANCIES[name].failing["tensor_parallel"], text), f"{name}: {text[-800:]}"
     unexpected = sorted({why for r in reports if r.skipped and (why := _unexpected_skip(r))})
     assert not unexpected, unexpected
+
+
+def test_the_pinned_qwen3_next_bug_reproduces_with_transformers_alone(tiny_cache) -> None:
+    """The evidence behind KNOWN_DISCREPANCIES["qwen3_next"], without any check of this suite: on the versions the
+    entry names, prompt lookup's step scores differ from one forward over the same tokens; elsewhere transformers
+    refuses the path or the two agree. A release that fixes it fails here, and the entry's range moves."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pytest_causal_lm.checks.generation import REPEATING_TEXT
+    from pytest_causal_lm.tiny import materialize
+
+    known = KNOWN_DISCREPANCIES["qwen3_next"]
+    path = materialize("tiny:qwen3_next")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(path)(REPEATING_TEXT, return_tensors="pt")["input_ids"]
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                prompt_lookup_num_tokens=3,
+                max_new_tokens=8,
+                do_sample=False,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+    except ValueError as refused:  # before 5.25: "assisted generation is not supported with stateful models"
+        assert not known.applies_to(transformers.__version__), refused
+        return
+    steps = torch.stack(out.logits, dim=1)[0]
+    with torch.no_grad():
+        forward = model(out.sequences).logits[0, ids.shape[1] - 1 : ids.shape[1] - 1 + steps.shape[0]]
+    difference = float((steps - forward).abs().max())
+    assert (difference > 1e-3) == known.applies_to(transformers.__version__), difference

@@ -273,8 +273,33 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         session_of(item.config).passed_items.append(item)
     target = _target_of(item)
     if report.failed and target is not None:
-        report.sections.append(("causal-lm", failure_context(item.config, target)))
+        known = _known_discrepancy(item, report)
+        if known:
+            report.user_properties.append(("causal_lm_known_issue", known))
+        context = failure_context(item.config, target)
+        report.sections.append(("causal-lm", f"{context}\n{known}" if known else context))
     return report
+
+
+def _known_discrepancy(item: pytest.Item, report: pytest.TestReport) -> str | None:
+    """What the suite knows when this failure is one of transformers itself (``known_issues``), or None."""
+    import transformers
+
+    from .known_issues import known_discrepancy
+
+    invariant = invariant_for_test(getattr(item, "originalname", item.name))
+    causal_lm = getattr(item, "funcargs", {}).get("causal_lm")
+    if invariant is None or causal_lm is None or report.when != "call":
+        return None
+    model_type = getattr(causal_lm.model.config, "model_type", "")
+    version = transformers.__version__
+    known = known_discrepancy(model_type, invariant.key, report.longreprtext, version)
+    if known is None:
+        return None
+    return (
+        f"a transformers bug or design, not your checkpoint ({model_type} on transformers {version}): {known.why}. "
+        f"Acknowledge it with --causal-lm-known-limitations={invariant.key}"
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -161,6 +161,8 @@ class VerdictTable:
             row[test] = Cell("skip", detail=_skip_reason(report))
         elif report.failed:
             detail = data.get("title") or _failure_title(report)
+            if "causal_lm_known_issue" in properties:
+                detail = f"{detail} ({properties['causal_lm_known_issue']})"
             row[test] = Cell.measured("FAIL" if report.when == "call" else "err", data, detail)
         elif report.when == "call":
             row[test] = Cell.measured("tie" if data.get("near_tie") else "ok", data, "; ".join(data.get("notes") or []))

@@ -23,7 +23,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "18"
+_RECIPE_VERSION = "19"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -218,6 +218,7 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
             "glm4_moe_lite",
             "glm_moe_dsa",
             "minicpm3",
+            "sarvam_mla",
             "youtu",
         ],
         _MLA,
@@ -280,6 +281,8 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
     },
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "dots1": {"n_shared_experts": 1},
+    # input, recurrent and output blocks must add up to the layers: one, two looped, one
+    "dory": {"num_hidden_layers": 4, "n_input_layers": 1, "n_output_layers": 1},
     "cohere_compass_text": {  # its default config names no RoPE parameters per layer type
         "layer_types": ["sliding_attention", "full_attention"],
         "rope_parameters": {

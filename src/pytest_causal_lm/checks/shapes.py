@@ -49,6 +49,17 @@ def _decoder_of(model: Any) -> Any:
         return None
 
 
+def _layers_run(config: Any) -> int:
+    """The decoder blocks one forward runs: ``num_hidden_layers``, or for a looped (recurrent-depth) stack such
+    as Dory's its input and output blocks plus the recurrent ones once per loop, each a hidden state and a cache
+    layer of its own."""
+    loops = getattr(config, "n_recurrent_loops", None)
+    parts = [getattr(config, name, None) for name in ("n_input_layers", "n_recurrent_layers", "n_output_layers")]
+    if not isinstance(loops, int) or not all(isinstance(part, int) for part in parts):
+        return config.num_hidden_layers
+    return parts[0] + parts[1] * loops + parts[2]
+
+
 def _cache_shape_problems(cache: Any, seq: int, layers: int) -> list[tuple[str, object]]:
     """Every attention layer caches batch 1 and all ``seq`` positions (a sliding-window layer at most ``seq``).
 
@@ -58,7 +69,7 @@ def _cache_shape_problems(cache: Any, seq: int, layers: int) -> list[tuple[str, 
     problems: list[tuple[str, object]] = []
     if len(cache.layers) > layers:
         problems.append(
-            ("past_key_values", f"{len(cache.layers)} layers, expected at most num_hidden_layers = {layers}")
+            ("past_key_values", f"{len(cache.layers)} layers, expected at most one per layer run = {layers}")
         )
     for index, layer in enumerate(cache.layers):
         if getattr(layer, "keys", None) is None or getattr(layer, "values", None) is None:
@@ -113,7 +124,7 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
     if tuple(out.logits.shape) != expected_logits:
         problems.append(("logits (batch 1)", f"shape {tuple(out.logits.shape)}, expected {expected_logits}"))
     hidden = out.hidden_states
-    layers = config.num_hidden_layers
+    layers = _layers_run(config)
     # one state per decoder block plus the embeddings; LongCat-Flash counts two layers per block
     decoder_layers = getattr(_decoder_of(model), "layers", None)
     blocks = {layers, len(decoder_layers)} if decoder_layers else {layers}
@@ -121,7 +132,7 @@ def assert_output_shapes(model: Any, tokenizer: Any, *, texts: Sequence[str] = D
         problems.append(
             (
                 "hidden_states",
-                f"{None if hidden is None else len(hidden)} tensors, expected num_hidden_layers + 1 = {layers + 1}",
+                f"{None if hidden is None else len(hidden)} tensors, expected one per layer run + 1 = {layers + 1}",
             )
         )
     else:

@@ -1,0 +1,262 @@
+"""What the suite knows about transformers itself: behaviours of its own implementations that every checkpoint
+of an architecture shows, which the suite fails rightly. The architecture matrix (tests/test_architectures.py)
+pins each to exactly these failures on tiny checkpoints; when a user's checkpoint fails the same way, the verdict
+says it is a transformers bug or design, not the checkpoint's. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["KNOWN_DISCREPANCIES", "TENSOR_PARALLEL_DISCREPANCIES", "KnownDiscrepancy", "known_discrepancy"]
+
+
+@dataclass(frozen=True)
+class KnownDiscrepancy:
+    """Invariants (keys) an architecture fails in transformers, each with a regex its failure message matches;
+    why; the transformers versions that show it (a PEP 440 specifier, empty for every verified version); and,
+    for a bug of one release, a minimal reproduction."""
+
+    failing: dict[str, str]
+    why: str
+    transformers: str = ""
+    reproduction: str = ""
+
+    def applies_to(self, version: str) -> bool:
+        from packaging.specifiers import SpecifierSet
+
+        return not self.transformers or SpecifierSet(self.transformers).contains(version, prereleases=True)
+
+
+_POSITIONS_FROM_ZERO = r"likely cause\s+: the forward's default positions are not the ones generate passes"
+_ROBERTA_POSITIONS = KnownDiscrepancy(
+    dict.fromkeys(
+        [
+            "greedy_loop_parity",
+            "padding_invariance",
+            "static_cache",
+            "continuation",
+            "assisted_decoding",
+            "inputs_embeds",
+        ],
+        _POSITIONS_FROM_ZERO,
+    ),
+    "transformers 5's generate passes position_ids counted from 0; the forward, given none, counts from "
+    "padding_idx + 1 (RoBERTa's convention), so generate decodes with other position embeddings than the model",
+)
+_NO_POSITION_IDS = KnownDiscrepancy(
+    {"padding_invariance": r"likely cause\s+: \w+\.forward does not use position_ids: left padding shifts"},
+    "the forward takes no position_ids (learned absolute positions counted from 0), so a left-padded row's tokens "
+    "sit at other positions than the prompt alone and batched generation with left padding gives other text; "
+    "transformers' own tests skip left padding for these models",
+)
+KNOWN_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
+    "ctrl": KnownDiscrepancy(
+        {"inputs_embeds": r"forward\(inputs_embeds=...\) changed the tensor it was given, in place"},
+        "CTRLModel scales the caller's inputs_embeds in place (`inputs_embeds *= np.sqrt(d_model_size)`), so a "
+        "second call with the same embeddings (a retry, generate after a forward) scales them again",
+    ),
+    "moshi": KnownDiscrepancy(
+        {
+            "long_context": r"long context: cached pass, segment 3 of 6 \(positions 33..33\)",
+            "continuation": r"generate continued after a new turn",
+            "assisted_decoding": r"prompt lookup decoding",
+        },
+        "Moshi's forward masks with create_causal_mask (no window) while its config's sliding_window makes the "
+        "DynamicCache keep only the last window - 1 keys: past the window, cached decoding sees fewer tokens than "
+        "the full forward (measured from position 33 with a window of 32)",
+    ),
+    "recurrent_gemma": KnownDiscrepancy(
+        {"attention_implementations": r"'sdpa' differs from 'eager' on a left-padded batch"},
+        "its recurrent blocks carry every position, pad tokens included, into the next ones; the attention "
+        "blocks give fully masked pad rows other values under eager than under sdpa, so a left-padded row's "
+        "real tokens score differently with the two (padding invariance holds under sdpa, the default)",
+    ),
+    "deepseek_v4": KnownDiscrepancy(
+        {
+            "static_cache": r"KeyError: 'heavily_compressed_attention'",
+            "inputs_embeds": r"'NoneType' object has no attribute 'reshape'",
+        },
+        "StaticCache has no layer class for DeepSeek-V4's compressed-attention layer types (KeyError instead of "
+        "a refusal), and its forward reads input_ids even when given inputs_embeds",
+    ),
+    **dict.fromkeys(
+        ["gemma4", "gemma4_unified"],
+        KnownDiscrepancy(
+            {"inputs_embeds": r"IndexError: index out of range in self"},
+            "its per-layer embeddings need input_ids; from inputs_embeds alone it recovers them by exact equality "
+            "with the scaled embedding rows, which generate(inputs_embeds=...) does not survive",
+        ),
+    ),
+    **dict.fromkeys(
+        ["camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod"],
+        _ROBERTA_POSITIONS,
+    ),
+    **dict.fromkeys(
+        [
+            "bart",
+            "bigbird_pegasus",
+            "blenderbot",
+            "blenderbot-small",
+            "marian",
+            "mbart",
+            "mvp",
+            "pegasus",
+            "plbart",
+            "trocr",
+        ],
+        _NO_POSITION_IDS,
+    ),
+    "rwkv": KnownDiscrepancy(
+        {"padding_invariance": r"RwkvForCausalLM\.forward uses neither attention_mask nor position_ids"},
+        "RWKV's recurrence reads every token, pad tokens included: neither attention_mask nor position_ids reach it",
+    ),
+    "bamba": KnownDiscrepancy(
+        {
+            "kv_cache_parity": r"KV-cache parity violated: decoding step 1 ",
+            "greedy_loop_parity": r"greedy-loop parity violated",
+        },
+        "BambaModel.forward, given no position_ids, counts positions from 0 even after a cache, so a cached "
+        "step gets the rotary position of token 0 (GraniteMoeHybrid, with the same Mamba mixer, adds the cached length)",
+    ),
+    "git": KnownDiscrepancy(
+        {
+            "kv_cache_parity": r"KV-cache parity violated: left-padded batch",
+            "padding_invariance": r"padding changes the greedy continuation",
+            "inputs_embeds": r"forward\(inputs_embeds=...\) changed the tensor it was given, in place",
+        },
+        "GIT widens a cached step's attention mask by its image-patch count even when no image was given, "
+        "so left-padded cached decoding masks the wrong positions; GitEmbeddings adds the position embeddings "
+        "to the caller's inputs_embeds in place (`embeddings += ...`), so reusing them adds positions twice",
+    ),
+    "jamba": KnownDiscrepancy(
+        {
+            "kv_cache_parity": r"KV-cache parity violated: chunk 2 of 2",
+            "continuation": r"generate continued after a new turn",
+        },
+        "Jamba's torch Mamba path uses the cached SSM state only for one-token steps; a multi-token step after "
+        "a cache (chunked prefill, a new chat turn appended to a cached conversation) restarts from a zero state",
+    ),
+    "reformer": KnownDiscrepancy(
+        {"padding_invariance": r"padding changes the greedy continuation"},
+        "Reformer's prepare_inputs_for_generation drops attention_mask and position_ids, so a left-padded "
+        "generate reads the pad tokens",
+    ),
+    "whisper": KnownDiscrepancy(
+        {
+            "padding_invariance": r"padding changes the greedy continuation",
+            "static_cache": r"static cache differs \(left-padded batch of 3\)",
+        },
+        "WhisperForCausalLM takes position_ids only through **kwargs; generate passes position_ids only to a "
+        "forward whose signature names them, so left-padded generation shifts every position",
+    ),
+    "xlm": KnownDiscrepancy(
+        {
+            "greedy_loop_parity": r"greedy-loop parity violated",
+            "padding_invariance": r"padding changes scores",
+        },
+        "XLM's generate appends its mask token and predicts there, and its causal attention mask ignores the "
+        "padding mask (get_masks), so pad tokens are attended",
+    ),
+    "xlnet": KnownDiscrepancy(
+        {
+            "prefix_causality": r"prefix causality violated",
+            "greedy_loop_parity": r"greedy-loop parity violated",
+            "padding_invariance": r"XLNetLMHeadModel\.forward does not use position_ids",
+            "generation_defaults": r"`max_length` is set to -1",
+        },
+        "XLNet attends bidirectionally over its input by default (attn_type='bi'), and its generate appends a "
+        "dummy token with a permutation mask; a plain generate() without max_new_tokens raises, since its config "
+        "reports max_position_embeddings=-1 (no limit) and generate caps its default max_length at that",
+    ),
+    "prophetnet": KnownDiscrepancy(
+        {
+            "prefix_causality": r"prefix causality violated",
+            "kv_cache_parity": r"KV-cache parity violated",
+            "greedy_loop_parity": r"greedy-loop parity violated",
+            "padding_invariance": r"ProphetNetForCausalLM\.forward does not use position_ids",
+            "static_cache": r"size of tensor a",
+            "continuation": r"generate continued from its returned past_key_values",
+            "inputs_embeds": r"generate\(inputs_embeds=...\): step 0",
+        },
+        "ProphetNetForCausalLM's logits come from its first n-gram predicting stream; run on its own, earlier "
+        "positions' scores change when tokens are appended and cached decoding differs (so every cached path "
+        "into generate does), and its n-gram attention cannot size a static cache; the leak inside the n-gram "
+        "attention is not traced further",
+    ),
+    "cpmant": KnownDiscrepancy(
+        {
+            "output_shapes": r"cache layer 0 keys\s+: shape \(1, \d+, 38, ",
+            "prefix_causality": r"prefix causality violated",
+            "kv_cache_parity": r"size of tensor a",
+            "cache_effectiveness": r"cache not effective",
+            "greedy_loop_parity": r"size of tensor a",
+            "padding_invariance": r"CpmAntForCausalLM\.forward uses neither attention_mask nor position_ids",
+            "static_cache": r"index_copy_\(\): index \d+ is out of bounds",
+            "continuation": r"generate continued from its returned past_key_values",
+            "assisted_decoding": r"assisted by itself decoding",
+        },
+        "CPM-Ant prepends 32 internal prompt positions to every input and to its cache, so cached decoding "
+        "cannot line up, and position 0's scores change when the input grows",
+    ),
+    "qwen3_next": KnownDiscrepancy(
+        {"assisted_decoding": r"prompt lookup decoding: step \d+ of row 0 scores differently from one forward pass"},
+        "prompt-lookup decoding rolls its linear-attention state back to the wrong point after a rejection: "
+        "LinearAttentionLayer.crop restores a state from a history that every verification forward extends, and the "
+        "next step then scores as if from another prefix (2.25 logits off at step 1 on tiny:qwen3_next in float32; "
+        "assisted decoding by the model itself passes). transformers 5.24 refused assisted decoding for this model, "
+        "so the path first ran in 5.25",
+        transformers=">=5.25",
+        reproduction=(
+            "model.generate(ids, prompt_lookup_num_tokens=3, max_new_tokens=8, do_sample=False, "
+            "return_dict_in_generate=True, output_logits=True) on a prompt that repeats itself: the logits of step 1 "
+            "differ from model(prompt + generated tokens).logits at that position (tiny:qwen3_next, float32)"
+        ),
+    ),
+}
+
+# Architectures whose transformers tensor-parallel plan breaks at N=2 on the tiny checkpoints (transformers
+# 5.23.0, gloo on CPU): the failure each gives, and why. Every other architecture with a plan passes.
+TENSOR_PARALLEL_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
+    "doge": KnownDiscrepancy(
+        {
+            "tensor_parallel": r"in model.layers.0.self_attn.dt_proj: RuntimeError: output with shape .* doesn't match the broadcast shape"
+        },
+        "the plan shards the attention heads but not the dynamic-mask parameter A that dt_proj's output is "
+        "broadcast with, so the local heads meet all heads",
+    ),
+    "gemma4": KnownDiscrepancy(
+        {
+            "tensor_parallel": r"in model.language_model.embed_tokens: RuntimeError: aten.where.self got mixed torch.Tensor and DTensor"
+        },
+        "the sharded embedding's DTensor output meets a plain tensor in Gemma 4's per-layer-input lookup",
+    ),
+    "hrm_text": KnownDiscrepancy(
+        {"tensor_parallel": r"the scores of a prompt differ from the single process's"},
+        "every position's scores differ (up to 0.99): its recurrent high/low-level modules run a layer whose "
+        "sharded output is not gathered back; the plan does not fit the model",
+    ),
+    "inkling_text": KnownDiscrepancy(
+        {"tensor_parallel": r"in model.embed_tokens.embed_norm: AssertionError"},
+        "the embedding norm asserts on the shape of the sharded embedding output",
+    ),
+    "lfm2": KnownDiscrepancy(
+        {"tensor_parallel": r"in lm_head: RuntimeError: narrow unexpectedly changed concrete size"},
+        "the gathered head's output is narrowed to the vocabulary twice (768 -> 384 on a 384-token vocabulary)",
+    ),
+    "lfm3": KnownDiscrepancy(
+        {"tensor_parallel": r"in lm_head: RuntimeError: narrow unexpectedly changed concrete size"},
+        "the same head gather as lfm2",
+    ),
+}
+
+
+def known_discrepancy(model_type: str, key: str, message: str, version: str) -> KnownDiscrepancy | None:
+    """The known discrepancy of transformers ``version`` that explains ``model_type`` failing invariant ``key``
+    with ``message``, or None: then the failure is the checkpoint's own (or new)."""
+    for table in (KNOWN_DISCREPANCIES, TENSOR_PARALLEL_DISCREPANCIES):
+        known = table.get(model_type)
+        if known and key in known.failing and known.applies_to(version) and re.search(known.failing[key], message):
+            return known
+    return None
