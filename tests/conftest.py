@@ -38,6 +38,15 @@ for _name in ("Qwen3ForCausalLM", "LlamaForCausalLM", "PreTrainedTokenizerFast",
     getattr(transformers, _name)
 
 
+@pytest.fixture(autouse=True)
+def _inner_runs_are_no_xdist_workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `pytest -n 2` this process is an xdist worker and its environment says so; a pytester run inside it is
+    not one, and pytest-benchmark and syrupy read that variable to turn their reports off."""
+    if "pytester" in request.fixturenames:
+        for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+            monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Point CAUSAL_LM_TINY_DIR at a session directory so tests never touch the user's cache."""
