@@ -441,20 +441,25 @@ def static_cache_slot_reserved(path: Any, error: type[Exception] = ValueError) -
     return model, tokenizer
 
 
-def inputs_embeds_with_a_given_cache(path: Any, error: type[Exception] = ValueError) -> tuple[Any, Any]:
-    """A port whose forward handles inputs_embeds only without a cache handed in (it expected to build its own):
-    generate(inputs_embeds=...) hands one in and gets ``error`` (ValueError from the port's own argument check, or
-    IndexError from reading the embedding one past the last as its pooled state)."""
+def inputs_embeds_with_positions_given(path: Any, error: type[Exception] = ValueError) -> tuple[Any, Any]:
+    """A port whose forward handles inputs_embeds only as its own callers pass them (no position_ids, a mask as long
+    as the embeddings): generate(inputs_embeds=...) passes position_ids and gets ``error``: ValueError from the port's
+    own argument check, or IndexError from taking the pooled state one past the last embedding (length, not - 1)."""
     model, tokenizer = load_healthy(path)
     original = model.model.forward
 
-    def forward(input_ids=None, inputs_embeds=None, **kwargs):
-        cache = cache_in(kwargs)
-        if inputs_embeds is not None and cache is not None:
+    def forward(input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
+        if inputs_embeds is not None and position_ids is not None:
             if error is ValueError:
-                raise ValueError("inputs_embeds cannot be combined with past_key_values")
-            inputs_embeds[:, int(cache.get_seq_length()) + inputs_embeds.shape[1]]
-        return original(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+                raise ValueError("position_ids cannot be combined with inputs_embeds: positions come from input_ids")
+            inputs_embeds[:, inputs_embeds.shape[1]]
+        return original(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **kwargs,
+        )
 
     model.model.forward = forward
     return model, tokenizer
