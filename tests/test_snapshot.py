@@ -64,17 +64,35 @@ def test_update_writes_readable_files_named_by_target_then_a_second_run_passes(
     second.stdout.fnmatch_lines(["*2 snapshots passed*"])
 
 
-def test_a_missing_snapshot_fails_and_says_how_to_create_it(
+def test_a_missing_snapshot_fails_and_the_verdict_says_how_to_record_it(
     pytester: pytest.Pytester, checkpoints: tuple[Path, Path]
 ) -> None:
-    result = _run(pytester, checkpoints[0])
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(
-        [
-            "*Snapshot 'test_behaviour_snapshot[[]ckpt-qwen3-cpu-float32[]]' does not exist!*",
-            "*Run pytest with --snapshot-update to create it.*",
-        ]
-    )
+    qwen3, llama = checkpoints
+    _run(pytester, qwen3, extra=("--snapshot-update",)).assert_outcomes(passed=1)
+    result = _run(pytester, qwen3, llama, extra=("--causal-lm-report=verdict.md",))  # a new target joins
+    result.assert_outcomes(passed=1, failed=1)
+    said = "no snapshot yet for this target (*ckpt-llama-cpu-float32].json); run --snapshot-update to record it*"
+    result.stdout.fnmatch_lines([f"*{said}"])
+    assert "no snapshot yet for this target" in (pytester.path / "verdict.md").read_text()
+    assert not (
+        pytester.path / "snaps" / "test_causal_lm_invariants" / "test_behaviour_snapshot[ckpt-llama-cpu-float32].json"
+    ).exists()
+
+
+def test_a_model_repo_may_have_missing_snapshots_written_and_compared_from_the_next_run(
+    pytester: pytest.Pytester, checkpoints: tuple[Path, Path]
+) -> None:
+    qwen3, llama = checkpoints
+    _run(pytester, qwen3, extra=("--snapshot-update",)).assert_outcomes(passed=1)
+    before = _files(pytester.path / "snaps")
+    written = _run(pytester, qwen3, llama, extra=("--causal-lm-snapshot-missing=write", "-rs"))
+    written.assert_outcomes(passed=1, skipped=1)
+    written.stdout.fnmatch_lines(["*no snapshot yet for this target: recorded it at *ckpt-llama-cpu-float32].json*"])
+    after = _files(pytester.path / "snaps")
+    assert {name: after[name] for name in before} == before and len(after) == 2
+    assert not list((pytester.path / "snaps").rglob("*.partial"))
+    _perturb(llama)
+    _run(pytester, qwen3, llama, extra=("--causal-lm-snapshot-missing=write",)).assert_outcomes(passed=1, failed=1)
 
 
 def test_perturbed_weights_fail_with_a_readable_diff_and_update_rewrites_only_what_changed(

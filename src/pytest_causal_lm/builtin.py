@@ -44,10 +44,12 @@ def _classification_head(lm: CausalLM) -> CheckResult:
     )
 
 
-def _snapshot(lm: CausalLM, causal_lm_snapshot: Any) -> None:
-    from .snapshot import behaviour_record
+def _snapshot(lm: CausalLM, causal_lm_snapshot: Any, causal_lm_settings: Any) -> None:
+    from .snapshot import behaviour_record, record_missing_snapshot
 
-    assert causal_lm_snapshot == behaviour_record(lm.model, lm.tokenizer, name=lm.target.id)
+    record = behaviour_record(lm.model, lm.tokenizer, name=lm.target.id)
+    record_missing_snapshot(causal_lm_snapshot, record, causal_lm_settings.snapshot_missing)
+    assert causal_lm_snapshot == record
 
 
 def _reference_drift(lm: CausalLM, causal_lm_reference: Any, causal_lm_settings: Any) -> CheckResult:
@@ -458,7 +460,7 @@ _BUILT_IN = (
         "greedy continuations and their log-probabilities equal the syrupy snapshot stored in your repo (near-ties and a stored tolerance allowed)",
         helper="behaviour_record",
         run=_snapshot,
-        fixtures=("causal_lm_snapshot",),
+        fixtures=("causal_lm_snapshot", "causal_lm_settings"),
         opt_in=_snapshots_off,
     ),
     Invariant(

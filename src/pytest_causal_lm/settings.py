@@ -20,6 +20,7 @@ __all__ = ["DTYPE_CHOICES", "OPTIONS", "OptionSpec", "Setting", "Settings", "res
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 SUITE_CHOICES = ("on", "off", "only")
+SNAPSHOT_MISSING_CHOICES = ("fail", "write")
 BENCHMARK_MODES = ("no_cache", "dynamic", "static", "static_compiled")  # the generation benchmark's modes
 HOW_TO_CONFIGURE = (
     "pass --causal-lm-checkpoint=CKPT (e.g. tiny:qwen3), "
@@ -215,6 +216,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
         None,
         metavar="DIR",
         path="output",
+    ),
+    OptionSpec(
+        "snapshot_missing",
+        "What the snapshot test does for a target with no snapshot yet: fail (CI: every snapshot is reviewed "
+        "before it is trusted) or write (record it and skip; the next run compares). Default: fail.",
+        default="fail",
+        choices=SNAPSHOT_MISSING_CHOICES,
     ),
     OptionSpec(
         "report",

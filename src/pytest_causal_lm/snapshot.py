@@ -20,7 +20,14 @@ from typing import Any
 from .checks._common import DEFAULT_TEXTS, eos_ids, first_difference, pad_id
 from .checks._generation import NearTieWarning, default_prompts, greedy_loop
 
-__all__ = ["LOGPROB_TOLERANCES", "behaviour_record", "compare_records", "format_record", "snapshot_extension"]
+__all__ = [
+    "LOGPROB_TOLERANCES",
+    "behaviour_record",
+    "compare_records",
+    "format_record",
+    "record_missing_snapshot",
+    "snapshot_extension",
+]
 
 # Absolute log-probability tolerance per dtype; float32 differs across CPUs/BLAS in the 5th decimal.
 LOGPROB_TOLERANCES = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}
@@ -198,6 +205,31 @@ def _compare_greedy(label: str, before: dict, after: dict, tolerance: float, not
 def _ambiguous(before: str, after: str) -> bool:
     """Decoded text that cannot tell two token sequences apart: equal, or holding replacement/control characters."""
     return before == after or any(ch == "\ufffd" or (ord(ch) < 32 and ch not in "\n\t") for ch in before + after)
+
+
+def record_missing_snapshot(snapshot: Any, record: dict[str, Any], missing: str) -> None:
+    """Deal with a target that has no stored snapshot yet (not under --snapshot-update, where syrupy writes it).
+
+    ``missing="fail"`` fails saying so (syrupy alone shows only ``[- snapshot] == [+ received]``);
+    ``"write"`` records it, whole or not at all, and skips: nothing was compared this run.
+    """
+    import pytest
+
+    if snapshot.session.update_snapshots:
+        return
+    location = Path(snapshot.extension.get_location(test_location=snapshot.test_location, index=snapshot.index))
+    if location.exists():
+        return
+    if missing != "write":
+        raise AssertionError(
+            f"no snapshot yet for this target ({location}); run --snapshot-update to record it, "
+            "or set --causal-lm-snapshot-missing=write to record missing ones as they come"
+        )
+    location.parent.mkdir(parents=True, exist_ok=True)
+    partial = location.with_name(location.name + ".partial")
+    partial.write_text(snapshot.extension.serialize(record), encoding="utf-8")
+    partial.replace(location)
+    pytest.skip(f"no snapshot yet for this target: recorded it at {location}; the next run compares against it")
 
 
 def snapshot_extension(root: str | Path, may_judge_unused: Callable[[str], bool] | None = None) -> type:
