@@ -192,6 +192,24 @@ def cache_drops_newest_key(path: Any, layer: int = 1) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def cache_stored_in_half_precision(path: Any, dtype: Any = torch.float16) -> tuple[Any, Any]:
+    """A port whose KV cache keeps keys and values in ``dtype`` (a cache dtype left from a half-precision
+    conversion) while the model runs in float32: cached steps attend to rounded keys and values, an error of
+    about 1e-3 of a logit that float32's calibrated tolerance must still catch."""
+    model, tokenizer = load_healthy(path)
+
+    def round_cache(module, args, kwargs, output):
+        cache = cache_in(dict(output)) if hasattr(output, "keys") else None
+        for layer in getattr(cache, "layers", []):
+            if getattr(layer, "keys", None) is not None and layer.keys.dtype != dtype:
+                layer.keys = layer.keys.to(dtype).to(layer.keys.dtype)
+                layer.values = layer.values.to(dtype).to(layer.values.dtype)
+        return output
+
+    model.register_forward_hook(round_cache, with_kwargs=True)
+    return model, tokenizer
+
+
 def positions_restart_with_cache(path: Any) -> tuple[Any, Any]:
     """Positions counted from 0 for the new tokens instead of from the cache length."""
     model, tokenizer = load_healthy(path)

@@ -16,8 +16,8 @@ __all__ = ["DEFAULT_TOLERANCES", "Tolerance", "tolerance_for"]
 class Tolerance:
     """Elementwise closeness: ``|actual - expected| <= atol + rtol * |expected|``.
 
-    In half precision ``atol`` may be raised to a multiple of the target's measured
-    noise floor (``noise``; see precision.py), which failures then report.
+    ``atol`` may be raised to a multiple of the target's measured noise floor
+    (``noise``; see precision.py), which failures then report.
     """
 
     atol: float
@@ -35,7 +35,7 @@ class Tolerance:
 
     def __str__(self) -> str:
         text = f"atol={self.atol:.3g}, rtol={self.rtol:g}"
-        return f"{text} (atol from the {self.noise_source})" if self.noise is not None else text
+        return f"{text} ({self.noise_source})" if self.noise is not None else text
 
 
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
