@@ -382,3 +382,33 @@ def test_a_configured_suite_that_collected_nothing_fails_saying_so(
     result = pytester.runpytest_subprocess("-p", "ignoresuite", "--causal-lm-checkpoint=tiny:qwen3", *xdist)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "the built-in suite (suite=on) collected no test from" in result.stdout.str() + result.stderr.str()
+
+
+BIASED_HEAD_CONFTEST = '''
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _lm_head_given_a_bias(causal_lm):
+    """A port that gives lm_head a bias the sequence-classification head does not carry."""
+    head = causal_lm.model.lm_head
+    if head.bias is None:
+        head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+        with torch.no_grad():
+            head.bias[0] = 1.0
+'''
+
+
+def test_the_classification_head_failure_leads_with_its_message_not_the_models_repr(
+    pytester: pytest.Pytester, llama_path: Path
+) -> None:
+    pytester.makeconftest(BIASED_HEAD_CONFTEST)
+    result = pytester.runpytest(f"--causal-lm-checkpoint={llama_path}", "-k", "classification_head")
+    result.assert_outcomes(failed=1)
+    lines = result.stdout.lines
+    header = next(i for i, line in enumerate(lines) if "test_classification_head[" in line and line.startswith("_"))
+    block = [line for line in lines[header + 1 :] if line.strip()][:12]
+    assert block[0].startswith("E   AssertionError: classification head is not equivalent to the causal LM"), block
+    assert any("greatest |difference| : 1 at row 0" in line for line in block), block
+    assert not any("LlamaForCausalLM(" in line or "def " in line for line in lines), result.stdout.str()

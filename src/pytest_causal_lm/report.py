@@ -286,34 +286,18 @@ class VerdictTable:
         self.labels = {t.key: t.label for t in with_unique_labels(targets)}
 
     def to_markdown(self, versions: dict[str, str], settings: list[str]) -> str:
-        columns = self._columns()
-        symbol = {
-            "ok": "✅ pass",
-            "tie": "✅ pass (near-tie)",
-            "FAIL": "❌ FAIL",
-            "err": "❌ error",
-            "skip": "⏭ skip",
-            "lim": "⚠ known limitation",
-        }
-        lines = ["## causal-lm verdict", ""]
-        lines.append("| checkpoint-device-dtype | " + " | ".join(i.name for i in columns) + " |")
-        lines.append("|---" * (len(columns) + 1) + "|")
-        for target, row in self.cells.items():
-            cells = []
-            for invariant in columns:
-                cell = row.get(invariant.test_name)
-                text = "" if cell is None else f"{symbol[cell.outcome]} {cell.figure_text}".strip()
-                cells.append(text.replace("|", "\\|"))
-            lines.append(f"| `{self.labels[target]}` | " + " | ".join(cells) + " |")
-        details = [f"- `{self.labels[t]}` could not load: {error}" for t, error in self.load_errors.items()]
-        details += [
-            f"- `{self.labels[target]}` {i.name}: {cell.outcome} {cell.figure_text} {cell.detail}".rstrip()
-            for target, row in self.cells.items()
-            for i in invariants()
-            if (cell := row.get(i.test_name)) is not None and (cell.outcome != "ok" or cell.detail)
-        ]
-        if details:
-            lines += ["", "### Failures, skips and notes", "", *details]
+        """A line per target first, then what failed, then skips and notes, then every cell by family (folded):
+        36+ invariants read at a glance only as rows, never as columns."""
+        lines = ["## causal-lm verdict", "", *self._markdown_summary()]
+        failures = self._markdown_details(_FAILING)
+        if failures:
+            lines += ["", "### Failures", "", *failures]
+        notes = self._markdown_details(("tie", "skip", "ok"))
+        if notes:
+            lines += ["", "### Skips and notes", "", *notes]
+        if self.cells:
+            lines += ["", "<details><summary>every invariant, by family</summary>", "", *self._markdown_by_family()]
+            lines += ["", "</details>"]
         for target, bench in self.benchmarks.items():
             lines += ["", f"### Generation benchmark: `{self.labels[target]}`", "", *_benchmark_markdown(bench)]
         lines += ["", "### Environment", ""]
@@ -321,6 +305,72 @@ class VerdictTable:
         lines += [f"- device of `{self.labels[t]}`: {_device_text(d)}" for t, d in self.devices.items() if d]
         lines += ["", "<details><summary>settings</summary>", "", *[f"- {s}" for s in settings], "", "</details>", ""]
         return "\n".join(lines)
+
+    def _markdown_summary(self) -> list[str]:
+        lines = [
+            "| checkpoint-device-dtype | verdict | passed | failed | skipped | failing invariants |",
+            "|---" * 6 + "|",
+        ]
+        for target, row in self.cells.items():
+            counts = Counter(cell.outcome for cell in row.values())
+            failing = [i.name for i in invariants() if i.test_name in row and row[i.test_name].outcome in _FAILING]
+            if target in self.load_errors:
+                verdict, failing = "❌ could not load", ["(load)", *failing]
+            elif counts["FAIL"] or counts["err"]:
+                verdict = "❌ FAIL"
+            else:
+                verdict = "⚠ pass with known limitations" if counts["lim"] else "✅ pass"
+            passed, failed = counts["ok"] + counts["tie"], counts["FAIL"] + counts["err"] + counts["lim"]
+            cells = [f"`{self.labels[target]}`", verdict, str(passed), str(failed), str(counts["skip"])]
+            lines.append("| " + " | ".join([*cells, ", ".join(failing).replace("|", "\\|")]) + " |")
+        return lines
+
+    def _markdown_details(self, outcomes: tuple[str, ...]) -> list[str]:
+        """A bullet per cell with one of ``outcomes`` (ok cells only when they carry a note), in report order."""
+        lines = [f"- `{self.labels[t]}` could not load: {error}" for t, error in self.load_errors.items()]
+        if "FAIL" not in outcomes:
+            lines = []
+        for target, row in self.cells.items():
+            for invariant in invariants():
+                cell = row.get(invariant.test_name)
+                if cell is None or cell.outcome not in outcomes or (cell.outcome == "ok" and not cell.detail):
+                    continue
+                text = f"{_SYMBOL[cell.outcome]} {cell.figure_text}".strip() + (
+                    f": {cell.detail}" if cell.detail else ""
+                )
+                lines.append(f"- `{self.labels[target]}` {invariant.name}: {text}")
+        return lines
+
+    def _markdown_by_family(self) -> list[str]:
+        targets = list(self.cells)
+        lines = ["| family | invariant | " + " | ".join(f"`{self.labels[t]}`" for t in targets) + " |"]
+        lines.append("|---" * (len(targets) + 2) + "|")
+        shown_family = None
+        for invariant in sorted(self._columns(), key=lambda i: _family_order(i.marker)):
+            family = invariant.marker if invariant.marker != shown_family else ""
+            shown_family = invariant.marker
+            cells = []
+            for target in targets:
+                cell = self.cells[target].get(invariant.test_name)
+                cells.append("" if cell is None else f"{_SYMBOL[cell.outcome]} {cell.figure_text}".strip())
+            lines.append(f"| {family} | {invariant.name} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        return lines
+
+
+_FAILING = ("FAIL", "err", "lim")
+_SYMBOL = {
+    "ok": "✅ pass",
+    "tie": "✅ pass (near-tie)",
+    "FAIL": "❌ FAIL",
+    "err": "❌ error",
+    "skip": "⏭ skip",
+    "lim": "⚠ known limitation",
+}
+
+
+def _family_order(marker: str) -> int:
+    """Families in the order their first invariant is registered (report order)."""
+    return next(n for n, i in enumerate(invariants()) if i.marker == marker)
 
 
 def _device_text(device: str) -> str:
