@@ -44,6 +44,21 @@ def test_every_dtype_gets_a_noise_floor_measured_against_a_wider_one(tiny_path: 
     assert tolerance.noise == noise.value and str(noise) in str(tolerance), str(tolerance)  # failures show it
 
 
+def test_a_model_whose_kernels_lack_float64_keeps_the_float32_table(tiny_path: Path) -> None:
+    """torch's grouped MoE matmul (mixtral, qwen3_moe, ... on transformers 5.25) has no float64 kernel: the floor
+    cannot be measured, so float32 keeps its table instead of failing the load."""
+    model, tokenizer = broken.load_healthy(tiny_path)
+
+    def no_float64(module, args, kwargs):
+        if module.weight.dtype == torch.float64:
+            raise RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double")
+
+    model.model.layers[0].mlp.down_proj.register_forward_pre_hook(no_float64, with_kwargs=True)
+    assert clm.measure_noise_floor(model, tokenizer) is None
+    assert model.dtype == torch.float32
+    assert clm.calibrated_tolerance(clm.tolerance_for(torch.float32), None) == clm.tolerance_for(torch.float32)
+
+
 def test_a_float32_floor_above_the_table_raises_the_bound_and_says_so() -> None:
     """A deep float32 model's own rounding (5.5e-5 on SmolLM2-135M, more on 7-8B models) exceeds float32's table
     atol: the bound follows the floor."""
