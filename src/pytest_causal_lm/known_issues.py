@@ -9,7 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["KNOWN_DISCREPANCIES", "TENSOR_PARALLEL_DISCREPANCIES", "KnownDiscrepancy", "known_discrepancy"]
+__all__ = [
+    "KNOWN_DISCREPANCIES",
+    "LINEAR_ATTENTION_CROP_MODELS",
+    "TENSOR_PARALLEL_DISCREPANCIES",
+    "KnownDiscrepancy",
+    "known_discrepancy",
+]
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,38 @@ _NO_POSITION_IDS = KnownDiscrepancy(
     "the forward takes no position_ids (learned absolute positions counted from 0), so a left-padded row's tokens "
     "sit at other positions than the prompt alone and batched generation with left padding gives other text; "
     "transformers' own tests skip left padding for these models",
+)
+# Gated-DeltaNet hybrids whose prompt-lookup path first ran in transformers 5.25 (5.24 refused assisted decoding
+# for them), where it meets one bug in the shared linear-attention cache layer.
+LINEAR_ATTENTION_CROP_MODELS = (
+    "bailing_hybrid",
+    "granitemoehybrid",
+    "kimi_linear",
+    "lara_mini",
+    "nemotron_h",
+    "olmo_hybrid",
+    "qwen3_5",
+    "qwen3_5_moe",
+    "qwen3_5_moe_text",
+    "qwen3_5_text",
+    "qwen3_next",
+    "qwen4_exp",
+    "qwen4_exp_text",
+)
+_PROMPT_LOOKUP = r"prompt lookup decoding: step \d+ of row 0 scores differently from one forward pass"
+_LINEAR_ATTENTION_CROP = KnownDiscrepancy(
+    {"assisted_decoding": _PROMPT_LOOKUP},
+    "prompt-lookup decoding rolls its linear-attention state back to the wrong point after a rejection: "
+    "LinearAttentionCacheLayerMixin.crop (shared by every linear-attention and Mamba state layer) restores a state from a history that every verification forward extends, and the "
+    "next step then scores as if from another prefix (2.25 logits off at step 1 on tiny:qwen3_next in float32; "
+    "assisted decoding by the model itself passes). transformers 5.24 refused assisted decoding for these models, "
+    "so the path first ran in 5.25",
+    transformers=">=5.25",
+    reproduction=(
+        "model.generate(ids, prompt_lookup_num_tokens=3, max_new_tokens=8, do_sample=False, "
+        "return_dict_in_generate=True, output_logits=True) on a prompt that repeats itself: the logits of step 1 "
+        "differ from model(prompt + generated tokens).logits at that position (tiny:qwen3_next, float32)"
+    ),
 )
 KNOWN_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
     "ctrl": KnownDiscrepancy(
@@ -116,9 +154,11 @@ KNOWN_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
         {
             "kv_cache_parity": r"KV-cache parity violated: decoding step 1 ",
             "greedy_loop_parity": r"greedy-loop parity violated",
+            "assisted_decoding": _PROMPT_LOOKUP,
         },
         "BambaModel.forward, given no position_ids, counts positions from 0 even after a cache, so a cached "
-        "step gets the rotary position of token 0 (GraniteMoeHybrid, with the same Mamba mixer, adds the cached length)",
+        "step gets the rotary position of token 0 (GraniteMoeHybrid, with the same Mamba mixer, adds the cached length); "
+        "prompt lookup, which first runs for it in transformers 5.25, also meets the linear-attention crop bug below",
     ),
     "git": KnownDiscrepancy(
         {
@@ -134,9 +174,11 @@ KNOWN_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
         {
             "kv_cache_parity": r"KV-cache parity violated: chunk 2 of 2",
             "continuation": r"generate continued after a new turn",
+            "assisted_decoding": _PROMPT_LOOKUP,
         },
         "Jamba's torch Mamba path uses the cached SSM state only for one-token steps; a multi-token step after "
-        "a cache (chunked prefill, a new chat turn appended to a cached conversation) restarts from a zero state",
+        "a cache (chunked prefill, a new chat turn appended to a cached conversation, prompt lookup's verification "
+        "step, which first runs for it in transformers 5.25) restarts from a zero state",
     ),
     "reformer": KnownDiscrepancy(
         {"padding_invariance": r"padding changes the greedy continuation"},
@@ -179,11 +221,13 @@ KNOWN_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
             "static_cache": r"size of tensor a",
             "continuation": r"generate continued from its returned past_key_values",
             "inputs_embeds": r"generate\(inputs_embeds=...\): step 0",
+            "assisted_decoding": r"At the moment `use_cache` is only supported for `decoder_input_ids` of length 1",
         },
         "ProphetNetForCausalLM's logits come from its first n-gram predicting stream; run on its own, earlier "
         "positions' scores change when tokens are appended and cached decoding differs (so every cached path "
         "into generate does), and its n-gram attention cannot size a static cache; the leak inside the n-gram "
-        "attention is not traced further",
+        "attention is not traced further; assisted decoding, which reaches it from transformers 5.25, feeds "
+        "several tokens after a cache, which its decoder asserts against",
     ),
     "cpmant": KnownDiscrepancy(
         {
@@ -200,24 +244,18 @@ KNOWN_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
         "CPM-Ant prepends 32 internal prompt positions to every input and to its cache, so cached decoding "
         "cannot line up, and position 0's scores change when the input grows",
     ),
-    "qwen3_next": KnownDiscrepancy(
-        {"assisted_decoding": r"prompt lookup decoding: step \d+ of row 0 scores differently from one forward pass"},
-        "prompt-lookup decoding rolls its linear-attention state back to the wrong point after a rejection: "
-        "LinearAttentionLayer.crop restores a state from a history that every verification forward extends, and the "
-        "next step then scores as if from another prefix (2.25 logits off at step 1 on tiny:qwen3_next in float32; "
-        "assisted decoding by the model itself passes). transformers 5.24 refused assisted decoding for this model, "
-        "so the path first ran in 5.25",
-        transformers=">=5.25",
-        reproduction=(
-            "model.generate(ids, prompt_lookup_num_tokens=3, max_new_tokens=8, do_sample=False, "
-            "return_dict_in_generate=True, output_logits=True) on a prompt that repeats itself: the logits of step 1 "
-            "differ from model(prompt + generated tokens).logits at that position (tiny:qwen3_next, float32)"
-        ),
-    ),
+    **dict.fromkeys(LINEAR_ATTENTION_CROP_MODELS, _LINEAR_ATTENTION_CROP),
 }
 
 # Architectures whose transformers tensor-parallel plan breaks at N=2 on the tiny checkpoints (transformers
-# 5.23.0, gloo on CPU): the failure each gives, and why. Every other architecture with a plan passes.
+# 5.23.0 and 5.25.0, gloo on CPU): the failure each gives, why, and the versions that show it. Every other
+# architecture with a plan passes.
+_TP_EXPERT_CONVERSION = KnownDiscrepancy(
+    {"tensor_parallel": r"rank 0, in loading: RuntimeError: We encountered some issues during automatic conversion"},
+    "loading with tp_plan='auto' fails in transformers' conversion of the stored expert weights to the sharded "
+    "fused layout (the load report's CONVERSION entries say which); the one-process load converts them fine",
+    transformers=">=5.25",
+)
 TENSOR_PARALLEL_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
     "doge": KnownDiscrepancy(
         {
@@ -239,16 +277,21 @@ TENSOR_PARALLEL_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
     ),
     "inkling_text": KnownDiscrepancy(
         {"tensor_parallel": r"in model.embed_tokens.embed_norm: AssertionError"},
-        "the embedding norm asserts on the shape of the sharded embedding output",
+        "the embedding norm asserts on the shape of the sharded embedding output (passes from 5.25)",
+        transformers="<5.25",
     ),
     "lfm2": KnownDiscrepancy(
         {"tensor_parallel": r"in lm_head: RuntimeError: narrow unexpectedly changed concrete size"},
-        "the gathered head's output is narrowed to the vocabulary twice (768 -> 384 on a 384-token vocabulary)",
+        "the gathered head's output is narrowed to the vocabulary twice (768 -> 384 on a 384-token vocabulary; "
+        "passes from 5.25)",
+        transformers="<5.25",
     ),
     "lfm3": KnownDiscrepancy(
         {"tensor_parallel": r"in lm_head: RuntimeError: narrow unexpectedly changed concrete size"},
         "the same head gather as lfm2",
+        transformers="<5.25",
     ),
+    **dict.fromkeys(("param2moe", "sarvam_moe"), _TP_EXPERT_CONVERSION),
 }
 
 

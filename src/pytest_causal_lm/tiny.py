@@ -23,7 +23,7 @@ __all__ = ["TINY_PREFIX", "TINY_VARIANTS", "is_tiny", "materialize", "tiny_cache
 
 TINY_PREFIX = "tiny:"
 # Bump when the recipe changes so cached copies are rebuilt.
-_RECIPE_VERSION = "19"
+_RECIPE_VERSION = "20"
 
 CORPUS = (
     "Hi dog how are you? Hello dog, how are you doing today? Hi, how are you doing today?",
@@ -283,6 +283,8 @@ _ARCHITECTURE_SIZES: dict[str, dict[str, Any]] = {
     "dots1": {"n_shared_experts": 1},
     # input, recurrent and output blocks must add up to the layers: one, two looped, one
     "dory": {"num_hidden_layers": 4, "n_input_layers": 1, "n_output_layers": 1},
+    # the head's unpadded size, a separate field from 5.25 (its default, 200058, outgrows the tiny vocabulary)
+    **{name: {"unpadded_vocab_size": _VOCAB_SIZE} for name in ("inkling2_text", "inkling2_loop_text")},
     "cohere_compass_text": {  # its default config names no RoPE parameters per layer type
         "layer_types": ["sliding_attention", "full_attention"],
         "rope_parameters": {

@@ -82,6 +82,8 @@ _REFUSAL = re.compile(
 # forward, a cache or custom code (there a "not supported" is a bug reached at run time, e.g. a crop called with
 # the wrong sign).
 _REFUSING_MODULES = ("generation", "modeling_utils.py", "integrations", "utils/import_utils.py")
+# transformers' hooks that a model overrides to refuse a setting (hrm_text: no flash attention with a prefix-LM mask)
+_REFUSING_HOOKS = ("_check_and_adjust_attn_implementation",)
 
 
 def transformers_refusal(exc: BaseException) -> str | None:
@@ -94,7 +96,12 @@ def transformers_refusal(exc: BaseException) -> str | None:
         return None
     package = Path(transformers.__file__).resolve().parent
     raised_in = Path(frames[-1].f_code.co_filename).resolve()
-    inside = package in raised_in.parents and str(raised_in.relative_to(package)).startswith(_REFUSING_MODULES)
+    where = str(raised_in.relative_to(package)) if package in raised_in.parents else None
+    inside = where is not None and (
+        where.startswith(_REFUSING_MODULES)
+        or raised_in.name.startswith("configuration_")  # a model's config validating a setting
+        or frames[-1].f_code.co_name in _REFUSING_HOOKS
+    )
     words = first_line(exc)
     return words if inside and _REFUSAL.search(words) else None
 

@@ -7,6 +7,7 @@ that forgets the attention scale, a soft-cap, a sliding window or the padding ma
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from ._common import (
     check_scores,
     encode,
     error_failure,
+    first_line,
     forward_logits,
     mismatch_failure,
     pad_id,
@@ -50,10 +52,21 @@ def _switch(model: Any, name: str) -> str | None:
     try:
         model.set_attn_implementation(name)
     except Exception as exc:
-        words = transformers_refusal(exc)
+        words = transformers_refusal(exc) or _kernel_unavailable(exc)
         if words is None:
             raise error_failure(exc, model, f"switching to the {name} attention implementation") from None
         return words[:160]
+    return None
+
+
+def _kernel_unavailable(exc: BaseException) -> str | None:
+    """Why a Hub kernel that transformers fetches for a missing attention package could not be had (offline, or
+    not trusted here), or None when the exception was not raised by the ``kernels`` package."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames and f"{os.sep}kernels{os.sep}" in frames[-1].filename:
+        return f"its kernel could not be fetched from the Hub here: {first_line(exc)}"
     return None
 
 
