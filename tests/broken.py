@@ -728,15 +728,13 @@ class PortedConfig(Qwen3Config):
 class PortedModel(Qwen3Model):
     config_class = PortedConfig
 
-    def forward(self, input_ids=None, position_ids=None, past_key_values=None, inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
         if position_ids is None:  # positions made on "the model's device", read off a weight
-            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # named cache from transformers 5.24
+            seen = cache.get_seq_length() if cache is not None else 0
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             position_ids = torch.arange(seen, seen + length, device=self.norm.weight.device)[None]
-        return super().forward(
-            input_ids=input_ids, position_ids=position_ids, past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds, **kwargs,
-        )
+        return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
 
 
 class PortedForCausalLM(Qwen3ForCausalLM):
