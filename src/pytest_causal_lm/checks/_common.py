@@ -137,19 +137,21 @@ def raised_where(exc: BaseException, model: Any) -> tuple[str | None, str]:
     return named, place
 
 
-def error_failure(exc: BaseException, model: Any, doing: str) -> AssertionError:
+def error_failure(
+    exc: BaseException,
+    model: Any,
+    doing: str,
+    *,
+    title: str | None = None,
+    why: tuple[str, str] = ("not a skip", "transformers did not refuse this path; the code that runs it raised"),
+) -> AssertionError:
     """An exception a check did not expect, as a failure that names it, the module it came from and where it was
     raised: an error on a path users take is a bug of that path, not a reason to skip it."""
     module, place = raised_where(exc, model)
     return failure(
-        f"{doing} raised {first_line(exc)}",
+        title or f"{doing} raised {first_line(exc)}",
         model,
-        [
-            ("error", first_line(exc)),
-            *([("in module", module)] if module else []),
-            ("raised at", place),
-            ("not a skip", "transformers did not refuse this path; the code that runs it raised"),
-        ],
+        [("error", first_line(exc)), *([("in module", module)] if module else []), ("raised at", place), why],
     )
 
 

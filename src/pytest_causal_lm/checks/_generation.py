@@ -26,11 +26,9 @@ from ._common import (
     error_failure,
     failure,
     first_difference,
-    first_line,
     forward_logits,
     mismatch_failure,
     pad_id,
-    raised_where,
     resolve_tolerance,
     returned_cache,
     text_of,
@@ -475,16 +473,12 @@ def generate_or_fail(title: str, model: Any, tokenizer: Any, *args: Any, **kwarg
     try:
         return generate_scored(model, tokenizer, *args, **kwargs)
     except Exception as exc:
-        module, place = raised_where(exc, model)
-        raise failure(
-            f"{title}: generate raised {type(exc).__name__} after an earlier call on this path succeeded",
+        raise error_failure(
+            exc,
             model,
-            [
-                ("error", first_line(exc)),
-                *([("in module", module)] if module else []),
-                ("raised at", place),
-                ("likely cause", "state kept from the earlier call (a cache not reset)"),
-            ],
+            title,
+            title=f"{title}: generate raised {type(exc).__name__} after an earlier call on this path succeeded",
+            why=("likely cause", "state kept from the earlier call (a cache not reset)"),
         ) from None
 
 
