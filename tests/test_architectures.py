@@ -390,3 +390,19 @@ def test_the_pinned_linear_attention_crop_bug_reproduces_with_transformers_alone
     difference = float((steps - forward).abs().max())
     # float32's table tolerance: a healthy step differs by about 1e-6 here (nemotron_h's bug: 4.5e-4, qwen3_next's: 2.25)
     assert (difference > 1e-4) == known.applies_to(transformers.__version__), difference
+
+
+def test_a_known_transformers_bug_is_named_as_one_in_the_failure_and_the_markdown_verdict(
+    pytester: pytest.Pytester,
+) -> None:
+    import transformers
+
+    if not KNOWN_DISCREPANCIES["qwen3_next"].applies_to(transformers.__version__):
+        pytest.skip(f"qwen3_next's pinned discrepancy is not one of transformers {transformers.__version__}")
+    args = ("--causal-lm-checkpoint=tiny:qwen3_next", "--causal-lm-suite=only", "-k", "assisted_decoding")
+    result = pytester.runpytest(*args, "--causal-lm-report=verdict.md", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    said = "a transformers bug or design, not your checkpoint (qwen3_next on transformers"
+    result.stdout.fnmatch_lines([f"*{said}*--causal-lm-known-limitations=assisted_decoding*"])
+    failures = (pytester.path / "verdict.md").read_text().split("### Failures")[1]
+    assert "assisted decoding: ❌ FAIL" in failures and said in failures, failures
