@@ -751,3 +751,80 @@ def device_read_off_a_weight(qwen3_path: Any, out: Any) -> Any:
     """A port that makes its default position ids on ``self.norm.weight.device``: on one device that is the
     device, under disk offload it is the meta device (accelerate loads the weight only while norm runs)."""
     return _custom_code_checkpoint(qwen3_path, out, _OFFLOAD_PORT, "qwen3_offload_port")
+
+
+# --- broken in training: the loss a port computes from labels=, and its training-mode forward ----------------
+
+
+def _with_own_loss(path: Any, loss_of: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A port that computes its loss itself from the logits it returns (``loss_of(logits, labels)``)."""
+    model, tokenizer = load_healthy(path)
+    model.to(dtype)
+    original = model.forward
+
+    def forward(*args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if labels is not None:
+            out.loss = loss_of(out.logits.float(), labels)
+        return out
+
+    model.forward = forward
+    return model, tokenizer
+
+
+def loss_without_shift(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A port that scores position t against label t (it expected the data collator to shift the labels)."""
+    return _with_own_loss(
+        path, lambda logits, labels: F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100), dtype
+    )
+
+
+def loss_counting_masked_tokens(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A port that builds its labels from input_ids (``labels = input_ids.clone()``) and ignores the ones given,
+    so the prompt tokens a fine-tuner masked with -100 are scored too."""
+    model, tokenizer = load_healthy(path)
+    model.to(dtype)
+    original = model.forward
+
+    def forward(input_ids: Any = None, labels: Any = None, **kwargs: Any) -> Any:
+        return original(input_ids=input_ids, labels=None if labels is None else input_ids.clone(), **kwargs)
+
+    model.forward = forward
+    return model, tokenizer
+
+
+def loss_averaged_per_row(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A port that averages each row's mean loss (right for one row, wrong for a batch of unequal rows)."""
+
+    def loss_of(logits: Any, labels: Any) -> Any:
+        rows = [
+            F.cross_entropy(row[:-1], row_labels[1:], ignore_index=-100)
+            for row, row_labels in zip(logits, labels, strict=True)
+        ]
+        return torch.stack(rows).mean()
+
+    return _with_own_loss(path, loss_of, dtype)
+
+
+def checkpointing_detaches_a_layer(path: Any, layer: int = 0, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A port whose layer, under activation checkpointing, hands on its output detached (a custom checkpoint
+    wrapper that breaks the graph): no gradient reaches the parameters before it."""
+    model, tokenizer = load_healthy(path)
+    model.to(dtype)
+
+    def detach_when_checkpointing(module: Any, args: Any, output: Any) -> Any:
+        if module.training and module.gradient_checkpointing:
+            return output.detach() if isinstance(output, torch.Tensor) else (output[0].detach(), *output[1:])
+        return output
+
+    model.model.layers[layer].register_forward_hook(detach_when_checkpointing)
+    return model, tokenizer
+
+
+def dropout_hard_coded(path: Any, p: float = 0.1, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A port whose MLP applies dropout with a fixed rate in training mode, whatever the config says (0)."""
+    model, tokenizer = load_healthy(path)
+    model.to(dtype)
+    mlp = model.model.layers[0].mlp
+    mlp.register_forward_hook(lambda module, args, output: F.dropout(output, p=p, training=module.training))
+    return model, tokenizer

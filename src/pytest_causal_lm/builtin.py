@@ -207,6 +207,16 @@ _BUILT_IN = (
         helper="assert_deterministic",
     ),
     Invariant(
+        "training_step",
+        "training step",
+        "trn",
+        "training",
+        "`labels=` gives the mean cross-entropy of the logits shifted by one over tokens not labelled -100, alone and "
+        "in a right-padded batch; gradient checkpointing changes neither loss nor gradients; gradients are finite; "
+        "`train()` without dropout scores as `eval()`",
+        helper="assert_training_step_consistent",
+    ),
+    Invariant(
         "kv_cache_parity",
         "KV-cache parity",
         "kv",

@@ -42,6 +42,7 @@ from .tokenizer import (
     assert_streamed_decode_matches,
     assert_tokenizer_round_trip,
 )
+from .training import assert_training_step_consistent
 from .vocab import assert_special_tokens_agree, assert_vocab_alignment
 from .weights import assert_knows_language, assert_weights_loaded
 
@@ -84,6 +85,7 @@ __all__ = [
     "assert_streamed_decode_matches",
     "assert_tensor_parallel_matches",
     "assert_tokenizer_round_trip",
+    "assert_training_step_consistent",
     "assert_turn_terminator_stops_generation",
     "assert_vocab_alignment",
     "assert_weights_loaded",
