@@ -89,6 +89,19 @@ _LINEAR_ATTENTION_CROP = KnownDiscrepancy(
         "differ from model(prompt + generated tokens).logits at that position (tiny:qwen3_next, float32)"
     ),
 )
+# The causal-LM classes of encoder-decoder models' decoders (and TrOCR's text decoder)
+_SEQ2SEQ_DECODERS = (
+    "bart",
+    "bigbird_pegasus",
+    "blenderbot",
+    "blenderbot-small",
+    "marian",
+    "mbart",
+    "mvp",
+    "pegasus",
+    "plbart",
+    "trocr",
+)
 KNOWN_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
     "ctrl": KnownDiscrepancy(
         {"inputs_embeds": r"forward\(inputs_embeds=...\) changed the tensor it was given, in place"},
@@ -132,18 +145,7 @@ KNOWN_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
         _ROBERTA_POSITIONS,
     ),
     **dict.fromkeys(
-        [
-            "bart",
-            "bigbird_pegasus",
-            "blenderbot",
-            "blenderbot-small",
-            "marian",
-            "mbart",
-            "mvp",
-            "pegasus",
-            "plbart",
-            "trocr",
-        ],
+        _SEQ2SEQ_DECODERS,
         _NO_POSITION_IDS,
     ),
     "rwkv": KnownDiscrepancy(
@@ -251,22 +253,7 @@ KNOWN_DISCREPANCIES: dict[str, KnownDiscrepancy] = {
 # design, added to the entries above.
 _TRAINING_STEP: dict[str, tuple[str, str]] = {
     **dict.fromkeys(
-        [
-            "bart",
-            "bigbird_pegasus",
-            "blenderbot",
-            "blenderbot-small",
-            "cpmant",
-            "marian",
-            "mbart",
-            "mvp",
-            "pegasus",
-            "plbart",
-            "trocr",
-            "whisper",
-            "xlm",
-            "xlnet",
-        ],
+        [*_SEQ2SEQ_DECODERS, "cpmant", "whisper", "xlm", "xlnet"],
         (
             r"likely cause  : the labels are not shifted",
             "its ForCausalLM loss scores position t against label t: it expects labels already shifted, as a "
