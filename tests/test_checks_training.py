@@ -42,14 +42,17 @@ def test_a_loss_whose_labels_are_not_shifted_fails_naming_it(qwen3_path: Path, d
     assert "labels -100 at positions 0..2" in message and "(difference " in message
 
 
-def test_a_loss_that_counts_masked_prompt_tokens_fails_naming_it(qwen3_path: Path) -> None:
-    model, tokenizer = broken.loss_counting_masked_tokens(qwen3_path)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_loss_that_counts_masked_prompt_tokens_fails_naming_it(qwen3_path: Path, dtype) -> None:
+    model, tokenizer = broken.loss_counting_masked_tokens(qwen3_path, dtype=dtype)
     with pytest.raises(AssertionError, match=r"likely cause  : labels of -100 are counted"):
         clm.assert_training_step_consistent(model, tokenizer)
 
 
-def test_a_batch_loss_averaged_per_row_fails_against_the_token_weighted_rows(qwen3_path: Path) -> None:
-    model, tokenizer = broken.loss_averaged_per_row(qwen3_path)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_batch_loss_averaged_per_row_fails_against_the_token_weighted_rows(llama_path: Path, dtype) -> None:
+    # llama's rows differ in length and loss (0.07 between the two means), above every dtype's atol
+    model, tokenizer = broken.loss_averaged_per_row(llama_path, dtype=dtype)
     with pytest.raises(AssertionError, match=r"right-padded batch's loss is not the token-weighted loss") as caught:
         clm.assert_training_step_consistent(model, tokenizer)
     assert "rows alone: " in str(caught.value) and "tokens [" in str(caught.value)
@@ -65,8 +68,9 @@ def test_a_layer_detached_under_checkpointing_fails_naming_the_parameter(llama_p
     assert not model.training and not _checkpointing(model)  # left as found after a failure too
 
 
-def test_dropout_hard_coded_in_training_mode_fails_though_the_config_has_none(qwen3_path: Path) -> None:
-    model, tokenizer = broken.dropout_hard_coded(qwen3_path)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_hard_coded_in_training_mode_fails_though_the_config_has_none(qwen3_path: Path, dtype) -> None:
+    model, tokenizer = broken.dropout_hard_coded(qwen3_path, dtype=dtype)
     with pytest.raises(AssertionError, match=r"train\(\) scores differ from eval\(\) with no dropout configured"):
         clm.assert_training_step_consistent(model, tokenizer)
     clm.assert_deterministic(model, tokenizer)  # eval() is deterministic: only the training step sees it
