@@ -412,3 +412,39 @@ def test_the_classification_head_failure_leads_with_its_message_not_the_models_r
     assert block[0].startswith("E   AssertionError: classification head is not equivalent to the causal LM"), block
     assert any("greatest |difference| : 1 at row 0" in line for line in block), block
     assert not any("LlamaForCausalLM(" in line or "def " in line for line in lines), result.stdout.str()
+
+
+UNSHIFTED_LOSS_CONFTEST = '''
+import pytest
+import torch.nn.functional as F
+
+
+@pytest.fixture(autouse=True)
+def _loss_without_shift(causal_lm):
+    """A port whose loss scores position t against label t; the check raises from a frame inside a comprehension."""
+    model = causal_lm.model
+    if getattr(model, "_ported", False):
+        return
+    original = model.forward
+
+    def forward(*args, labels=None, **kwargs):
+        out = original(*args, **kwargs)
+        if labels is not None:
+            out.loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return out
+
+    model.forward, model._ported = forward, True
+'''
+
+
+def test_a_failure_raised_deep_inside_a_check_still_leads_with_its_message(
+    pytester: pytest.Pytester, llama_path: Path
+) -> None:
+    pytester.makeconftest(UNSHIFTED_LOSS_CONFTEST)
+    result = pytester.runpytest(f"--causal-lm-checkpoint={llama_path}", "-k", "training_step")
+    result.assert_outcomes(failed=1)
+    lines = result.stdout.lines
+    header = next(i for i, line in enumerate(lines) if "test_training_step[" in line and line.startswith("_"))
+    block = [line for line in lines[header + 1 :] if line.strip()]
+    assert block[0].startswith("E   AssertionError: training step: the loss from labels="), block[:3]
+    assert not any("LlamaForCausalLM(" in line or "training.py" in line for line in lines), result.stdout.str()

@@ -168,7 +168,11 @@ def suite_test(invariant: Invariant) -> Callable[..., None]:
                 raise error_failure(exc, fixtures["causal_lm"].model, invariant.name) from None
         except AssertionError as exc:
             fixtures["record_property"]("causal_lm", {"invariant": invariant.name, **(measured_of(exc) or {})})
-            raise
+            if _SHOW_REGISTRY_FRAMES[0]:
+                raise
+            # the check's own frames (and the model's repr among their arguments) only under --tb=long: every
+            # failure, of every helper and of every frame inside it, leads with its message
+            raise exc.with_traceback(None) from None
         if result is not None:
             fixtures["record_property"]("causal_lm", result.as_dict())
 
