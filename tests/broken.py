@@ -828,3 +828,22 @@ def dropout_hard_coded(path: Any, p: float = 0.1, dtype: Any = torch.float32) ->
     mlp = model.model.layers[0].mlp
     mlp.register_forward_hook(lambda module, args, output: F.dropout(output, p=p, training=module.training))
     return model, tokenizer
+
+
+def sliding_window_crop_off_by_one(path: Any) -> tuple[Any, Any]:
+    """A port whose sliding-window layers crop their cache off by one: once a sequence outgrows the window, the
+    oldest kept key and value are dropped and the newest is kept twice (the window keeps its length, so no shape
+    breaks). The full-attention layers are untouched."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    model, tokenizer = load_healthy(path)
+
+    def crop(module, args, kwargs, output):
+        for layer in getattr(cache_in(dict(output)), "layers", []):
+            if isinstance(layer, DynamicSlidingWindowLayer) and layer.cumulative_length >= layer.sliding_window:
+                layer.keys = torch.cat([layer.keys[:, :, 1:], layer.keys[:, :, -1:]], dim=2)
+                layer.values = torch.cat([layer.values[:, :, 1:], layer.values[:, :, -1:]], dim=2)
+        return output
+
+    model.register_forward_hook(crop, with_kwargs=True)
+    return model, tokenizer

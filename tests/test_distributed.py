@@ -62,6 +62,13 @@ def test_tensor_parallel_catches_a_row_parallel_layer_whose_partial_sums_are_nev
     message = str(caught.value)
     assert message.startswith("tensor parallelism: the scores of a prompt differ from the single process's")
     assert re.search(r"greatest \|difference\|\s+: [0-9.e+-]+ at position \d+, score of", message)
+    # the workers were started again to replay the prompt with every module recorded: the un-reduced projection
+    assert re.search(
+        r"first departing module\s+: model.layers.0.self_attn.o_proj \(Linear\): output at position", message
+    )
+    assert re.search(
+        r"modules around it\s+: .*model.layers.0.input_layernorm Δ 0; model.layers.0.self_attn.o_proj", message
+    )
 
 
 def test_tensor_parallel_skips_a_process_count_that_does_not_divide_the_heads(healthy: clm.CausalLM) -> None:
@@ -98,8 +105,8 @@ def _offloaded(path: Path, dtype: str = "float32") -> clm.CheckResult:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_healthy_checkpoints_give_the_one_device_scores_with_layers_on_disk(tiny_path: Path, dtype: str) -> None:
     result = _offloaded(tiny_path, dtype)
-    if dtype == "float32":  # the same kernels on the same CPU: offloading moves weights, it computes nothing
-        assert result.greatest_difference == 0.0
+    if dtype == "float32":  # offloading moves weights and computes nothing: at most a kernel's rounding differs
+        assert result.greatest_difference < 1e-5  # accelerate 1.15: 0; 1.16: 5e-6 on the tiny Llama
     assert re.fullmatch(
         r"the session's model \(one device\) against a second load \(\d+ on cpu, \d+ on disk\)", result.notes[-1]
     )

@@ -165,7 +165,7 @@ def test_dtype_parity_names_the_first_bad_position_and_token(llama_path: Path) -
     assert "an overflow in float16" in message
     # the norm squares 3000-sized values in float16 (9e6 > 65504): its output collapses, its input is fine
     assert re.search(
-        r"first module off\s+: model.layers.0.input_layernorm \(LlamaRMSNorm\): its float16 output", message
+        r"first departing module\s+: model.layers.0.input_layernorm \(LlamaRMSNorm\): output at position 0", message
     )
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..tolerances import Tolerance, tolerance_for
+from ._localise import Replay, localisation_rows, within
 
 DEFAULT_TEXTS: tuple[str, ...] = (
     "Hi dog how are you?",
@@ -203,9 +204,17 @@ def mismatch_failure(
     tolerance: Tolerance,
     *,
     position_label: str = "position",
+    replay: Replay | Callable[[], list[tuple[str, object]]] | None = None,
 ) -> AssertionError:
-    """A score-comparison failure: ``details``, then where, which token and by how much (also as data)."""
-    rows = [*details, *mismatch.describe(tokenizer, tolerance, position_label=position_label)]
+    """A score-comparison failure: ``details``, then where, which token and by how much (also as data); with
+    ``replay`` (the two sides, or what locates them: another process's), the first module whose output departs
+    follows right after the greatest difference."""
+    described = mismatch.describe(tokenizer, tolerance, position_label=position_label)
+    if isinstance(replay, Replay):
+        located = localisation_rows(model, replay, within(tolerance))
+    else:
+        located = replay() if replay is not None else []
+    rows = [*details, *described[:2], *located, *described[2:]]
     return failure(title, model, rows, mismatch=mismatch, tolerance=tolerance)
 
 

@@ -7,6 +7,7 @@ worker, which runs them in another process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..tolerances import Tolerance
@@ -28,11 +29,13 @@ from ._common import (
 from ._generation import (
     generate_scored,
 )
+from ._localise import Side
 
 __all__ = [
     "compare_probes",
     "follow_modules",
     "parity_probes",
+    "probe_side",
     "spread_over",
 ]
 
@@ -62,6 +65,25 @@ def parity_probes(model: Any, tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def probe_side(model: Any, tokenizer: Any, probe: str, row: int, position: int, label: str) -> Side:
+    """The forward of ``parity_probes`` that computes ``probe`` (row ``row``) at ``position``, replayable on
+    ``model``: the prompt's forward, cached decoding up to that step, or the left-padded batch."""
+    prompt = encode(tokenizer, DEFAULT_TEXTS[1], model.device)
+    if probe == "prompt":
+        return Side(label, lambda: model(input_ids=prompt), model=model)
+    if probe == "decoded":
+
+        def decode() -> None:
+            cache = None
+            for at in range(position + 1):
+                step = prompt[:, at : at + 1]
+                cache = returned_cache(model(input_ids=step, use_cache=True, **cache_kwargs(model, cache)))
+
+        return Side(label, decode, call=position, offset=position, model=model)
+    ids, mask, positions = padded_batch(tokenizer, DEFAULT_TEXTS, model.device, pad_id(model, tokenizer))
+    return Side(label, lambda: model(input_ids=ids, attention_mask=mask, position_ids=positions), row=row, model=model)
+
+
 def follow_modules(model: Any, where: list[str]) -> None:
     """Keep ``where[0]`` on the innermost module the forward is in, so an error can name it."""
     for name, module in model.named_modules():
@@ -79,25 +101,29 @@ def compare_probes(
     how: str,
     label: str,
     differ: str = "differ from the single process's",
+    localise: Callable[[str, int, int], list[tuple[str, object]]] | None = None,
 ) -> None:
     """Every probe of ``parity_probes`` of another placement against the session model's; a failure reads
-    ``{label}: the scores of {probe} {differ}``."""
+    ``{label}: the scores of {probe} {differ}``. ``localise(probe, row, position)``: where the placements part
+    (the first departing module), asked only on failure."""
     __tracebackhide__ = True
     rows = [
-        ("a prompt", expected["prompt"], actual["prompt"]),
-        ("cached decoding, one token per step", expected["decoded"], actual["decoded"]),
+        ("a prompt", ("prompt", 0, 0), expected["prompt"], actual["prompt"]),
+        ("cached decoding, one token per step", ("decoded", 0, 0), expected["decoded"], actual["decoded"]),
         *(
             (
                 f"a left-padded batch, row {row} of {len(expected['mask'])}",
+                ("padded", row, int((~kept).sum())),
                 expected["padded"][row][kept],
                 actual["padded"][row][kept],
             )
             for row, kept in enumerate(expected["mask"].bool())
         ),
     ]
-    for what, wanted, got in rows:
+    for what, (probe, row, pads), wanted, got in rows:
         mismatch = check_scores(result, wanted, got, tolerance)
         if mismatch:
+            where = (probe, row, pads + mismatch.first_position)
             raise mismatch_failure(
                 f"{label}: the scores of {what} {differ}",
                 model,
@@ -105,6 +131,7 @@ def compare_probes(
                 [("probe", f"{what} ({how})")],
                 mismatch,
                 tolerance,
+                replay=(lambda where=where: localise(*where)) if localise else None,
             )
     _compare_greedy(model, tokenizer, result, expected, actual, tolerance, label)
 

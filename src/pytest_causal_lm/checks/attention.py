@@ -30,6 +30,7 @@ from ._common import (
     transformers_refusal,
 )
 from ._generation import GreedyRun, compare_continuations, generate_scored
+from ._localise import Replay, Side
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "assert_attention_implementations_agree"]
 
@@ -68,6 +69,25 @@ def _kernel_unavailable(exc: BaseException) -> str | None:
     if frames and f"{os.sep}kernels{os.sep}" in frames[-1].filename:
         return f"its kernel could not be fetched from the Hub here: {first_line(exc)}"
     return None
+
+
+def _under(model: Any, name: str, **inputs: Any) -> Any:
+    """A forward of ``inputs`` with the ``name`` attention implementation, replayable; the loaded one is restored."""
+
+    def run() -> Any:
+        loaded = model.config._attn_implementation
+        model.set_attn_implementation(name)
+        try:
+            return model(**inputs)
+        finally:
+            model.set_attn_implementation(loaded)
+
+    return run
+
+
+def _replay(model: Any, names: tuple[str, str], positions: tuple[int, ...], row: int = 0, **inputs: Any) -> Replay:
+    first, second = (Side(name, _under(model, name, **inputs), row=row) for name in names)
+    return Replay(first, second, positions)
 
 
 def _observe(model: Any, tokenizer: Any, texts: Sequence[str], max_new_tokens: int) -> _Observed:
@@ -133,13 +153,20 @@ def _compare(
     title = f"attention implementation {name!r} differs from {ref_name!r}"
     mismatch = check_scores(result, ref.plain, run.plain, result.tolerance)
     if mismatch:
-        raise mismatch_failure(title, model, tokenizer, [("input", repr(texts[1]))], mismatch, result.tolerance)
+        ids = encode(tokenizer, texts[1], model.device)
+        replay = _replay(model, (ref_name, name), (mismatch.first_position,), input_ids=ids)
+        raise mismatch_failure(
+            title, model, tokenizer, [("input", repr(texts[1]))], mismatch, result.tolerance, replay=replay
+        )
     (ref_batch, mask), (batch, _) = ref.batch, run.batch
     for row in range(mask.shape[0]):
         kept = mask[row].bool().cpu()
         mismatch = check_scores(result, ref_batch[row][kept], batch[row][kept], result.tolerance)
         if mismatch:
             pads = int((~kept).sum())
+            batch_ids, mask_ids, positions = padded_batch(tokenizer, texts, model.device, pad_id(model, tokenizer))
+            inputs = {"input_ids": batch_ids, "attention_mask": mask_ids, "position_ids": positions}
+            replay = _replay(model, (ref_name, name), (pads + mismatch.first_position,), row=row, **inputs)
             raise mismatch_failure(
                 f"{title} on a left-padded batch (row {row}, {pads} pad tokens)",
                 model,
@@ -147,6 +174,7 @@ def _compare(
                 [("input", repr(texts[row])), ("positions", "counted from the first real token")],
                 mismatch,
                 result.tolerance,
+                replay=replay,
             )
     ids = encode(tokenizer, texts[1], model.device)
     compare_continuations(

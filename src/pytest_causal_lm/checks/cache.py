@@ -35,6 +35,7 @@ from ._generation import (
     require_kv_cache,
     static_cache_fields,
 )
+from ._localise import Replay, Side
 
 __all__ = [
     "assert_cache_effective",
@@ -79,7 +80,14 @@ def assert_kv_cache_parity(
 
 
 def _cache_failure(
-    title: str, model: Any, tokenizer: Any, ids: Any, where: tuple[str, object], mismatch: Any, result: CheckResult
+    title: str,
+    model: Any,
+    tokenizer: Any,
+    ids: Any,
+    where: tuple[str, object],
+    mismatch: Any,
+    result: CheckResult,
+    replay: Replay,
 ) -> AssertionError:
     return mismatch_failure(
         f"KV-cache parity violated: {title}",
@@ -88,7 +96,24 @@ def _cache_failure(
         [("input", text_of(tokenizer, ids)), where],
         mismatch,
         result.tolerance,
+        replay=replay,
     )
+
+
+def _forward(model: Any, **inputs: Any) -> Any:
+    """One full forward of ``inputs``, replayable: the side every cached path is compared with."""
+    return lambda: model(**inputs)
+
+
+def _cached(model: Any, pieces: Sequence[dict[str, Any]]) -> Any:
+    """Forwards of ``pieces`` in turn, each after the cache of the ones before, replayable."""
+
+    def run() -> None:
+        cache = None
+        for inputs in pieces:
+            cache = returned_cache(model(**inputs, **cache_kwargs(model, cache), use_cache=True))
+
+    return run
 
 
 def _check_stepwise_decoding(model: Any, tokenizer: Any, input_ids: Any, full: Any, result: CheckResult) -> None:
@@ -106,6 +131,13 @@ def _check_stepwise_decoding(model: Any, tokenizer: Any, input_ids: Any, full: A
             mismatch = check_scores(result, full[position : position + 1], out.logits[0].float(), result.tolerance)
             if mismatch:
                 step = position - prefill + 1
+                pieces = [{"input_ids": input_ids[:, :prefill]}]
+                pieces += [{"input_ids": input_ids[:, at : at + 1]} for at in range(prefill, position + 1)]
+                replay = Replay(
+                    Side("the full forward", _forward(model, input_ids=input_ids)),
+                    Side(f"cached step {step}", _cached(model, pieces), call=step, offset=position),
+                    (position,),
+                )
                 raise _cache_failure(
                     f"decoding step {step} (position {position}, token {token(tokenizer, int(input_ids[0, position]))}) "
                     "differs from the full forward",
@@ -115,6 +147,7 @@ def _check_stepwise_decoding(model: Any, tokenizer: Any, input_ids: Any, full: A
                     ("prefill", f"{prefill} tokens, then one token per step"),
                     mismatch,
                     result,
+                    replay,
                 )
 
 
@@ -135,6 +168,12 @@ def _check_chunked_prefill(
             cache = returned_cache(out)
             mismatch = check_scores(result, full[start:stop], out.logits[0].float(), result.tolerance)
             if mismatch:
+                pieces = [{"input_ids": input_ids[:, a:b]} for a, b in itertools.pairwise(bounds[: index + 2]) if b > a]
+                replay = Replay(
+                    Side("the full forward", _forward(model, input_ids=input_ids)),
+                    Side(f"chunk {index + 1}", _cached(model, pieces), call=len(pieces) - 1, offset=start),
+                    tuple(range(start, stop)),
+                )
                 raise _cache_failure(
                     f"chunk {index + 1} of {chunks} (positions {start}..{stop - 1}) differs from the full forward "
                     f"at position {start + mismatch.first_position}",
@@ -144,7 +183,26 @@ def _check_chunked_prefill(
                     ("chunked prefill", f"boundaries {bounds}"),
                     mismatch,
                     result,
+                    replay,
                 )
+
+
+def _padded_decoding(tokenizer: Any, model: Any, texts: Sequence[str], appended: int, seed: int) -> tuple[dict, list]:
+    """The whole left-padded batch with ``appended`` random tokens, and the same as a prefill then one-token steps
+    (each with its mask so far and positions counted from the mask)."""
+    import torch
+
+    ids, mask, positions = padded_batch(tokenizer, texts, model.device, pad_id(model, tokenizer))
+    high = min(len(tokenizer), model.config.get_text_config().vocab_size)
+    extra = torch.randint(0, high, (ids.shape[0], appended), generator=torch.Generator().manual_seed(seed))
+    all_ids = torch.cat([ids, extra.to(model.device)], dim=1)
+    all_mask = torch.cat([mask, torch.ones_like(extra).to(model.device)], dim=1)
+    all_positions = (all_mask.cumsum(-1) - 1).clamp(min=0)
+    pieces = [{"input_ids": ids, "attention_mask": mask, "position_ids": positions}]
+    for at in range(ids.shape[1], all_ids.shape[1]):
+        step = {"input_ids": all_ids[:, at : at + 1], "position_ids": all_positions[:, at : at + 1]}
+        pieces.append({**step, "attention_mask": all_mask[:, : at + 1]})
+    return {"input_ids": all_ids, "attention_mask": all_mask, "position_ids": all_positions}, pieces
 
 
 def _check_padded_batch_decoding(
@@ -154,38 +212,35 @@ def _check_padded_batch_decoding(
     __tracebackhide__ = True
     import torch
 
-    ids, mask, positions = padded_batch(tokenizer, texts, model.device, pad_id(model, tokenizer))
-    high = min(len(tokenizer), model.config.get_text_config().vocab_size)
-    extra = torch.randint(0, high, (ids.shape[0], appended), generator=torch.Generator().manual_seed(seed))
-    all_ids = torch.cat([ids, extra.to(model.device)], dim=1)
-    all_mask = torch.cat([mask, torch.ones_like(extra).to(model.device)], dim=1)
-    all_positions = (all_mask.cumsum(-1) - 1).clamp(min=0)
-    width = ids.shape[1]
-    batch_full = forward_logits(model, all_ids, attention_mask=all_mask, position_ids=all_positions)
+    whole, pieces = _padded_decoding(tokenizer, model, texts, appended, seed)
+    width, mask = pieces[0]["input_ids"].shape[1], whole["attention_mask"]
+    batch_full = forward_logits(model, **whole)
     with torch.no_grad():
-        cache = returned_cache(model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True))
-        for at in range(width, width + appended):
-            out = model(
-                input_ids=all_ids[:, at : at + 1],
-                attention_mask=all_mask[:, : at + 1],
-                position_ids=all_positions[:, at : at + 1],
-                **cache_kwargs(model, cache),
-                use_cache=True,
-            )
+        cache = returned_cache(model(**pieces[0], use_cache=True))
+        for step, inputs in enumerate(pieces[1:], start=1):
+            at = width + step - 1
+            out = model(**inputs, **cache_kwargs(model, cache), use_cache=True)
             cache = returned_cache(out)
-            for row in range(ids.shape[0]):
+            for row in range(mask.shape[0]):
                 mismatch = check_scores(result, batch_full[row, at : at + 1], out.logits[row].float(), result.tolerance)
-                if mismatch:
-                    raise _cache_failure(
-                        f"left-padded batch, row {row} ({int((mask[row] == 0).sum())} pad tokens), decoding step "
-                        f"{at - width + 1} (position {at}) differs from the full forward",
-                        model,
-                        tokenizer,
-                        all_ids[row][all_mask[row] == 1],
-                        ("batch", f"{len(texts)} prompts left-padded to {width}, then {appended} tokens"),
-                        mismatch,
-                        result,
-                    )
+                if not mismatch:
+                    continue
+                replay = Replay(
+                    Side("the full forward", _forward(model, **whole), row=row),
+                    Side(f"cached step {step}", _cached(model, pieces[: step + 1]), call=step, row=row, offset=at),
+                    (at,),
+                )
+                raise _cache_failure(
+                    f"left-padded batch, row {row} ({int((mask[row, :width] == 0).sum())} pad tokens), decoding step "
+                    f"{step} (position {at}) differs from the full forward",
+                    model,
+                    tokenizer,
+                    whole["input_ids"][row][mask[row] == 1],
+                    ("batch", f"{len(texts)} prompts left-padded to {width}, then {appended} tokens"),
+                    mismatch,
+                    result,
+                    replay,
+                )
 
 
 def assert_cache_effective(

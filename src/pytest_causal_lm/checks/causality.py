@@ -20,6 +20,7 @@ from ._common import (
     text_of,
     token,
 )
+from ._localise import Replay, Side
 
 __all__ = ["assert_prefix_causal"]
 
@@ -77,9 +78,13 @@ def assert_prefix_causal(
             actual = forward_logits(model, variant)[0, :unchanged]
             mismatch = check_scores(result, base_scores[:unchanged], actual, tolerance)
             if mismatch:
-                raise _causality_failure(
-                    model, tokenizer, f"{label}: {text_of(tokenizer, base[0])}", base, change, mismatch, tolerance
+                replay = Replay(
+                    Side("the input before the change", lambda base=base: model(input_ids=base)),
+                    Side("the changed input", lambda variant=variant: model(input_ids=variant)),
+                    (mismatch.first_position,),
                 )
+                described = f"{label}: {text_of(tokenizer, base[0])}"
+                raise _causality_failure(model, tokenizer, described, base, change, mismatch, tolerance, replay)
     return result
 
 
@@ -111,7 +116,14 @@ def _changed_inputs(
 
 
 def _causality_failure(
-    model: Any, tokenizer: Any, described: str, base: Any, change: str, mismatch: Any, tolerance: Tolerance
+    model: Any,
+    tokenizer: Any,
+    described: str,
+    base: Any,
+    change: str,
+    mismatch: Any,
+    tolerance: Tolerance,
+    replay: Replay,
 ) -> AssertionError:
     moved = mismatch.first_position
     return mismatch_failure(
@@ -126,4 +138,5 @@ def _causality_failure(
         ],
         mismatch,
         tolerance,
+        replay=replay,
     )

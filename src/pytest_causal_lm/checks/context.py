@@ -40,6 +40,7 @@ from ._common import (
     text_of,
     token,
 )
+from ._localise import Replay, Side
 
 __all__ = [
     "MAX_SHIFT_KL",
@@ -243,8 +244,9 @@ class _LongRun:
     boundaries: list[Boundary]
     result: CheckResult
 
-    def compare(self, rows: list[int], scores: Any, title: Any, how: str) -> None:
-        """``scores`` of sequence positions ``rows`` against the full forward's; ``title(mismatch)`` names a failure."""
+    def compare(self, rows: list[int], scores: Any, title: Any, how: str, side: Side) -> None:
+        """``scores`` of sequence positions ``rows`` against the full forward's; ``title(mismatch)`` names a failure
+        and ``side`` replays how ``scores`` were computed, to name the first module that departs."""
         __tracebackhide__ = True
         expected = self.full[[self.positions.index(p) for p in rows]]
         mismatch = check_scores(self.result, expected, scores, self.result.tolerance)
@@ -252,6 +254,7 @@ class _LongRun:
             return
         mismatch = _absolute(mismatch, rows)
         cause = _likely_cause(self.boundaries)
+        replay = Replay(Side("the full forward", lambda: self.model(input_ids=self.ids)), side, tuple(rows))
         raise mismatch_failure(
             f"long context: {title(mismatch)}",
             self.model,
@@ -264,7 +267,20 @@ class _LongRun:
             ],
             mismatch,
             self.result.tolerance,
+            replay=replay,
         )
+
+
+def _cached_segments(run: _LongRun, segments: list[tuple[int, int]]) -> Any:
+    """The cached pass over ``segments``, replayable."""
+
+    def feed() -> None:
+        cache = None
+        for start, stop in segments:
+            piece = run.ids[:, start:stop]
+            cache = returned_cache(run.model(input_ids=piece, use_cache=True, **cache_kwargs(run.model, cache)))
+
+    return feed
 
 
 def _check_cached_pass(run: _LongRun) -> None:
@@ -290,6 +306,7 @@ def _check_cached_pass(run: _LongRun) -> None:
                     f"(token {token(run.tokenizer, int(run.ids[0, m.first_position]))})"
                 ),
                 how,
+                Side(f"cached segment {number}", _cached_segments(run, segments[:number]), number - 1, offset=start),
             )
 
 
@@ -311,6 +328,7 @@ def _check_prefixes(run: _LongRun) -> None:
                     f"unlike the full {length}-token forward"
                 ),
                 f"forward of the prefix ending before position {end}, around {boundary.name}",
+                Side(f"the first {end} tokens alone", lambda end=end: run.model(input_ids=run.ids[:, :end])),
             )
 
 

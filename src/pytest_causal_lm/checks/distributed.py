@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ from ._common import (
     failure,
     resolve_tolerance,
 )
-from ._probes import compare_probes, follow_modules, parity_probes, spread_over
+from ._localise import Replay, Trace, departure_rows, localisation_rows, not_located, record, within
+from ._probes import compare_probes, follow_modules, parity_probes, probe_side, spread_over
 
 __all__ = [
     "WORKER_TIMEOUT_SECONDS",
@@ -84,11 +86,12 @@ def assert_tensor_parallel_matches(
         pytest.skip(f"tensor parallelism: {why}")
     tolerance = resolve_tolerance(model, tolerance)
     expected = parity_probes(model, tokenizer)
-    with tempfile.TemporaryDirectory(prefix="causal-lm-tp-") as work:
-        sharded = _run_workers(model, location, processes, from_pretrained_kwargs or {}, Path(work))
+    request = {"location": location, "kwargs": from_pretrained_kwargs or {}}
+    sharded = _sharded(model, request, processes)
     result = CheckResult("tensor parallel", tolerance=tolerance)
     how = f"{processes} processes, tp_plan='auto', {_backend(model)}; reference: {_reference(model)}"
-    compare_probes(model, tokenizer, result, expected, sharded, tolerance, how, "tensor parallelism")
+    localise = _shards_localised(model, tokenizer, request, processes, tolerance)
+    compare_probes(model, tokenizer, result, expected, sharded, tolerance, how, "tensor parallelism", localise=localise)
     result.note(how)
     return result
 
@@ -106,14 +109,39 @@ def _backend(model: Any) -> str:
     return "nccl" if str(model.device).startswith("cuda") else "gloo"
 
 
-def _run_workers(model: Any, location: str, processes: int, kwargs: dict[str, Any], work: Path) -> dict[str, Any]:
+def _shards_localised(
+    model: Any, tokenizer: Any, request: dict[str, Any], processes: int, tolerance: Tolerance
+) -> Callable[[str, int, int], list[tuple[str, object]]]:
+    """Where the shards part from one process on a failing probe: the workers are started again to replay it
+    with every module recorded (only after a failure), and the session's model replays it here."""
+
+    def localise(probe: str, row: int, position: int) -> list[tuple[str, object]]:
+        asked = {"probe": probe, "row": row, "position": position}
+        try:
+            ours = record(probe_side(model, tokenizer, probe, row, position, "one process"), model, [position])
+            theirs = Trace.from_plain(_sharded(model, {**request, "record": asked}, processes)["trace"])
+        except Exception as exc:
+            return not_located(exc)
+        return departure_rows(ours, theirs, ("one process", "the shards"), [position], within(tolerance))
+
+    return localise
+
+
+def _sharded(model: Any, request: dict[str, Any], processes: int) -> dict[str, Any]:
+    """What the workers return for ``request`` (the probes, or a recorded replay of one)."""
+    __tracebackhide__ = True
+    with tempfile.TemporaryDirectory(prefix="causal-lm-tp-") as work:
+        return _run_workers(model, request, processes, Path(work))
+
+
+def _run_workers(model: Any, request: dict[str, Any], processes: int, work: Path) -> dict[str, Any]:
     """torchrun the worker; its probes, or a failure naming the rank, the module and the error. A run in which
     no rank got as far as reporting (the launcher's rendezvous lost a race for its port under load) is retried
     once before it counts."""
     __tracebackhide__ = True
     import torch
 
-    request = {"location": location, "kwargs": kwargs, "dtype": str(model.dtype).removeprefix("torch.")}
+    request = {**request, "dtype": str(model.dtype).removeprefix("torch.")}
     (work / "request.json").write_text(json.dumps(request))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
     command += ["--standalone", "-m", "pytest_causal_lm.tp_worker", str(work)]  # --standalone: a free port
@@ -209,6 +237,25 @@ def _placements(model: Any) -> str:
     return ", ".join(f"{n} on {device}" for device, n in sorted(counts.items())) or "one device"
 
 
+def _compare_placements(
+    model: Any, other: Any, tokenizer: Any, probes: tuple[dict, dict], tolerance: Tolerance, how: str
+) -> CheckResult:
+    """The second load's probes against the session model's; a failure replays both placements (the second
+    load is still alive) to name the first module that departs."""
+    __tracebackhide__ = True
+    result = CheckResult("device_map parity", tolerance=tolerance)
+    placed = ((model, "the session's model"), (other, "the second load"))
+
+    def localise(probe: str, row: int, position: int) -> list[tuple[str, object]]:
+        sides = [probe_side(m, tokenizer, probe, row, position, label) for m, label in placed]
+        return localisation_rows(model, Replay(*sides, (position,)), within(tolerance))
+
+    expected, actual = probes
+    differ = "differ between placements"
+    compare_probes(model, tokenizer, result, expected, actual, tolerance, how, "device_map", differ, localise)
+    return result
+
+
 def assert_device_map_parity(
     model: Any,
     tokenizer: Any,
@@ -256,12 +303,10 @@ def assert_device_map_parity(
                     ("where", f"{where[0]}, on {_device_of(other, where[0])}"),
                 ],
             ) from None
+        else:
+            result = _compare_placements(model, other, tokenizer, (expected, actual), tolerance, how)
         finally:
             del other
             gc.collect()
-    result = CheckResult("device_map parity", tolerance=tolerance)
-    compare_probes(
-        model, tokenizer, result, expected, actual, tolerance, how, "device_map", "differ between placements"
-    )
     result.note(how)
     return result

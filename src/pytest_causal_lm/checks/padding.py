@@ -20,6 +20,7 @@ from ._common import (
     token,
 )
 from ._generation import compare_continuations, greedy_generate, greedy_loop_along
+from ._localise import Replay, Side
 
 __all__ = ["assert_batch_independent", "assert_padding_invariant"]
 
@@ -52,6 +53,18 @@ def assert_padding_invariant(
         mismatch = check_scores(result, alone_last, batch_last[row : row + 1], tolerance)
         if mismatch:
             cause = _padding_limitation(model, ids[row : row + 1], mask[row : row + 1])
+            replay = Replay(
+                Side(
+                    "the prompt alone", lambda ids=alone_ids, at=alone_positions: model(input_ids=ids, position_ids=at)
+                ),
+                Side(
+                    f"row {row} of the padded batch",
+                    lambda: model(input_ids=ids, attention_mask=mask, position_ids=positions),
+                    row=row,
+                    offset=-padding,
+                ),
+                (alone_ids.shape[1] - 1,),
+            )
             raise mismatch_failure(
                 f"padding changes scores: row {row} of a left-padded batch ({padding} pad tokens, id {pad}) "
                 "gives different last-token scores than the prompt alone",
@@ -65,6 +78,7 @@ def assert_padding_invariant(
                 mismatch,
                 tolerance,
                 position_label="row",
+                replay=replay,
             )
         title = f"padding changes the greedy continuation of {text!r} ({padding} pad tokens)"
         _check_continuation(model, tokenizer, alone_ids, batch_generated[row], (ids, mask, row), title, result)
@@ -155,6 +169,11 @@ def assert_batch_independent(
         batch = forward_logits(model, torch.cat([row, other], dim=0))
         mismatch = check_scores(result, alone, batch[0], tolerance)
         if mismatch:
+            replay = Replay(
+                Side("row 0 alone", lambda: model(input_ids=row)),
+                Side(f"row 0 beside other row {index + 1}", lambda o=other: model(input_ids=torch.cat([row, o]))),
+                (mismatch.first_position,),
+            )
             raise mismatch_failure(
                 f"rows are coupled: row 0's scores at position {mismatch.first_position} change with the other row of the batch",
                 model,
@@ -167,5 +186,6 @@ def assert_batch_independent(
                 ],
                 mismatch,
                 tolerance,
+                replay=replay,
             )
     return result

@@ -29,6 +29,7 @@ from ._common import (
     token,
 )
 from ._generation import greedy_loop
+from ._localise import Replay, Side, localisation_rows
 
 __all__ = ["DTYPE_PARITY_TEXTS", "assert_dtype_parity"]
 
@@ -150,7 +151,7 @@ def _check_rows(model: Any, tokenizer: Any, ids: Any, half: Any, exact: Any, lab
             ("prefix", text_of(tokenizer, ids[: position + 1])),
             ("token there", token(tokenizer, int(ids[position]))),
             ("positions affected", sorted(int(p) for p in rows.nonzero().flatten())[:20]),
-            ("first module off", first_departing_module(model, ids[: position + 1], label)),
+            *first_departing_module(model, ids[: position + 1], label),
             (
                 "likely cause",
                 "an overflow in float16 (a large residual channel) or a norm/softmax computed without the float32 upcast",
@@ -209,55 +210,42 @@ def _check_greedy(model: Any, tokenizer: Any, ids: Any, half: Any, exact: Any, l
     )
 
 
-def _module_outputs(model: Any, ids: Any) -> dict[str, Any]:
-    """Every submodule's first output (float32, on the CPU) in the order the forward reaches them."""
+def _departs_in(half: Any) -> Any:
+    """A module departs in ``half`` where its output is not finite, strays by more than half its float32 scale,
+    or holds float32 values beyond ``half``'s range: a rounding error of half precision does neither."""
     import torch
 
-    outputs: dict[str, Any] = {}
+    limit = torch.finfo(half).max
 
-    def keep(name: str) -> Any:
-        def hook(module: Any, args: Any, output: Any) -> None:
-            tensor = output[0] if isinstance(output, tuple | list) and output else output
-            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and name not in outputs:
-                given = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() else None
-                largest_input = float(given.detach().abs().max()) if given is not None and given.numel() else 0.0
-                outputs[name] = (tensor.detach().float().cpu(), largest_input)
+    def departs(exact: Any, rounded: Any) -> bool:
+        scale = float(exact.abs().max()) or 1.0
+        return (
+            not bool(torch.isfinite(rounded).all())
+            or float((rounded - exact).abs().max()) > 0.5 * scale
+            or scale > limit
+        )
 
-        return hook
-
-    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
-    try:
-        forward_logits(model, ids.to(model.device)[None])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs
+    return departs
 
 
-def first_departing_module(model: Any, ids: Any, label: str) -> str:
-    """The first module (forward hooks, in execution order) whose ``label`` output is not finite or departs
-    from its float32 output, with the largest |value| it saw: where a float16 overflow starts."""
+def first_departing_module(model: Any, ids: Any, label: str) -> list[tuple[str, object]]:
+    """Where the ``label`` forward of ``ids`` first departs from float32's on the same weights (the engine of
+    every parity failure, with half precision's own notion of departing): where an overflow starts."""
     import torch
 
     from ..precision import weights_in
 
     half = getattr(torch, label)
-    with weights_in(model, torch.float32):
-        exact = _module_outputs(model, ids)
-    with weights_in(model, half):
-        rounded = _module_outputs(model, ids)
+    ids = ids.to(model.device)[None]
+
+    def forward_in(dtype: Any) -> Any:
+        def run() -> None:
+            with weights_in(model, dtype):
+                model(input_ids=ids)
+
+        return run
+
+    replay = Replay(Side("float32", forward_in(torch.float32)), Side(label, forward_in(half)), (ids.shape[1] - 1,))
     limit = torch.finfo(half).max
-    for name, (output, _) in rounded.items():
-        reference, largest_input = exact.get(name, (None, 0.0))
-        if reference is None or reference.shape != output.shape:
-            continue
-        scale = float(reference.abs().max()) or 1.0
-        off = not bool(torch.isfinite(output).all()) or float((output - reference).abs().max()) > 0.5 * scale
-        if off or scale > limit:
-            module = type(model.get_submodule(name)).__name__
-            return (
-                f"{name} ({module}): its {label} output departs from float32's (in float32: largest |input| "
-                f"{largest_input:.3g}, |output| {scale:.3g}; {label} holds up to {limit:.3g}, squares of "
-                f"{limit**0.5:.3g})"
-            )
-    return f"none: every module's {label} output stays within half of its float32 scale"
+    range_row = (f"{label} range", f"values up to {limit:.3g}, squares of values up to {limit**0.5:.3g}")
+    return [*localisation_rows(model, replay, _departs_in(half)), range_row]
