@@ -601,6 +601,32 @@ def rotary_permutation_forgotten(path: Any, dtype: Any = torch.float32) -> tuple
     return model, tokenizer
 
 
+def _interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Each head's rows in the interleaved rotary layout (Meta's) instead of transformers' half-split one."""
+    rows, columns = weight.shape
+    return weight.view(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
+
+
+def rotary_permutation_forgotten_in_one_layer(path: Any, layer: int = 1, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A conversion script whose q/k permutation loop skipped one layer (its keys matched another name pattern):
+    that layer's attention pairs the wrong rotary dimensions; every other layer is exact."""
+    model, tokenizer = load_healthy(path)
+    config, attention = model.config, model.model.layers[layer].self_attn
+    with torch.no_grad():
+        attention.q_proj.weight.copy_(_interleaved(attention.q_proj.weight, config.num_attention_heads))
+        attention.k_proj.weight.copy_(_interleaved(attention.k_proj.weight, config.num_key_value_heads))
+    return model.to(dtype), tokenizer
+
+
+def norm_weight_shifted_in_one_layer(path: Any, layer: int = 1, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A conversion that added Gemma's ``1 +`` norm offset to one layer's post-attention norm weight (a norm
+    stored as an offset in one format and as a scale in the other, converted for one layer twice)."""
+    model, tokenizer = load_healthy(path)
+    with torch.no_grad():
+        model.model.layers[layer].post_attention_layernorm.weight.add_(1.0)
+    return model.to(dtype), tokenizer
+
+
 def _edit_generation_config(directory: Any, **changes: Any) -> None:
     import json
 

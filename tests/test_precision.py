@@ -76,7 +76,7 @@ def test_float32_calibration_still_catches_a_cache_off_by_a_thousandth(tiny_path
     tolerance = clm.calibrated_tolerance(clm.tolerance_for(torch.float32), clm.measure_noise_floor(model, tokenizer))
     with pytest.raises(AssertionError, match=r"KV-cache parity violated: decoding step 1") as caught:
         clm.assert_kv_cache_parity(model, tokenizer, tolerance=tolerance)
-    difference = float(re.search(r"greatest \|difference\| : ([\d.e-]+)", str(caught.value)).group(1))
+    difference = float(re.search(r"greatest \|difference\|\s+: ([\d.e-]+)", str(caught.value)).group(1))
     assert 1e-3 < difference < 1e-2, str(caught.value)  # the error is as small as float16 rounding of the keys
     assert re.search(r"vs noise floor\s+: difference [\d.]+x the noise floor", str(caught.value))
     assert "(float32 vs float64, measured in" in str(caught.value)

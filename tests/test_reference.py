@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -125,8 +126,11 @@ def test_plugin_compares_every_checkpoint_with_the_reference(pytester: pytest.Py
         "-m",
         "causal_lm_reference",
         "-v",
+        "--causal-lm-report=verdict.md",
     )
     result.assert_outcomes(passed=1, failed=1)
+    verdict = (pytester.path / "verdict.md").read_text()
+    assert re.search(r"```text\nlayer +NMSE .*\nembeddings +0 +\|\nlayer 0 +0 +\|\nlayer 1 +\S+ +\|█+\n```", verdict)
     result.stdout.fnmatch_lines_random(
         [
             "*test_reference_drift?tiny-qwen3-cpu-float32? PASSED*",
@@ -141,3 +145,74 @@ def test_without_a_reference_the_drift_test_skips_with_a_reason(pytester: pytest
     result = pytester.runpytest("--causal-lm-checkpoint=tiny:qwen3", "-m", "causal_lm_reference", "-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*no reference configured: pass --causal-lm-reference=CKPT*"])
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize(
+    "conversion", [broken.rotary_permutation_forgotten_in_one_layer, broken.norm_weight_shifted_in_one_layer]
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_conversion_that_broke_one_layer_names_that_layer(
+    qwen3_reference, qwen3_path: Path, conversion, dtype
+) -> None:
+    _, _, reference = qwen3_reference
+    model, tokenizer = conversion(qwen3_path, layer=1, dtype=dtype)
+    with pytest.raises(AssertionError) as caught:
+        assert_close_to_reference(model, tokenizer, reference)
+    message = str(caught.value)
+    assert re.search(
+        r"first layer whose error jumps\s+: layer 1: hidden-state NMSE [0-9.e-]+, after [0-9.e-]+ at layer 0", message
+    )
+    assert re.search(r"hidden-state NMSE per layer\s+: embeddings \S+; layer 0 \S+; layer 1 \S+", message)
+    assert caught.value.causal_lm_measured["layer_nmse"][2][0] == "layer 1"
+
+
+def test_the_reference_report_carries_the_conversion_metrics(qwen3_reference) -> None:
+    model, tokenizer, reference = qwen3_reference
+    same = compare_to_reference(model, tokenizer, reference)
+    assert same.kl_p999 < 1e-5 and same.logits_nmse < 1e-10 and same.top_probability_rms < 1e-5
+    assert same.perplexity_ratio == 1.0 and same.jump is None
+    assert [name for name, _ in same.layer_nmse] == ["embeddings", "layer 0", "layer 1"]
+    half = compare_to_reference(copy.deepcopy(model).to(torch.bfloat16), tokenizer, reference)
+    assert 0 < half.kl_sem < half.kl_mean and half.kl_median <= half.kl_p99 <= half.kl_p999 <= half.kl_max
+    assert 0 < half.logits_nmse < 1e-2 and 0 < half.top_probability_rms < 0.05
+    assert half.jump is None and all(0 < value < 1e-3 for _, value in half.layer_nmse[1:])  # rounding grows steadily
+    assert {"kl_p999", "kl_sem", "logits_nmse", "perplexity_ratio", "layer_nmse"} <= set(half.as_dict())
+    assert "p99.9" in str(half) and "logits NMSE" in str(half)
+
+
+def test_a_few_broken_positions_fail_on_the_tail_when_the_mean_stays_low() -> None:
+    from pytest_causal_lm.checks.reference import DriftReport
+
+    report = DriftReport(
+        0.004, 0.01, 0.05, 2.0, 0.97, 0.98, 1.0, perplexity_reference=10.0, perplexity_candidate=10.1, kl_p999=1.5
+    )
+    from pytest_causal_lm.checks import reference as module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "compare_to_reference", lambda *args, **kwargs: report)
+        with pytest.raises(AssertionError) as caught:
+            assert_close_to_reference(None, None, type("R", (), {"checkpoint": "ref"})())
+    message = str(caught.value)
+    assert "exceeds 1 threshold(s)" in message and re.search(r"KL p99.9\s+: 1.5 > threshold 0.5", message)
+
+
+def test_another_model_class_gets_no_layer_table(qwen3_reference, qwen3_path: Path) -> None:
+    model, tokenizer, reference = qwen3_reference
+    other = dataclasses.replace(reference, architecture="LlamaForCausalLM")
+    report = compare_to_reference(model, tokenizer, other)
+    assert report.layer_nmse == [] and report.jump is None
+
+
+def test_the_markdown_verdict_plots_the_per_layer_error_of_a_failing_reference() -> None:
+    from pytest_causal_lm.report import Cell, layer_plot
+
+    errors = [["embeddings", 0.0], ["layer 0", 1e-7], ["layer 1", 0.38]]
+    plot = layer_plot(errors)
+    assert plot[0] == "```text" and plot[-1] == "```"
+    bars = [line.split("|")[1] for line in plot[2:-1]]
+    assert bars[0] == "" and 0 < len(bars[1]) < len(bars[2]) == 38  # log10(0.38) = -0.42: 38 of 40
+    cell = Cell.measured("FAIL", {"figure": ["KL mean", 0.4], "layer_nmse": errors}, "drift")
+    assert Cell.from_dict(json.loads(json.dumps(cell.to_dict()))) == cell

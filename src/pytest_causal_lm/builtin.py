@@ -60,7 +60,8 @@ def _reference_drift(lm: CausalLM, causal_lm_reference: Any, causal_lm_settings:
         thresholds=causal_lm_settings.reference_thresholds(),
         tolerance=lm.tolerance,
     )
-    return CheckResult("reference drift", figure=("KL mean", report.kl_mean), notes=[str(report)])
+    layers = [f"hidden-state NMSE per layer: {report.layer_table()}"] if report.layer_nmse else []
+    return CheckResult("reference drift", figure=("KL mean", report.kl_mean), notes=[str(report), *layers])
 
 
 def _static_cache(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:

@@ -60,6 +60,7 @@ class Cell:
     position: int | None = None
     token_id: int | None = None
     detail: str = ""
+    layer_nmse: list[list[Any]] | None = None  # [[layer, hidden-state NMSE], ...] of a failed reference comparison
 
     @classmethod
     def measured(cls, outcome: str, data: dict[str, Any], detail: str = "") -> Cell:
@@ -72,6 +73,7 @@ class Cell:
             position=data.get("position"),
             token_id=data.get("token_id"),
             detail=detail,
+            layer_nmse=data.get("layer_nmse"),
         )
 
     @property
@@ -92,6 +94,7 @@ class Cell:
             position=data.get("position"),
             token_id=data.get("token_id"),
             detail=data.get("detail", ""),
+            layer_nmse=data.get("layer_nmse"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +106,7 @@ class Cell:
             "position": self.position,
             "token_id": self.token_id,
             "detail": self.detail,
+            **({"layer_nmse": self.layer_nmse} if self.layer_nmse else {}),
         }
 
 
@@ -339,6 +343,8 @@ class VerdictTable:
                     f": {cell.detail}" if cell.detail else ""
                 )
                 lines.append(f"- `{self.labels[target]}` {invariant.name}: {text}")
+                if cell.layer_nmse and cell.outcome in _FAILING:
+                    lines += ["", *layer_plot(cell.layer_nmse), ""]
         return lines
 
     def _markdown_by_family(self) -> list[str]:
@@ -366,6 +372,20 @@ _SYMBOL = {
     "skip": "⏭ skip",
     "lim": "⚠ known limitation",
 }
+
+
+def layer_plot(errors: list[list[Any]], width: int = 40) -> list[str]:
+    """The hidden-state NMSE per layer as a bar chart on a log scale (1e-8 to 1) in a fenced block: where the
+    error jumps reads at a glance in any Markdown viewer, with no image to ship beside the report."""
+    import math
+
+    names = [str(name) for name, _ in errors]
+    pad = max(len(name) for name in names)
+    lines = ["```text", f"{'layer'.ljust(pad)}  NMSE       log10: -8 {'.' * (width - 12)} 0"]
+    for name, value in errors:
+        bar = round(width * (min(max(math.log10(value), -8.0), 0.0) + 8) / 8) if value > 0 else 0
+        lines.append(f"{name.ljust(pad)}  {value:<9.3g}  |{'█' * bar}")
+    return [*lines, "```"]
 
 
 def _family_order(marker: str) -> int:

@@ -266,6 +266,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
         parse=_parse_float,
     ),
     OptionSpec("reference_max_kl_p99", "Largest 99th-percentile KL in nats. Default: 0.1.", 0.1, parse=_parse_float),
+    OptionSpec(
+        "reference_max_kl_p999",
+        "Largest 99.9th-percentile KL in nats: the tail, where a conversion broken at a few positions shows. "
+        "Default: 0.5.",
+        0.5,
+        parse=_parse_float,
+    ),
     OptionSpec("reference_min_top1", "Smallest top-1 agreement rate. Default: 0.9.", 0.9, parse=_parse_float),
     OptionSpec(
         "reference_max_perplexity_delta", "Largest relative perplexity change. Default: 0.05.", 0.05, parse=_parse_float
@@ -356,6 +363,7 @@ class Settings:
         return {
             "kl_mean": self.reference_max_kl_mean,
             "kl_p99": self.reference_max_kl_p99,
+            "kl_p999": self.reference_max_kl_p999,
             "top1_agreement": self.reference_min_top1,
             "perplexity_delta": self.reference_max_perplexity_delta,
         }

@@ -169,11 +169,12 @@ def failure(
     mismatch: ScoreMismatch | None = None,
     tolerance: Tolerance | None = None,
     figure: tuple[str, float] | None = None,
+    layer_nmse: Sequence[tuple[str, float]] = (),
 ) -> AssertionError:
     """An AssertionError whose message is a title and aligned ``label: value`` lines.
 
-    ``mismatch`` and ``tolerance`` (or ``figure``) travel with it as data (``measured_of``), so reports
-    never parse the text. It stays a plain AssertionError so pytest shows it as one.
+    ``mismatch`` and ``tolerance`` (or ``figure``, ``layer_nmse``) travel with it as data (``measured_of``), so
+    reports never parse the text. It stays a plain AssertionError so pytest shows it as one.
     """
     rows = [("checkpoint", context(model)), *details]
     width = max(len(label) for label, _ in rows)
@@ -190,6 +191,8 @@ def failure(
         measured["figure"] = figure
     if tolerance is not None:
         measured["tolerance"] = tolerance.as_dict()
+    if layer_nmse:
+        measured["layer_nmse"] = [[name, value] for name, value in layer_nmse]
     error = AssertionError(f"{title}\n{body}")
     error.causal_lm_measured = measured  # type: ignore[attr-defined]
     return error

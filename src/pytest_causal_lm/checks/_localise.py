@@ -8,6 +8,7 @@ still agrees is where the two computations part: the person fixing the port star
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,9 +94,15 @@ class Departure:
     neighbours: list[tuple[str, float, bool]]  # (module, greatest difference, departs) just before and after it
     layers: list[tuple[str, float, bool]]  # the decoder layers around the first departing one
     compared: int
+    share: float  # of the run's bound: 1 where the output departs beyond it, less where only amplified later
 
 
-Departs = Callable[[Any, Any], bool]
+# Does an output depart from the expected one beyond ``share`` of the run's bound (1: the bound itself)?
+Departs = Callable[[Any, Any, float], bool]
+# A bug whose first output stays under the bound (a cache rounded to float16) is amplified by later modules
+# past it, whose inputs then already differ: the search retries at finer shares, and a module's input agrees
+# only when it stays under an eighth of the share its output departs by.
+SHARES = (1.0, 1 / 8, 1 / 64)
 
 
 def _first_tensor(values: Sequence[Any]) -> Any:
@@ -158,10 +165,11 @@ def record(side: Side, model: Any, positions: Sequence[int]) -> Trace:
 def within(tolerance: Tolerance) -> Departs:
     """The run's elementwise tolerance (``atol + rtol * |expected|``), as the failing check compared scores."""
 
-    def departs(expected: Any, actual: Any) -> bool:
+    def departs(expected: Any, actual: Any, share: float) -> bool:
         from ._common import compare_scores
 
-        return compare_scores(expected, actual, tolerance) is not None
+        scaled = Tolerance(atol=tolerance.atol * share, rtol=tolerance.rtol * share)
+        return compare_scores(expected, actual, scaled) is not None
 
     return departs
 
@@ -179,23 +187,52 @@ def _layer_of(name: str) -> str | None:
 
 
 def locate(expected: Trace, actual: Trace, positions: Sequence[int], departs: Departs) -> Departure | None:
-    """The first module of ``actual`` whose output departs from ``expected``'s while its input does not."""
+    """The first module of ``actual`` whose output departs from ``expected``'s while its input does not, at the
+    coarsest of ``SHARES`` of the bound where one does; inside a container (a decoder layer), the first of its
+    own modules that does so, at that share or finer."""
     shared = [n for n in actual.modules if n in expected.modules]
     shared = [n for n in shared if expected.modules[n].output.shape == actual.modules[n].output.shape]
-    verdicts = []
-    for name in shared:
-        wanted, got = expected.modules[name], actual.modules[name]
-        verdicts.append((name, _difference(wanted.output, got.output), departs(wanted.output, got.output)))
-    for at, (name, _, off) in enumerate(verdicts):
-        wanted, got = expected.modules[name], actual.modules[name]
-        comparable = wanted.input is not None and got.input is not None and wanted.input.shape == got.input.shape
-        if off and not (comparable and departs(wanted.input, got.input)):
-            return _departure(name, wanted, got, positions, verdicts, at, comparable)
+    found = _first_origin(expected, actual, shared, positions, departs, SHARES)
+    while found is not None:
+        inside = [n for n in shared if n.startswith(found.name + ".")]
+        finer = tuple(share for share in SHARES if share <= found.share)
+        deeper = _first_origin(expected, actual, inside, positions, departs, finer) if inside else None
+        if deeper is None:
+            return found
+        found = dataclasses.replace(deeper, layers=found.layers or deeper.layers, compared=found.compared)
+    return None
+
+
+def _first_origin(
+    expected: Trace,
+    actual: Trace,
+    names: list[str],
+    positions: Sequence[int],
+    departs: Departs,
+    shares: Sequence[float],
+) -> Departure | None:
+    for share in shares:
+        verdicts = []
+        for name in names:
+            wanted, got = expected.modules[name], actual.modules[name]
+            verdicts.append((name, _difference(wanted.output, got.output), departs(wanted.output, got.output, share)))
+        for at, (name, _, off) in enumerate(verdicts):
+            wanted, got = expected.modules[name], actual.modules[name]
+            comparable = wanted.input is not None and got.input is not None and wanted.input.shape == got.input.shape
+            if off and not (comparable and departs(wanted.input, got.input, share / 8)):
+                return _departure(name, wanted, got, positions, verdicts, at, comparable, share)
     return None
 
 
 def _departure(
-    name: str, wanted: _Kept, got: _Kept, positions: Sequence[int], verdicts: list, at: int, comparable: bool
+    name: str,
+    wanted: _Kept,
+    got: _Kept,
+    positions: Sequence[int],
+    verdicts: list,
+    at: int,
+    comparable: bool,
+    share: float,
 ) -> Departure:
     import torch
 
@@ -213,6 +250,7 @@ def _departure(
         neighbours=verdicts[max(0, at - 2) : at + 3],
         layers=_layers_around(verdicts, _layer_of(name)),
         compared=len(verdicts),
+        share=share,
     )
 
 
@@ -258,6 +296,10 @@ def _none_departs(labels: tuple[str, str], compared: int) -> str:
     )
 
 
+def _beyond(share: float) -> str:
+    return "" if share == 1 else f", beyond 1/{round(1 / share)} of the bound: later modules amplify it past the bound"
+
+
 def _describe(found: Departure, labels: tuple[str, str]) -> list[tuple[str, object]]:
     first, second = labels
     given = (
@@ -269,7 +311,8 @@ def _describe(found: Departure, labels: tuple[str, str]) -> list[tuple[str, obje
         (
             "first departing module",
             f"{found.name} ({found.cls}): output at position {found.position}, feature {found.index}: {first} "
-            f"{found.expected:.6g}, {second} {found.actual:.6g} (Δ {found.difference:.3g}); {given}",
+            f"{found.expected:.6g}, {second} {found.actual:.6g} (Δ {found.difference:.3g}{_beyond(found.share)}); "
+            f"{given}",
         ),
         ("modules around it", "; ".join(f"{n} Δ {d:.3g}{' departs' if off else ''}" for n, d, off in found.neighbours)),
     ]

@@ -217,11 +217,11 @@ def _departs_in(half: Any) -> Any:
 
     limit = torch.finfo(half).max
 
-    def departs(exact: Any, rounded: Any) -> bool:
+    def departs(exact: Any, rounded: Any, share: float) -> bool:
         scale = float(exact.abs().max()) or 1.0
         return (
             not bool(torch.isfinite(rounded).all())
-            or float((rounded - exact).abs().max()) > 0.5 * scale
+            or float((rounded - exact).abs().max()) > 0.5 * share * scale
             or scale > limit
         )
 

@@ -7,6 +7,7 @@ can be freed before the candidate is compared against them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,10 +62,12 @@ PERPLEXITY_TEXT = (
     "model that predicts the text well has a low perplexity, and a damaged model has a high one."
 )
 
-# Defaults: a float32 vs bfloat16 copy passes comfortably; damaged weights do not.
+# Defaults: a float32 vs bfloat16 copy passes comfortably; damaged weights do not. The tail (99.9%) catches a
+# conversion broken at a few positions that the mean averages away.
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "kl_mean": 0.01,  # nats
     "kl_p99": 0.1,
+    "kl_p999": 0.5,
     "top1_agreement": 0.9,  # minimum
     "perplexity_delta": 0.05,  # relative, absolute value
 }
@@ -83,6 +86,16 @@ class ReferenceOutputs:
     perplexity: float
     tokenizer_facts: dict[str, Any]
     corpus_ids: dict[str, list[int]] = field(default_factory=dict)  # the tokenizer corpus, encoded by the reference
+    logits: list[Any] = field(default_factory=list)  # per prompt: raw (positions, vocab) float32, for the NMSE
+    hidden: list[Any] = field(default_factory=list)  # the first HIDDEN_PROMPTS prompts: (layers + 1, seq, width)
+    architecture: str = ""  # the model class: per-layer hidden states compare only within one
+
+
+HIDDEN_PROMPTS = 4  # prompts whose per-layer hidden states the reference keeps (a few MB even for 8B models)
+# A layer's hidden-state NMSE "jumps" when it exceeds 10x the layer before and this floor: rounding to half
+# precision grows the error steadily layer by layer; a layer a conversion broke multiplies it.
+JUMP_FACTOR = 10.0
+JUMP_FLOOR = 1e-3
 
 
 @dataclass
@@ -100,10 +113,21 @@ class DriftReport:
     perplexity_reference: float = 0.0
     perplexity_candidate: float = 0.0
     worst: str = ""
+    kl_sem: float = 0.0  # standard error of the KL mean
+    kl_median: float = 0.0
+    kl_p999: float = 0.0
+    top_probability_rms: float = 0.0  # RMS change of the reference's top token's probability
+    logits_nmse: float = 0.0  # sum((candidate - reference)^2) / sum(reference^2) over raw logits
+    layer_nmse: list[tuple[str, float]] = field(default_factory=list)  # hidden-state NMSE per layer (same model class)
+    jump: str | None = None  # the first layer whose NMSE jumps, with the figures
 
     @property
     def perplexity_delta(self) -> float:
         return (self.perplexity_candidate - self.perplexity_reference) / self.perplexity_reference
+
+    @property
+    def perplexity_ratio(self) -> float:
+        return self.perplexity_candidate / self.perplexity_reference
 
     def as_dict(self, digits: int = 4) -> dict[str, Any]:
         """Rounded figures: stable enough for reports and snapshots."""
@@ -116,6 +140,13 @@ class DriftReport:
             "kl_p95": r(self.kl_p95),
             "kl_p99": r(self.kl_p99),
             "kl_max": r(self.kl_max),
+            "kl_sem": r(self.kl_sem),
+            "kl_median": r(self.kl_median),
+            "kl_p999": r(self.kl_p999),
+            "top_probability_rms": r(self.top_probability_rms),
+            "logits_nmse": r(self.logits_nmse),
+            "perplexity_ratio": r(self.perplexity_ratio),
+            "layer_nmse": {name: r(value) for name, value in self.layer_nmse},
             "top1_agreement": r(self.top1_agreement),
             "top5_overlap": r(self.top5_overlap),
             "greedy_agreement": r(self.greedy_agreement),
@@ -127,11 +158,16 @@ class DriftReport:
     def __str__(self) -> str:
         d = self.as_dict(3)
         return (
-            f"KL mean {d['kl_mean']} p95 {d['kl_p95']} p99 {d['kl_p99']} max {d['kl_max']}; "
-            f"top-1 agreement {d['top1_agreement']:.1%}; top-5 overlap {d['top5_overlap']:.1%}; "
+            f"KL mean {d['kl_mean']} ± {d['kl_sem']} median {d['kl_median']} p99 {d['kl_p99']} p99.9 {d['kl_p999']} "
+            f"max {d['kl_max']}; top-1 agreement {d['top1_agreement']:.1%}; top-5 overlap {d['top5_overlap']:.1%}; "
+            f"RMS Δp of the top token {d['top_probability_rms']}; logits NMSE {d['logits_nmse']}; "
             f"greedy agreement {d['greedy_agreement']:.1%}; perplexity {d['perplexity_reference']} -> "
-            f"{d['perplexity_candidate']} ({d['perplexity_delta']:+.2%})"
+            f"{d['perplexity_candidate']} (ratio {d['perplexity_ratio']})"
         )
+
+    def layer_table(self) -> str:
+        """``embeddings 0; layer 0 1.2e-07; ...``: the hidden-state NMSE after each layer."""
+        return "; ".join(f"{name} {value:.3g}" for name, value in self.layer_nmse)
 
 
 def _tokenizer_facts(tokenizer: Any) -> dict[str, Any]:
@@ -152,7 +188,8 @@ def _perplexity(model: Any, tokenizer: Any) -> float:
 def reference_outputs(
     model: Any, tokenizer: Any, *, prompts: Sequence[str] = REFERENCE_PROMPTS, max_new_tokens: int = 16
 ) -> ReferenceOutputs:
-    """Run the reference once: log-probabilities at every prompt position, greedy continuations, perplexity."""
+    """Run the reference once: scores at every prompt position, greedy continuations, perplexity, and the
+    per-layer hidden states of the first ``HIDDEN_PROMPTS`` prompts."""
     import torch
 
     outputs = ReferenceOutputs(
@@ -165,18 +202,63 @@ def reference_outputs(
         perplexity=_perplexity(model, tokenizer),
         tokenizer_facts=_tokenizer_facts(tokenizer),
         corpus_ids={text: tokenizer(text)["input_ids"] for text in ROUND_TRIP_CORPUS},
+        architecture=type(model).__name__,
     )
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
         generated = greedy_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)[0]
         full = torch.cat([ids, torch.tensor([generated], dtype=ids.dtype, device=ids.device)], dim=1)
         with torch.no_grad():
-            logprobs = model(input_ids=full).logits[0].float().log_softmax(-1).cpu()
+            logits = model(input_ids=full).logits[0].float().cpu()
+        logprobs = logits.log_softmax(-1)
         outputs.input_ids.append(ids[0].tolist())
         outputs.logprobs.append(logprobs[: ids.shape[1]])
+        outputs.logits.append(logits[: ids.shape[1]])
         outputs.greedy.append(generated)
         outputs.greedy_logprobs.append(list(logprobs[ids.shape[1] - 1 : ids.shape[1] - 1 + len(generated)]))
+        if index < HIDDEN_PROMPTS:
+            outputs.hidden.append(_hidden_states(model, ids))
     return outputs
+
+
+def _hidden_states(model: Any, ids: Any) -> Any:
+    """``(layers + 1, seq, width)`` float32 on the CPU: the embeddings' output, then every layer's."""
+    import torch
+
+    with torch.no_grad():
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states
+    return torch.stack([state[0].float().cpu() for state in states])
+
+
+def layer_errors(model: Any, reference: ReferenceOutputs) -> tuple[list[tuple[str, float]], str | None]:
+    """Hidden-state NMSE against the reference after the embeddings and after each layer, and the first layer
+    whose error jumps (``JUMP_FACTOR`` over the one before, above ``JUMP_FLOOR``). Empty for another model
+    class or another layer count: then layers do not correspond."""
+    import torch
+
+    if not reference.hidden or type(model).__name__ != reference.architecture:
+        return [], None
+    squared, total = None, None
+    for index, expected in enumerate(reference.hidden):
+        ids = torch.tensor([reference.input_ids[index]], device=model.device)
+        actual = _hidden_states(model, ids)
+        if actual.shape != expected.shape:
+            return [], None
+        error, size = ((actual - expected) ** 2).sum((1, 2)), (expected**2).sum((1, 2))
+        squared, total = (error, size) if squared is None else (squared + error, total + size)
+    nmse = (squared / total.clamp(min=1e-30)).tolist()
+    names = ["embeddings", *(f"layer {i}" for i in range(len(nmse) - 1))]
+    return list(zip(names, nmse, strict=True)), _first_jump(list(zip(names, nmse, strict=True)))
+
+
+def _first_jump(errors: list[tuple[str, float]]) -> str | None:
+    for (before, previous), (name, value) in itertools.pairwise(errors):
+        if value > JUMP_FLOOR and value > JUMP_FACTOR * previous:
+            return f"{name}: hidden-state NMSE {value:.3g}, after {previous:.3g} at {before}"
+    first_name, first_value = errors[0] if errors else ("", 0.0)
+    if first_value > JUMP_FLOOR:
+        return f"{first_name}: hidden-state NMSE {first_value:.3g} already (the embedding table differs)"
+    return None
 
 
 def _tokenizer_differences(reference: ReferenceOutputs, tokenizer: Any) -> list[tuple[str, object]]:
@@ -213,8 +295,6 @@ def compare_to_reference(
     numbers would be meaningless.
     """
     __tracebackhide__ = True
-    import torch
-
     differences = _tokenizer_differences(reference, tokenizer)
     if differences:
         raise failure(
@@ -223,40 +303,80 @@ def compare_to_reference(
             differences,
         )
     tolerance = resolve_tolerance(model, tolerance)
-    kls, top1, top5, greedy_share, divergences = [], [], [], [], []
-    worst = (-1.0, "")
-    for index, prompt in enumerate(reference.prompts):
-        ids = torch.tensor([reference.input_ids[index]], device=model.device)
-        with torch.no_grad():
-            candidate = model(input_ids=ids).logits[0].float().log_softmax(-1).cpu()
-        ref = reference.logprobs[index]
-        kl = kl_per_position(ref, candidate)
-        kls.append(kl)
-        top1.append((ref.argmax(-1) == candidate.argmax(-1)).float())
-        ref_top, cand_top = ref.topk(5, -1).indices, candidate.topk(5, -1).indices
-        top5.append(
-            torch.tensor([len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(ref_top, cand_top, strict=True)])
-        )
-        position = int(kl.argmax())
-        if float(kl[position]) > worst[0]:
-            worst = (float(kl[position]), _worst_position(tokenizer, prompt, ids, ref, candidate, kl, position))
+    positions = _Positions()
+    greedy_share, divergences = [], []
+    for index in range(len(reference.prompts)):
+        ids = positions.add(model, tokenizer, reference, index)
         share, divergence = _greedy_agreement(model, tokenizer, reference, index, ids, tolerance)
         greedy_share.append(share)
         divergences.extend([divergence] if divergence else [])
-    every_kl = torch.cat(kls)
-    return DriftReport(
-        kl_mean=float(every_kl.mean()),
-        kl_p95=float(every_kl.quantile(0.95)),
-        kl_p99=float(every_kl.quantile(0.99)),
-        kl_max=float(every_kl.max()),
-        top1_agreement=float(torch.cat(top1).mean()),
-        top5_overlap=float(torch.cat(top5).mean()),
+    layers, jump = layer_errors(model, reference)
+    return positions.report(
         greedy_agreement=sum(greedy_share) / len(greedy_share),
         divergences=divergences,
         perplexity_reference=reference.perplexity,
         perplexity_candidate=_perplexity(model, tokenizer),
-        worst=worst[1],
+        layer_nmse=layers,
+        jump=jump,
     )
+
+
+@dataclass
+class _Positions:
+    """Per-position figures over every prompt, gathered as the prompts are scored."""
+
+    kl: list[Any] = field(default_factory=list)
+    top1: list[Any] = field(default_factory=list)
+    top5: list[Any] = field(default_factory=list)
+    top_probability_change: list[Any] = field(default_factory=list)
+    squared_error: float = 0.0
+    squared_reference: float = 0.0
+    worst: tuple[float, str] = (-1.0, "")
+
+    def add(self, model: Any, tokenizer: Any, reference: ReferenceOutputs, index: int) -> Any:
+        """Score prompt ``index`` with ``model`` and fold it in; returns its ids."""
+        import torch
+
+        ids = torch.tensor([reference.input_ids[index]], device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float().cpu()
+        candidate, ref = logits.log_softmax(-1), reference.logprobs[index]
+        kl = kl_per_position(ref, candidate)
+        self.kl.append(kl)
+        self.top1.append((ref.argmax(-1) == candidate.argmax(-1)).float())
+        ref_top, cand_top = ref.topk(5, -1).indices, candidate.topk(5, -1).indices
+        shared = [len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(ref_top, cand_top, strict=True)]
+        self.top5.append(torch.tensor(shared))
+        top = ref.argmax(-1, keepdim=True)
+        self.top_probability_change.append((candidate.gather(-1, top).exp() - ref.gather(-1, top).exp()).flatten())
+        if index < len(reference.logits):
+            self.squared_error += float(((logits - reference.logits[index]) ** 2).sum())
+            self.squared_reference += float((reference.logits[index] ** 2).sum())
+        position = int(kl.argmax())
+        if float(kl[position]) > self.worst[0]:
+            prompt = reference.prompts[index]
+            self.worst = (float(kl[position]), _worst_position(tokenizer, prompt, ids, ref, candidate, kl, position))
+        return ids
+
+    def report(self, **rest: Any) -> DriftReport:
+        import torch
+
+        kl = torch.cat(self.kl)
+        return DriftReport(
+            kl_mean=float(kl.mean()),
+            kl_sem=float(kl.std() / math.sqrt(kl.numel())) if kl.numel() > 1 else 0.0,
+            kl_median=float(kl.median()),
+            kl_p95=float(kl.quantile(0.95)),
+            kl_p99=float(kl.quantile(0.99)),
+            kl_p999=float(kl.quantile(0.999)),
+            kl_max=float(kl.max()),
+            top1_agreement=float(torch.cat(self.top1).mean()),
+            top5_overlap=float(torch.cat(self.top5).mean()),
+            top_probability_rms=float(torch.cat(self.top_probability_change).pow(2).mean().sqrt()),
+            logits_nmse=self.squared_error / self.squared_reference if self.squared_reference else 0.0,
+            worst=self.worst[1],
+            **rest,
+        )
 
 
 def _worst_position(tokenizer: Any, prompt: str, ids: Any, ref: Any, candidate: Any, kl: Any, position: int) -> str:
@@ -287,6 +407,12 @@ def _greedy_agreement(
     )
 
 
+def _no_jump(report: DriftReport) -> str:
+    if not report.layer_nmse:
+        return "not compared: the candidate is another model class or has another layer count than the reference"
+    return f"none: the error grows by less than {JUMP_FACTOR:g}x a layer ({report.layer_table()})"
+
+
 def assert_close_to_reference(
     model: Any,
     tokenizer: Any,
@@ -304,6 +430,8 @@ def assert_close_to_reference(
         exceeded.append(("KL mean", f"{report.kl_mean:.4g} > threshold {limits['kl_mean']:g}"))
     if report.kl_p99 > limits["kl_p99"]:
         exceeded.append(("KL p99", f"{report.kl_p99:.4g} > threshold {limits['kl_p99']:g}"))
+    if report.kl_p999 > limits["kl_p999"]:
+        exceeded.append(("KL p99.9", f"{report.kl_p999:.4g} > threshold {limits['kl_p999']:g}"))
     if report.top1_agreement < limits["top1_agreement"]:
         exceeded.append(("top-1 agreement", f"{report.top1_agreement:.1%} < threshold {limits['top1_agreement']:.0%}"))
     if abs(report.perplexity_delta) > limits["perplexity_delta"]:
@@ -318,11 +446,14 @@ def assert_close_to_reference(
             f"drift from the reference {reference.checkpoint} exceeds {len(exceeded)} threshold(s)",
             model,
             figure=("KL mean", report.kl_mean),
+            layer_nmse=report.layer_nmse,
             details=[
                 *exceeded,
                 ("statistics", str(report)),
                 ("worst position", report.worst),
+                ("first layer whose error jumps", report.jump or _no_jump(report)),
                 ("first greedy divergences", "; ".join(report.divergences[:3]) or "none"),
+                *([("hidden-state NMSE per layer", report.layer_table())] if report.layer_nmse else []),
             ],
         )
     return report

@@ -24,6 +24,7 @@ from ._common import (
     resolve_tolerance,
     transformers_refusal,
 )
+from ._localise import Replay, Side
 
 __all__ = ["IGNORE_INDEX", "assert_training_step_consistent"]
 
@@ -311,6 +312,11 @@ def _check_train_mode_scores(model: Any, tokenizer: Any, ids: Any, result: Check
         trained = model(input_ids=ids).logits[0].float()
     mismatch = check_scores(result, evaluated, trained, result.tolerance)
     if mismatch:
+
+        def in_mode(training: bool) -> Any:
+            return lambda: model.train(training)(input_ids=ids)
+
+        replay = Replay(Side("eval()", in_mode(False)), Side("train()", in_mode(True)), (mismatch.first_position,))
         raise mismatch_failure(
             f"training step: train() scores differ from eval() with no dropout configured, from position {mismatch.first_position}",
             model,
@@ -318,4 +324,5 @@ def _check_train_mode_scores(model: Any, tokenizer: Any, ids: Any, result: Check
             [("likely cause", "randomness or a training-only path in the forward (dropout hard-coded, noise)")],
             mismatch,
             result.tolerance,
+            replay=replay,
         )
