@@ -141,3 +141,20 @@ def test_when_no_module_departs_the_message_says_the_forward_itself_parts() -> N
     same = _trace(embed=([1.0], None), head=([2.0], [1.0]))
     rows = _localise.departure_rows(same, same, ("a", "b"), [0], within(clm.tolerance_for("float32")))
     assert "the scores part outside the modules (the model's own forward" in rows[0][1]
+
+
+def test_a_generate_step_is_replayed_and_located(llama_path: Path) -> None:
+    model, tokenizer = broken.cache_stored_in_half_precision(llama_path)
+    message = _message(clm.assert_static_cache_matches, model, tokenizer)
+    assert message.startswith("static cache differs (first call): step 1 of row 0")
+    assert _departing(message).startswith("model.layers.0.self_attn (LlamaAttention): output at position")
+    assert "generate's step 1" in _departing(message)
+
+
+def test_a_replay_fed_other_positions_says_so_instead_of_naming_a_module(llama_path: Path) -> None:
+    # the port's reused static cache makes generate feed only part of the prompt on the next call
+    model, tokenizer = broken.static_cache_reused_without_reset(llama_path)
+    message = _message(clm.assert_static_cache_matches, model, tokenizer)
+    assert re.search(
+        r"first departing module\s+: not located: (no module output of generate's step 0 covers|replaying)", message
+    )

@@ -7,7 +7,7 @@ transformers refuses (a skip) and a path that breaks (a failure).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +35,7 @@ from ._common import (
     token,
     transformers_refusal,
 )
+from ._localise import Replay, Side
 
 __all__ = [
     "CHAT_MESSAGES",
@@ -407,11 +408,13 @@ def assert_generation_matches_forward(
     result: CheckResult,
     attention_mask: Any = None,
     details: Sequence[tuple[str, object]] = (),
+    rerun: Callable[[], Any] | None = None,
 ) -> None:
     """Every step's scores of ``generated`` equal one forward pass over the prompt and the generated tokens.
 
     A row is compared up to and including its first eos; a padded batch gets its mask and positions counted
-    from the mask, as ``generate`` passes them.
+    from the mask, as ``generate`` passes them. ``rerun`` repeats the generation (one forward per step) so a
+    failure can name the first module that departs.
     """
     __tracebackhide__ = True
     import torch
@@ -432,6 +435,7 @@ def assert_generation_matches_forward(
         mismatch = check_scores(result, expected, generated.logits[index, : len(row)], result.tolerance)
         if mismatch:
             cause = default_positions_differ(model, prompt_ids[index : index + 1], result.tolerance)
+            replay = _step_replay(model, (ids, kwargs), rerun, index, start, mismatch.first_position)
             raise mismatch_failure(
                 f"{title}: step {mismatch.first_position} of row {index} scores differently from one forward pass "
                 "over the same tokens",
@@ -445,7 +449,20 @@ def assert_generation_matches_forward(
                 mismatch,
                 result.tolerance,
                 position_label="step",
+                replay=replay,
             )
+
+
+def _step_replay(model: Any, full: tuple[Any, dict], rerun: Any, row: int, start: int, step: int) -> Replay | None:
+    """Generate's ``step`` (its ``step``-th forward: the prefill is 0) against the one forward pass over ``full``."""
+    if rerun is None:
+        return None
+    ids, kwargs = full
+    return Replay(
+        Side("one forward pass", lambda: model(input_ids=ids, **kwargs), row=row),
+        Side(f"generate's step {step}", rerun, call=step, row=row, offset=0 if step == 0 else start + step),
+        (start + step,),
+    )
 
 
 def require_kv_cache(model: Any, input_ids: Any, what: str) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,9 @@ class Side:
     row: int = 0
     offset: int = 0
     model: Any = None
+
+
+SCORES = "(the model's output)"  # the root module's output, recorded to tell whether a replay reproduced the failure
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,7 @@ def _first_tensor(values: Sequence[Any]) -> Any:
     import torch
 
     for value in values:
+        value = value.to_tuple() if hasattr(value, "to_tuple") else value  # a ModelOutput: its first field set
         candidate = value[0] if isinstance(value, tuple | list) and value else value
         if isinstance(candidate, torch.Tensor) and candidate.is_floating_point():
             return candidate
@@ -116,11 +121,16 @@ def _first_tensor(values: Sequence[Any]) -> Any:
 
 
 def _slice(tensor: Any, shape: tuple[int, int] | None, side: Side, positions: Sequence[int]) -> Any:
-    """The compared positions of ``tensor``, or None where it is not laid out (batch, seq, ...) like the input."""
-    if tensor is None or shape is None or tensor.dim() < 2 or tuple(tensor.shape[:2]) != shape:
+    """The compared positions of ``tensor``, or None where it is not laid out (batch, seq, ...) like the input.
+    An output that kept only the last position (``logits_to_keep=1`` in generate's prefill) gives that one."""
+    if tensor is None or shape is None or tensor.dim() < 2 or tensor.shape[0] != shape[0]:
         return None
     index = [p - side.offset for p in positions]
-    if min(index) < 0 or max(index) >= shape[1] or side.row >= shape[0]:
+    if tensor.shape[1] == 1 and shape[1] > 1 and index == [shape[1] - 1]:
+        index = [0]
+    elif tensor.shape[1] != shape[1]:
+        return None
+    if min(index) < 0 or max(index) >= tensor.shape[1] or side.row >= shape[0]:
         return None
     return tensor[side.row, index].detach().float().cpu().reshape(len(index), -1)
 
@@ -132,34 +142,56 @@ def record(side: Side, model: Any, positions: Sequence[int]) -> Trace:
     recorded = side.model if side.model is not None else model
     trace, state = Trace(), {"calls": -1, "shape": None}
 
-    def count(_module: Any, args: Any, kwargs: dict) -> None:
-        state["calls"] += 1
-        given = kwargs.get("input_ids", args[0] if args else None)
-        given = given if isinstance(given, torch.Tensor) else kwargs.get("inputs_embeds")
-        state["shape"] = tuple(given.shape[:2]) if isinstance(given, torch.Tensor) else None
-
-    def keep(name: str) -> Callable[..., None]:
-        def hook(module: Any, args: Any, kwargs: dict, output: Any) -> None:
-            if state["calls"] != side.call:
-                return
-            out = _slice(_first_tensor([output]), state["shape"], side, positions)
-            if out is None:
-                return
-            given = _first_tensor([*args, kwargs.get("hidden_states"), *kwargs.values()])
+    def keep(name: str, module: Any, given: Any, output: Any) -> None:
+        if state["calls"] != side.call:
+            return
+        out = _slice(_first_tensor([output]), state["shape"], side, positions)
+        if out is not None:
             key = name if name not in trace.modules else f"{name} (call {len(trace.modules)})"
             trace.modules[key] = _Kept(type(module).__name__, out, _slice(given, state["shape"], side, positions))
 
-        return hook
+    def hook(name: str) -> Callable[..., None]:
+        def after(module: Any, args: Any, kwargs: dict, output: Any) -> None:
+            keep(name, module, _first_tensor([*args, kwargs.get("hidden_states"), *kwargs.values()]), output)
 
-    handles = [recorded.register_forward_pre_hook(count, with_kwargs=True)]
-    handles += [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in recorded.named_modules() if n]
+        return after
+
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in recorded.named_modules() if n]
     try:
-        with torch.no_grad():
+        with _counting_forwards(recorded, state, keep), torch.no_grad():
             side.run()
     finally:
         for handle in handles:
             handle.remove()
     return trace
+
+
+@contextmanager
+def _counting_forwards(model: Any, state: dict, keep: Callable[..., None]) -> Iterator[None]:
+    """Count the model's forwards, note each one's (batch, seq), and keep its scores. ``forward`` itself is wrapped,
+    not hooked: ``generate`` may call ``model.forward`` directly, which runs no hook of the model's own."""
+    import torch
+
+    own = "forward" in vars(model)  # an instance-level forward (accelerate's hooks, a port's patch) is put back
+    inner = model.forward
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        state["calls"] += 1
+        given = kwargs.get("input_ids", args[0] if args else None)
+        given = given if isinstance(given, torch.Tensor) else kwargs.get("inputs_embeds")
+        state["shape"] = tuple(given.shape[:2]) if isinstance(given, torch.Tensor) else None
+        output = inner(*args, **kwargs)
+        keep(SCORES, model, None, output)
+        return output
+
+    model.forward = counted
+    try:
+        yield
+    finally:
+        if own:
+            model.forward = inner
+        else:
+            del model.forward
 
 
 def within(tolerance: Tolerance) -> Departs:
@@ -190,7 +222,7 @@ def locate(expected: Trace, actual: Trace, positions: Sequence[int], departs: De
     """The first module of ``actual`` whose output departs from ``expected``'s while its input does not, at the
     coarsest of ``SHARES`` of the bound where one does; inside a container (a decoder layer), the first of its
     own modules that does so, at that share or finer."""
-    shared = [n for n in actual.modules if n in expected.modules]
+    shared = [n for n in actual.modules if n in expected.modules and n != SCORES]
     shared = [n for n in shared if expected.modules[n].output.shape == actual.modules[n].output.shape]
     found = _first_origin(expected, actual, shared, positions, departs, SHARES)
     while found is not None:
@@ -282,17 +314,33 @@ def departure_rows(
     expected: Trace, actual: Trace, labels: tuple[str, str], positions: Sequence[int], departs: Departs
 ) -> list[tuple[str, object]]:
     """Where two recorded traces part, as failure-message rows."""
+    for label, trace in zip(labels, (expected, actual), strict=True):
+        if not trace.modules:
+            return [
+                (
+                    "first departing module",
+                    f"not located: no module output of {label} covers position(s) {list(positions)} as a sequence "
+                    "(its forward was fed other positions: a cache that already held some of the prompt?)",
+                )
+            ]
     departure = locate(expected, actual, positions, departs)
     if departure is None:
-        return [("first departing module", _none_departs(labels, len(expected.modules)))]
+        return [("first departing module", _none_departs(expected, actual, labels, departs))]
     return _describe(departure, labels)
 
 
-def _none_departs(labels: tuple[str, str], compared: int) -> str:
+def _none_departs(expected: Trace, actual: Trace, labels: tuple[str, str], departs: Departs) -> str:
+    scores = expected.modules.get(SCORES), actual.modules.get(SCORES)
+    compared = f"none of {len(expected.modules) - (SCORES in expected.modules)} module outputs departs between {labels[0]} and {labels[1]}"
+    reproduced = None not in scores and scores[0].output.shape == scores[1].output.shape
+    if reproduced and not departs(scores[0].output, scores[1].output, 1.0):
+        return (
+            f"not located: replayed, {labels[0]} and {labels[1]} agree (state kept between calls, or "
+            "randomness, made the failing run differ from its replay)"
+        )
     return (
-        f"none of {compared} module outputs departs between {labels[0]} and {labels[1]} at the compared "
-        "positions: the scores part outside the modules (the model's own forward: its mask, positions, cache "
-        "handling or final processing of the logits)"
+        f"{compared} at the compared positions: the scores part outside the modules (the model's own forward: its "
+        "mask, positions, cache handling or final processing of the logits)"
     )
 
 

@@ -31,6 +31,7 @@ from ._generation import (
     assert_generation_matches_forward,
     generate_or_fail,
     generate_or_skip,
+    generate_scored,
     greedy_generate,
     require_kv_cache,
     static_cache_fields,
@@ -330,6 +331,10 @@ def assert_static_cache_matches(
             generated = generate_or_skip("static-cache generation", model, tokenizer, prompt, **kwargs)
         else:
             generated = generate_or_fail(f"{result.invariant} ({label})", model, tokenizer, prompt, **kwargs)
+
+        def rerun(prompt: Any = prompt, kwargs: dict = kwargs) -> Any:
+            return generate_scored(model, tokenizer, prompt, **kwargs)
+
         assert_generation_matches_forward(
             model,
             tokenizer,
@@ -339,6 +344,7 @@ def assert_static_cache_matches(
             result=result,
             attention_mask=prompt_mask,
             details=[("prompt", text_of(tokenizer, prompt[-1]))],
+            rerun=rerun,
         )
     result.note(f"{len(cases)} static-cache generations, compile {'on' if compile else 'off'}")
     return result
