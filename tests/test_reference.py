@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import re
 import shutil
@@ -130,6 +131,9 @@ def test_plugin_compares_every_checkpoint_with_the_reference(pytester: pytest.Py
     )
     result.assert_outcomes(passed=1, failed=1)
     verdict = (pytester.path / "verdict.md").read_text()
+    if importlib.util.find_spec("matplotlib"):  # beside the report, shown under the failures
+        assert (pytester.path / "verdict.layers.png").stat().st_size > 0
+        assert "![hidden-state NMSE per layer against the reference](verdict.layers.png)" in verdict
     assert re.search(r"```text\nlayer +NMSE .*\nembeddings +0 +\|\nlayer 0 +0 +\|\nlayer 1 +\S+ +\|█+\n```", verdict)
     result.stdout.fnmatch_lines_random(
         [

@@ -57,7 +57,7 @@ def _verdict_summary(terminalreporter: pytest.TerminalReporter, config: pytest.C
 
 
 def _write_reports(terminalreporter: pytest.TerminalReporter, session: CausalLMSession) -> None:
-    from .report import library_versions
+    from .report import draw_layer_errors, library_versions
 
     settings = session.settings
     if not settings.report and not settings.github_summary:
@@ -71,7 +71,12 @@ def _write_reports(terminalreporter: pytest.TerminalReporter, session: CausalLMS
         path = Path(settings.report)
         path.parent.mkdir(parents=True, exist_ok=True)
         as_json = path.suffix == ".json"
-        text = table.to_json(versions, settings) if as_json else table.to_markdown(versions, settings.describe())
+        image = None if as_json else draw_layer_errors(table.failing_layer_errors(), path.with_suffix(".layers.png"))
+        text = (
+            table.to_json(versions, settings)
+            if as_json
+            else table.to_markdown(versions, settings.describe(), image.name if image else None)
+        )
         path.write_text(text, encoding="utf-8")
         terminalreporter.write_line(f"causal-lm report written to {path}")
     if settings.github_summary:

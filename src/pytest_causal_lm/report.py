@@ -12,6 +12,7 @@ import platform
 import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .benchmark import speedup_text
@@ -289,13 +290,16 @@ class VerdictTable:
         targets = [Target.from_key(key) for key in self.cells]
         self.labels = {t.key: t.label for t in with_unique_labels(targets)}
 
-    def to_markdown(self, versions: dict[str, str], settings: list[str]) -> str:
+    def to_markdown(self, versions: dict[str, str], settings: list[str], layer_image: str | None = None) -> str:
         """A line per target first, then what failed, then skips and notes, then every cell by family (folded):
-        36+ invariants read at a glance only as rows, never as columns."""
+        36+ invariants read at a glance only as rows, never as columns. ``layer_image``: the per-layer error plot
+        (``draw_layer_errors``) drawn beside the report, shown under the failures."""
         lines = ["## causal-lm verdict", "", *self._markdown_summary()]
         failures = self._markdown_details(_FAILING)
         if failures:
             lines += ["", "### Failures", "", *failures]
+        if layer_image:
+            lines += ["", f"![hidden-state NMSE per layer against the reference]({layer_image})"]
         notes = self._markdown_details(("tie", "skip", "ok"))
         if notes:
             lines += ["", "### Skips and notes", "", *notes]
@@ -309,6 +313,15 @@ class VerdictTable:
         lines += [f"- device of `{self.labels[t]}`: {_device_text(d)}" for t, d in self.devices.items() if d]
         lines += ["", "<details><summary>settings</summary>", "", *[f"- {s}" for s in settings], "", "</details>", ""]
         return "\n".join(lines)
+
+    def failing_layer_errors(self) -> dict[str, list[list[Any]]]:
+        """Per target label, the per-layer hidden-state NMSE of its failed reference comparison."""
+        return {
+            self.labels[target]: cell.layer_nmse
+            for target, row in self.cells.items()
+            for cell in row.values()
+            if cell.layer_nmse and cell.outcome in _FAILING
+        }
 
     def _markdown_summary(self) -> list[str]:
         lines = [
@@ -372,6 +385,33 @@ _SYMBOL = {
     "skip": "⏭ skip",
     "lim": "⚠ known limitation",
 }
+
+
+def draw_layer_errors(errors: dict[str, list[list[Any]]], path: Path) -> Path | None:
+    """The per-layer hidden-state NMSE of each failing target, one line each on a log scale, as a PNG at
+    ``path``; None without matplotlib (the Markdown keeps its text chart) or without a failing table."""
+    if not errors:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axis = plt.subplots(figsize=(10, 4))
+    for label, rows in errors.items():
+        axis.plot(
+            [str(name) for name, _ in rows], [max(float(value), 1e-12) for _, value in rows], marker="o", label=label
+        )
+    axis.set_yscale("log")
+    axis.set_ylabel("hidden-state NMSE vs the reference")
+    axis.tick_params(axis="x", labelrotation=90)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def layer_plot(errors: list[list[Any]], width: int = 40) -> list[str]:
