@@ -158,3 +158,18 @@ def test_a_replay_fed_other_positions_says_so_instead_of_naming_a_module(llama_p
     assert re.search(
         r"first departing module\s+: not located: (no module output of generate's step 0 covers|replaying)", message
     )
+
+
+def test_device_map_parity_replays_each_placement_on_its_own_model(qwen3_path: Path) -> None:
+    # the second load stands in for an offloaded copy whose one norm came out wrong
+    from pytest_causal_lm.checks._probes import parity_probes
+    from pytest_causal_lm.checks.distributed import _compare_placements
+
+    model, tokenizer = broken.load_healthy(qwen3_path)
+    other, _ = broken.norm_weight_shifted_in_one_layer(qwen3_path, layer=1)
+    probes = (parity_probes(model, tokenizer), parity_probes(other, tokenizer))
+    tolerance = clm.tolerance_for("float32")
+    message = _message(_compare_placements, model, other, tokenizer, probes, tolerance, "one device vs disk")
+    assert message.startswith("device_map: the scores of a prompt differ between placements")
+    assert _departing(message).startswith("model.layers.1.post_attention_layernorm (Qwen3RMSNorm)")
+    assert "the session's model" in _departing(message) and "the second load" in _departing(message)
