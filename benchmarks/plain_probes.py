@@ -285,6 +285,61 @@ def checkpoint_probes(model, tokenizer):
         streamer.end()
 
 
+def training_probes(model, tokenizer):
+    """The training step's probes: labels on each row and on a right-padded batch, a backward pass with and
+    without activation checkpointing (gradients for the embeddings only), and train() against eval()."""
+    rows = [tokenizer(text, return_tensors="pt")["input_ids"] for text in TEXTS[:3]]
+    with torch.no_grad():
+        for ids in rows:
+            model(input_ids=ids, labels=ids)
+        width = max(ids.shape[1] for ids in rows)
+        batch = torch.stack([torch.nn.functional.pad(ids[0], (0, width - ids.shape[1])) for ids in rows])
+        mask = torch.stack([(torch.arange(width) < ids.shape[1]).long() for ids in rows])
+        model(input_ids=batch, attention_mask=mask, labels=batch.masked_fill(mask == 0, -100))
+    model.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    on = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    for checkpointing in (False, True):
+        if checkpointing:
+            on()
+        model.train()
+        model(input_ids=rows[0], labels=rows[0]).loss.backward()
+        model.eval()
+    off()
+    model.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        logits(model, rows[0]), model.train()(input_ids=rows[0]), model.eval()
+
+
+def beam_probes(model, tokenizer):
+    """The beam search probes: one beam against greedy, four beams with and without the cache, and one forward
+    per returned sequence to rebuild its score."""
+    from transformers import GenerationConfig
+
+    for text in TEXTS[:2]:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8)
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1, max_new_tokens=8)
+            for use_cache in (True, False):
+                config = GenerationConfig(
+                    do_sample=False,
+                    num_beams=4,
+                    num_return_sequences=4,
+                    max_new_tokens=8,
+                    use_cache=use_cache,
+                    return_dict_in_generate=True,
+                    output_scores=True,
+                    early_stopping=True,
+                )
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+                if use_cache:
+                    for row in out.sequences:
+                        logits(model, row[None]).log_softmax(-1)
+
+
 def main(checkpoint: str) -> float:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -293,6 +348,8 @@ def main(checkpoint: str) -> float:
     probes(model, tokenizer, checkpoint)
     path_probes(model, tokenizer)
     checkpoint_probes(model, tokenizer)
+    training_probes(model, tokenizer)
+    beam_probes(model, tokenizer)
     return time.perf_counter() - start
 
 

@@ -873,3 +873,18 @@ def sliding_window_crop_off_by_one(path: Any) -> tuple[Any, Any]:
 
     model.register_forward_hook(crop, with_kwargs=True)
     return model, tokenizer
+
+
+def reorder_keys_only(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A port's own ``_reorder_cache`` (the legacy hook generate still prefers) that moves the keys with the
+    beams and forgets the values: every beam attends with another beam's values once beams overtake."""
+    model, tokenizer = load_healthy(path)
+
+    def reorder(cache: Any, beam_idx: torch.Tensor) -> Any:
+        for layer in cache.layers:
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(0, beam_idx.to(layer.keys.device))
+        return cache
+
+    model._reorder_cache = reorder
+    return model.to(dtype), tokenizer

@@ -142,7 +142,6 @@ VERIFIED = [
     "mimo_v2_flash",
     "minicpm3",
     "minicpm5_moe",
-    "minimax",
     "minimax_m2",
     "minimax_m3_vl_text",
     "ministral",
@@ -406,3 +405,37 @@ def test_a_known_transformers_bug_is_named_as_one_in_the_failure_and_the_markdow
     result.stdout.fnmatch_lines([f"*{said}*--causal-lm-known-limitations=assisted_decoding*"])
     failures = (pytester.path / "verdict.md").read_text().split("### Failures")[1]
     assert "assisted decoding: ❌ FAIL" in failures and said in failures, failures
+
+
+@pytest.mark.parametrize(("name", "pinned"), [("qwen3", False), ("minimax", True), ("recurrent_gemma", True)])
+def test_the_pinned_beam_search_reorder_bugs_reproduce_with_transformers_alone(
+    tiny_cache, name: str, pinned: bool
+) -> None:
+    """The evidence behind the beam search entries for MiniMax and RecurrentGemma, without any check of this suite:
+    four beams with the cache score their sequences otherwise than without it (states the reorder misses); a
+    model whose cache is reordered whole (Qwen3) agrees. A release that fixes one fails here."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pytest_causal_lm.tiny import materialize
+
+    path = materialize(f"tiny:{name}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(path)("Hi dog how are you?", return_tensors="pt")["input_ids"]
+    scores = []
+    for use_cache in (True, False):
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                num_beams=4,
+                num_return_sequences=4,
+                max_new_tokens=8,
+                do_sample=False,
+                use_cache=use_cache,
+                return_dict_in_generate=True,
+                output_scores=True,
+            )
+        scores.append(out.sequences_scores)
+    difference = float((scores[0] - scores[1]).abs().max())
+    assert (difference > 1e-3) is pinned, difference

@@ -11,6 +11,7 @@ from ._generation import (
     greedy_loop,
 )
 from .attention import assert_attention_implementations_agree
+from .beam import assert_beam_search_consistent
 from .cache import assert_cache_effective, assert_kv_cache_parity, assert_static_cache_matches
 from .causality import assert_prefix_causal
 from .chat import (
@@ -53,6 +54,7 @@ __all__ = [
     "assert_assisted_decoding_matches",
     "assert_attention_implementations_agree",
     "assert_batch_independent",
+    "assert_beam_search_consistent",
     "assert_cache_effective",
     "assert_chat_markers_are_tokens",
     "assert_chat_template_consistent",

@@ -77,7 +77,7 @@ def next_token_nll(model: Any, ids: Any) -> Any:
 # How transformers words its refusal of a path for a model (generate's validation, attention switching).
 _REFUSAL = re.compile(
     r"not supported|does not support|doesn't support|only supports?|requires|not implemented|not compatible"
-    r"|doesn't have its forwarding implemented|is not available|not installed|install"
+    r"|doesn't have its forwarding implemented|is not available|not installed|install|cannot use"
 )
 # Where those refusals are raised: generate's own validation and the model-loading machinery; never a model's
 # forward, a cache or custom code (there a "not supported" is a bug reached at run time, e.g. a crop called with
