@@ -169,6 +169,54 @@ for _name, _function in (
     AttentionMaskInterface.register(_name, sdpa_mask)
 
 
+def _sdpa(query, key, value, attention_mask, scaling):
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    causal = attention_mask is None and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _large_batch_drops_padding_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
+    """A kernel that switches to a batched path above 8 rows, and that path ignores the padding mask."""
+    if query.shape[0] > 8:
+        return _no_padding_mask_attention(module, query, key, value, None, scaling=scaling)
+    return _sdpa(query, key, value, attention_mask, scaling)
+
+
+def _large_batch_in_bfloat16_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A kernel whose batched path above 8 rows computes attention in bfloat16 whatever the model's dtype."""
+    if query.shape[0] > 8 and query.dtype != torch.bfloat16:
+        half = [t.to(torch.bfloat16) for t in (query, key, value)]
+        mask = (
+            attention_mask
+            if attention_mask is None or attention_mask.dtype == torch.bool
+            else attention_mask.to(torch.bfloat16)
+        )
+        out, _ = _sdpa(*half, mask, scaling)
+        return out.to(query.dtype), None
+    return _sdpa(query, key, value, attention_mask, scaling)
+
+
+for _name, _function in (
+    ("large_batch_drops_padding", _large_batch_drops_padding_attention),
+    ("large_batch_in_bfloat16", _large_batch_in_bfloat16_attention),
+):
+    AttentionInterface.register(_name, _function)
+    AttentionMaskInterface.register(_name, sdpa_mask)
+
+
+def large_batch_drops_padding(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    model, tokenizer = load_healthy(path, attn_implementation="large_batch_drops_padding")
+    return model.to(dtype), tokenizer
+
+
+def large_batch_in_bfloat16(path: Any) -> tuple[Any, Any]:
+    return load_healthy(path, attn_implementation="large_batch_in_bfloat16")
+
+
 def padding_mask_ignored(path: Any) -> tuple[Any, Any]:
     return load_healthy(path, attn_implementation="no_padding_mask")
 

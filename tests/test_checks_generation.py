@@ -227,7 +227,9 @@ def test_batch_independence_catches_rows_coupled_through_batch_statistics(tiny_p
     with pytest.raises(AssertionError) as caught:
         clm.assert_batch_independent(model, tokenizer)
     message = str(caught.value)
-    assert message.startswith("rows are coupled: row 0's scores at position 0 change with the other row")
+    assert message.startswith(
+        "rows are coupled: row 0's scores at position 0 change with the other rows of a batch of 2"
+    )
     assert re.search(r"token there\s+: .+ \(id \d+\)", message)
 
 

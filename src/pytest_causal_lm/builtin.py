@@ -348,7 +348,7 @@ _BUILT_IN = (
         "padding invariance",
         "pad",
         "padding",
-        "a left-padded batch gives each prompt's own last-token scores and greedy continuation; a forward that does not use `position_ids` (probed by stretching them) fails with that cause, since batched generation gives its users wrong text",
+        "a left-padded batch gives each prompt's own last-token scores and greedy continuation, and a left-padded batch of 16 rows of mixed lengths (kernels switch paths by batch size) each row's own last-token scores; a forward that does not use `position_ids` (probed by stretching them) fails with that cause, since batched generation gives its users wrong text",
         helper="assert_padding_invariant",
     ),
     Invariant(
@@ -356,7 +356,7 @@ _BUILT_IN = (
         "batch independence",
         "bat",
         "padding",
-        "a row's scores do not depend on the other rows of the batch",
+        "a row's scores do not depend on the other rows of the batch: beside two different rows, and in the middle of 16",
         helper="assert_batch_independent",
     ),
     Invariant(

@@ -447,9 +447,15 @@ def padded_batch(
 
     Built by hand so the tokenizer's own padding side and pad token do not matter.
     """
+    return padded_rows([tokenizer(text)["input_ids"] for text in texts], device, pad_token_id, side)
+
+
+def padded_rows(
+    rows: Sequence[Sequence[int]], device: Any, pad_token_id: int, side: str = "left"
+) -> tuple[Any, Any, Any]:
+    """``padded_batch`` of rows of token ids."""
     import torch
 
-    rows = [tokenizer(text)["input_ids"] for text in texts]
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -14,7 +14,7 @@ from ._common import (
     forward_logits,
     mismatch_failure,
     pad_id,
-    padded_batch,
+    padded_rows,
     resolve_tolerance,
     text_of,
     token,
@@ -25,6 +25,10 @@ from ._localise import Replay, Side
 __all__ = ["assert_batch_independent", "assert_padding_invariant"]
 
 
+# Servers batch 8, 16, 32 rows, and kernels pick another path by batch size: the second batch is this large.
+LARGE_BATCH = 16
+
+
 def assert_padding_invariant(
     model: Any,
     tokenizer: Any,
@@ -32,31 +36,63 @@ def assert_padding_invariant(
     prompts: Sequence[str] = DEFAULT_TEXTS,
     max_new_tokens: int = 8,
     tolerance: Tolerance | None = None,
+    seed: int = 0,
 ) -> CheckResult:
     """Prompts of different lengths, left-padded into one batch, give each prompt's own last-token scores
-    and greedy continuation (positions counted from the attention mask, as ``generate`` does)."""
+    and greedy continuation (positions counted from the attention mask, as ``generate`` does); so do the same
+    prompts among ``LARGE_BATCH`` rows of mixed lengths (random ids fill the rest)."""
     __tracebackhide__ = True
-    import torch
-
     tolerance = resolve_tolerance(model, tolerance)
     result = CheckResult("padding invariance", tolerance=tolerance)
     pad = pad_id(model, tokenizer)
-    ids, mask, positions = padded_batch(tokenizer, prompts, model.device, pad)
-    batch_last = forward_logits(model, ids, attention_mask=mask, position_ids=positions)[:, -1]
+    rows = [tokenizer(text)["input_ids"] for text in prompts]
+    ids, mask = _check_rows_alone(model, tokenizer, rows, pad, result)
     batch_generated = greedy_generate(model, tokenizer, ids, attention_mask=mask, max_new_tokens=max_new_tokens)
     for row, text in enumerate(prompts):
         alone_ids = encode(tokenizer, text, model.device)
         padding = int((mask[row] == 0).sum())
+        title = f"padding changes the greedy continuation of {text!r} ({padding} pad tokens)"
+        _check_continuation(model, tokenizer, alone_ids, batch_generated[row], (ids, mask, row), title, result)
+    _check_rows_alone(model, tokenizer, [*rows, *_random_rows(model, tokenizer, rows, seed)], pad, result)
+    result.note(f"left-padded batches of {len(rows)} and {LARGE_BATCH} rows")
+    return result
+
+
+def _random_rows(model: Any, tokenizer: Any, rows: list[list[int]], seed: int) -> list[list[int]]:
+    """Rows of random ordinary ids (no special token: some models read a pad id as padding) whose lengths
+    spread from 2 to the longest prompt, filling the batch up to ``LARGE_BATCH``."""
+    import torch
+
+    high = min(len(tokenizer), model.config.get_text_config().vocab_size)
+    special = set(tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(high) if i not in special])
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(len(row) for row in rows)
+    count = LARGE_BATCH - len(rows)
+    lengths = [2 + (longest - 2) * index // max(count - 1, 1) for index in range(count)]
+    picks = [torch.randint(0, len(ordinary), (length,), generator=generator) for length in lengths]
+    return [ordinary[pick].tolist() for pick in picks]
+
+
+def _check_rows_alone(
+    model: Any, tokenizer: Any, rows: list[list[int]], pad: int, result: CheckResult
+) -> tuple[Any, Any]:
+    """Each row's last-token scores in the left-padded batch of ``rows`` equal the row's alone; the batch."""
+    __tracebackhide__ = True
+    import torch
+
+    ids, mask, positions = padded_rows(rows, model.device, pad)
+    batch_last = forward_logits(model, ids, attention_mask=mask, position_ids=positions)[:, -1]
+    for row, tokens in enumerate(rows):
+        alone_ids = torch.tensor([tokens], device=model.device)
         # positions passed explicitly on both sides, counted as generate counts them (RoBERTa's own default differs)
         alone_positions = torch.arange(alone_ids.shape[1], device=model.device)[None]
         alone_last = forward_logits(model, alone_ids, position_ids=alone_positions)[0, -1:]
-        mismatch = check_scores(result, alone_last, batch_last[row : row + 1], tolerance)
+        mismatch = check_scores(result, alone_last, batch_last[row : row + 1], result.tolerance)
         if mismatch:
-            cause = _padding_limitation(model, ids[row : row + 1], mask[row : row + 1])
+            padding = int((mask[row] == 0).sum())
             replay = Replay(
-                Side(
-                    "the prompt alone", lambda ids=alone_ids, at=alone_positions: model(input_ids=ids, position_ids=at)
-                ),
+                Side("the prompt alone", lambda a=alone_ids, at=alone_positions: model(input_ids=a, position_ids=at)),
                 Side(
                     f"row {row} of the padded batch",
                     lambda: model(input_ids=ids, attention_mask=mask, position_ids=positions),
@@ -65,24 +101,37 @@ def assert_padding_invariant(
                 ),
                 (alone_ids.shape[1] - 1,),
             )
-            raise mismatch_failure(
-                f"padding changes scores: row {row} of a left-padded batch ({padding} pad tokens, id {pad}) "
-                "gives different last-token scores than the prompt alone",
-                model,
-                tokenizer,
-                [
-                    ("prompt", repr(text)),
-                    ("batch", f"{len(prompts)} prompts left-padded to {ids.shape[1]} tokens"),
-                    *([("likely cause", cause)] if cause else []),
-                ],
-                mismatch,
-                tolerance,
-                position_label="row",
-                replay=replay,
-            )
-        title = f"padding changes the greedy continuation of {text!r} ({padding} pad tokens)"
-        _check_continuation(model, tokenizer, alone_ids, batch_generated[row], (ids, mask, row), title, result)
-    return result
+            raise _padding_failure(model, tokenizer, (ids, mask, row), pad, mismatch, result.tolerance, replay)
+    return ids, mask
+
+
+def _padding_failure(
+    model: Any,
+    tokenizer: Any,
+    batch: tuple[Any, Any, int],
+    pad: int,
+    mismatch: Any,
+    tolerance: Tolerance,
+    replay: Replay,
+) -> AssertionError:
+    ids, mask, row = batch
+    padding = int((mask[row] == 0).sum())
+    cause = _padding_limitation(model, ids[row : row + 1], mask[row : row + 1])
+    return mismatch_failure(
+        f"padding changes scores: row {row} of a left-padded batch ({padding} pad tokens, id {pad}) "
+        "gives different last-token scores than the prompt alone",
+        model,
+        tokenizer,
+        [
+            ("prompt", text_of(tokenizer, ids[row][mask[row] == 1])),
+            ("batch", f"{ids.shape[0]} rows left-padded to {ids.shape[1]} tokens"),
+            *([("likely cause", cause)] if cause else []),
+        ],
+        mismatch,
+        tolerance,
+        position_label="row",
+        replay=replay,
+    )
 
 
 def _check_continuation(
@@ -154,7 +203,8 @@ def assert_batch_independent(
     tolerance: Tolerance | None = None,
     seed: int = 0,
 ) -> CheckResult:
-    """A row's scores do not depend on the other rows: [A, B] and [A, C] give row A the same scores."""
+    """A row's scores do not depend on the other rows: [A, B] and [A, C] give row A the same scores, and so does
+    a batch of ``LARGE_BATCH`` rows with A in the middle (kernels pick another path by batch size)."""
     __tracebackhide__ = True
     import torch
 
@@ -163,29 +213,42 @@ def assert_batch_independent(
     row = encode(tokenizer, text, model.device)
     generator = torch.Generator().manual_seed(seed)
     high = min(len(tokenizer), model.config.get_text_config().vocab_size)
-    others = [torch.randint(0, high, row.shape, generator=generator).to(model.device) for _ in range(2)]
+    others = [torch.randint(0, high, row.shape, generator=generator).to(model.device) for _ in range(LARGE_BATCH)]
     alone = forward_logits(model, row)[0]
-    for index, other in enumerate(others):
-        batch = forward_logits(model, torch.cat([row, other], dim=0))
-        mismatch = check_scores(result, alone, batch[0], tolerance)
+    middle = LARGE_BATCH // 2
+    batches = [(0, [row, others[0]]), (0, [row, others[1]]), (middle, [*others[:middle], row, *others[middle + 1 :]])]
+    for at, rows in batches:
+        batch = torch.cat(rows, dim=0)
+        mismatch = check_scores(result, alone, forward_logits(model, batch)[at], tolerance)
         if mismatch:
-            replay = Replay(
-                Side("row 0 alone", lambda: model(input_ids=row)),
-                Side(f"row 0 beside other row {index + 1}", lambda o=other: model(input_ids=torch.cat([row, o]))),
-                (mismatch.first_position,),
-            )
-            raise mismatch_failure(
-                f"rows are coupled: row 0's scores at position {mismatch.first_position} change with the other row of the batch",
-                model,
-                tokenizer,
-                [
-                    ("row 0", text_of(tokenizer, row[0])),
-                    (f"other row ({index + 1})", text_of(tokenizer, other[0])),
-                    ("prefix of moved position", text_of(tokenizer, row[0, : mismatch.first_position + 1])),
-                    ("token there", token(tokenizer, int(row[0, mismatch.first_position]))),
-                ],
-                mismatch,
-                tolerance,
-                replay=replay,
-            )
+            raise _coupled_failure(model, tokenizer, row, (batch, at), mismatch, tolerance)
+    result.note(f"batches of 2 and {LARGE_BATCH} rows")
     return result
+
+
+def _coupled_failure(
+    model: Any, tokenizer: Any, row: Any, batch: tuple[Any, int], mismatch: Any, tolerance: Tolerance
+) -> AssertionError:
+    rows, at = batch
+    moved = mismatch.first_position
+    replay = Replay(
+        Side("the row alone", lambda: model(input_ids=row)),
+        Side(f"row {at} of the batch of {rows.shape[0]}", lambda: model(input_ids=rows), row=at),
+        (moved,),
+    )
+    neighbour = rows[1 if at == 0 else 0]
+    return mismatch_failure(
+        f"rows are coupled: row {at}'s scores at position {moved} change with the other rows of a batch of "
+        f"{rows.shape[0]}",
+        model,
+        tokenizer,
+        [
+            (f"row {at}", text_of(tokenizer, row[0])),
+            ("another row", text_of(tokenizer, neighbour)),
+            ("prefix of moved position", text_of(tokenizer, row[0, : moved + 1])),
+            ("token there", token(tokenizer, int(row[0, moved]))),
+        ],
+        mismatch,
+        tolerance,
+        replay=replay,
+    )
