@@ -314,15 +314,13 @@ def training_probes(model, tokenizer):
 
 
 def beam_probes(model, tokenizer):
-    """The beam search probes: one beam against greedy, four beams with and without the cache, and one forward
-    per returned sequence to rebuild its score."""
+    """The beam search probes: four beams with and without the cache, and one batched forward of the returned
+    sequences to rebuild their scores."""
     from transformers import GenerationConfig
 
     for text in TEXTS[:2]:
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8)
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1, max_new_tokens=8)
             for use_cache in (True, False):
                 config = GenerationConfig(
                     do_sample=False,
@@ -336,8 +334,7 @@ def beam_probes(model, tokenizer):
                 )
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
                 if use_cache:
-                    for row in out.sequences:
-                        logits(model, row[None]).log_softmax(-1)
+                    logits(model, out.sequences).log_softmax(-1)
 
 
 def main(checkpoint: str) -> float:

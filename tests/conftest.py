@@ -117,3 +117,17 @@ def smollm2_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def in_dtype(dtype: Any, built: tuple[Any, Any]) -> tuple[Any, Any, Any]:
+    """A (model, tokenizer) cast to ``dtype``, with the tolerance the plugin would give it (table, then the
+    measured noise floor)."""
+    import pytest_causal_lm as clm
+
+    model, tokenizer = built
+    model.to(dtype)
+    return (
+        model,
+        tokenizer,
+        clm.calibrated_tolerance(clm.tolerance_for(dtype), clm.measure_noise_floor(model, tokenizer)),
+    )

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import broken
 import pytest
 import torch
+from conftest import in_dtype as _in
 
 import pytest_causal_lm as clm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _in(dtype: torch.dtype, built: tuple[Any, Any]) -> tuple[Any, Any, clm.Tolerance]:
-    model, tokenizer = built
-    model.to(dtype)
-    return (
-        model,
-        tokenizer,
-        clm.calibrated_tolerance(clm.tolerance_for(dtype), clm.measure_noise_floor(model, tokenizer)),
-    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

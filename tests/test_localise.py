@@ -9,6 +9,7 @@ from typing import Any
 import broken
 import pytest
 import torch
+from conftest import in_dtype as _in
 
 import pytest_causal_lm as clm
 from pytest_causal_lm.checks import _localise
@@ -16,16 +17,6 @@ from pytest_causal_lm.checks._localise import Replay, Side, Trace, localisation_
 from pytest_causal_lm.tiny import materialize
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _in(dtype: torch.dtype, built: tuple[Any, Any]) -> tuple[Any, Any, clm.Tolerance]:
-    model, tokenizer = built
-    model.to(dtype)
-    return (
-        model,
-        tokenizer,
-        clm.calibrated_tolerance(clm.tolerance_for(dtype), clm.measure_noise_floor(model, tokenizer)),
-    )
 
 
 def _message(check: Any, *args: Any, **kwargs: Any) -> str:

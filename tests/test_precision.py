@@ -12,6 +12,7 @@ import broken
 import numpy as np
 import pytest
 import torch
+from conftest import in_dtype as _in
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import pytest_causal_lm as clm
@@ -19,14 +20,6 @@ from pytest_causal_lm.checkpoint_files import stored_dtype
 from pytest_causal_lm.tiny import materialize
 
 HALF = [torch.bfloat16, torch.float16]
-
-
-def _in(dtype: torch.dtype, built: tuple[Any, Any]) -> tuple[Any, Any, clm.Tolerance]:
-    """The model cast to ``dtype``, with the tolerance the plugin would give it (table, then noise floor)."""
-    model, tokenizer = built
-    model.to(dtype)
-    base = clm.tolerance_for(dtype)
-    return model, tokenizer, clm.calibrated_tolerance(base, clm.measure_noise_floor(model, tokenizer))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)

@@ -307,7 +307,7 @@ _BUILT_IN = (
         "beam search",
         "beam",
         "beam",
-        "one beam gives greedy's tokens; 4 beams with the cache return the sequences and scores they return without it; each sequence's score is its tokens' log-probabilities under a plain forward over its length (length_penalty 1); the verdict counts the steps at which a beam changed cache rows",
+        "4 beams with the cache return the sequences and scores they return without it; each sequence's score is its tokens' log-probabilities under a plain forward over its length (length_penalty 1); the verdict counts the steps at which a beam changed cache rows",
         helper="assert_beam_search_consistent",
         healthy_skips=(r"transformers refuses beam search",),
     ),
