@@ -141,13 +141,15 @@ def record(side: Side, model: Any, positions: Sequence[int]) -> Trace:
 
     recorded = side.model if side.model is not None else model
     trace, state = Trace(), {"calls": -1, "shape": None}
+    calls: dict[str, int] = {}
 
     def keep(name: str, module: Any, given: Any, output: Any) -> None:
         if state["calls"] != side.call:
             return
         out = _slice(_first_tensor([output]), state["shape"], side, positions)
         if out is not None:
-            key = name if name not in trace.modules else f"{name} (call {len(trace.modules)})"
+            calls[name] = calls.get(name, 0) + 1  # a module run twice in one forward (a looped block) is kept twice
+            key = name if calls[name] == 1 else f"{name} (call {calls[name]})"
             trace.modules[key] = _Kept(type(module).__name__, out, _slice(given, state["shape"], side, positions))
 
     def hook(name: str) -> Callable[..., None]:
