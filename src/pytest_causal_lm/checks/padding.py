@@ -46,14 +46,16 @@ def assert_padding_invariant(
     result = CheckResult("padding invariance", tolerance=tolerance)
     pad = pad_id(model, tokenizer)
     rows = [tokenizer(text)["input_ids"] for text in prompts]
-    ids, mask = _check_rows_alone(model, tokenizer, rows, pad, result)
+    every_row = [*rows, *_random_rows(model, tokenizer, rows, seed)]
+    alone = [_alone_last(model, tokens) for tokens in every_row]  # each row's own scores, once for both batches
+    ids, mask = _check_rows_alone(model, tokenizer, (rows, alone), pad, result)
     batch_generated = greedy_generate(model, tokenizer, ids, attention_mask=mask, max_new_tokens=max_new_tokens)
     for row, text in enumerate(prompts):
         alone_ids = encode(tokenizer, text, model.device)
         padding = int((mask[row] == 0).sum())
         title = f"padding changes the greedy continuation of {text!r} ({padding} pad tokens)"
         _check_continuation(model, tokenizer, alone_ids, batch_generated[row], (ids, mask, row), title, result)
-    _check_rows_alone(model, tokenizer, [*rows, *_random_rows(model, tokenizer, rows, seed)], pad, result)
+    _check_rows_alone(model, tokenizer, (every_row, alone), pad, result)
     result.note(f"left-padded batches of {len(rows)} and {LARGE_BATCH} rows")
     return result
 
@@ -74,32 +76,40 @@ def _random_rows(model: Any, tokenizer: Any, rows: list[list[int]], seed: int) -
     return [ordinary[pick].tolist() for pick in picks]
 
 
-def _check_rows_alone(
-    model: Any, tokenizer: Any, rows: list[list[int]], pad: int, result: CheckResult
-) -> tuple[Any, Any]:
-    """Each row's last-token scores in the left-padded batch of ``rows`` equal the row's alone; the batch."""
-    __tracebackhide__ = True
+def _alone(model: Any, tokens: list[int]) -> dict[str, Any]:
+    """One row alone, its positions passed explicitly and counted as generate counts them (RoBERTa's own default
+    differs)."""
     import torch
 
+    ids = torch.tensor([tokens], device=model.device)
+    return {"input_ids": ids, "position_ids": torch.arange(ids.shape[1], device=model.device)[None]}
+
+
+def _alone_last(model: Any, tokens: list[int]) -> Any:
+    return forward_logits(model, **_alone(model, tokens))[0, -1:]
+
+
+def _check_rows_alone(
+    model: Any, tokenizer: Any, rows_alone: tuple[list[list[int]], list[Any]], pad: int, result: CheckResult
+) -> tuple[Any, Any]:
+    """Each row's last-token scores in the left-padded batch of the rows equal its scores alone (given); the batch."""
+    __tracebackhide__ = True
+    rows, alone = rows_alone
     ids, mask, positions = padded_rows(rows, model.device, pad)
     batch_last = forward_logits(model, ids, attention_mask=mask, position_ids=positions)[:, -1]
     for row, tokens in enumerate(rows):
-        alone_ids = torch.tensor([tokens], device=model.device)
-        # positions passed explicitly on both sides, counted as generate counts them (RoBERTa's own default differs)
-        alone_positions = torch.arange(alone_ids.shape[1], device=model.device)[None]
-        alone_last = forward_logits(model, alone_ids, position_ids=alone_positions)[0, -1:]
-        mismatch = check_scores(result, alone_last, batch_last[row : row + 1], result.tolerance)
+        mismatch = check_scores(result, alone[row], batch_last[row : row + 1], result.tolerance)
         if mismatch:
             padding = int((mask[row] == 0).sum())
             replay = Replay(
-                Side("the prompt alone", lambda a=alone_ids, at=alone_positions: model(input_ids=a, position_ids=at)),
+                Side("the prompt alone", lambda t=tokens: model(**_alone(model, t))),
                 Side(
                     f"row {row} of the padded batch",
                     lambda: model(input_ids=ids, attention_mask=mask, position_ids=positions),
                     row=row,
                     offset=-padding,
                 ),
-                (alone_ids.shape[1] - 1,),
+                (len(tokens) - 1,),
             )
             raise _padding_failure(model, tokenizer, (ids, mask, row), pad, mismatch, result.tolerance, replay)
     return ids, mask

@@ -216,32 +216,28 @@ def reference_outputs(
         outputs.logits.append(logits[: ids.shape[1]])
         outputs.greedy.append(generated)
         outputs.greedy_logprobs.append(list(logprobs[ids.shape[1] - 1 : ids.shape[1] - 1 + len(generated)]))
-        if index < HIDDEN_PROMPTS:
-            outputs.hidden.append(_hidden_states(model, ids))
+        if index < HIDDEN_PROMPTS:  # the prompt alone, exactly as the candidate's forward sees it
+            with torch.no_grad():
+                outputs.hidden.append(_hidden_states(model(input_ids=ids, output_hidden_states=True).hidden_states))
     return outputs
 
 
-def _hidden_states(model: Any, ids: Any) -> Any:
-    """``(layers + 1, seq, width)`` float32 on the CPU: the embeddings' output, then every layer's."""
+def _hidden_states(states: Sequence[Any]) -> Any:
+    """``(layers + 1, seq, width)`` float32 on the CPU from a forward's ``hidden_states``: the embeddings' output,
+    then every layer's."""
     import torch
 
-    with torch.no_grad():
-        states = model(input_ids=ids, output_hidden_states=True).hidden_states
     return torch.stack([state[0].float().cpu() for state in states])
 
 
-def layer_errors(model: Any, reference: ReferenceOutputs) -> tuple[list[tuple[str, float]], str | None]:
-    """Hidden-state NMSE against the reference after the embeddings and after each layer, and the first layer
-    whose error jumps (``JUMP_FACTOR`` over the one before, above ``JUMP_FLOOR``). Empty for another model
-    class or another layer count: then layers do not correspond."""
-    import torch
-
-    if not reference.hidden or type(model).__name__ != reference.architecture:
+def layer_errors(hidden: list[Any], reference: ReferenceOutputs) -> tuple[list[tuple[str, float]], str | None]:
+    """Hidden-state NMSE of the candidate's ``hidden`` (per prompt, as the reference keeps them) after the
+    embeddings and after each layer, and the first layer whose error jumps (``JUMP_FACTOR`` over the one before,
+    above ``JUMP_FLOOR``). Empty for another model class or another layer count: layers do not correspond."""
+    if not hidden or len(hidden) != len(reference.hidden):
         return [], None
     squared, total = None, None
-    for index, expected in enumerate(reference.hidden):
-        ids = torch.tensor([reference.input_ids[index]], device=model.device)
-        actual = _hidden_states(model, ids)
+    for expected, actual in zip(reference.hidden, hidden, strict=True):
         if actual.shape != expected.shape:
             return [], None
         error, size = ((actual - expected) ** 2).sum((1, 2)), (expected**2).sum((1, 2))
@@ -310,7 +306,7 @@ def compare_to_reference(
         share, divergence = _greedy_agreement(model, tokenizer, reference, index, ids, tolerance)
         greedy_share.append(share)
         divergences.extend([divergence] if divergence else [])
-    layers, jump = layer_errors(model, reference)
+    layers, jump = layer_errors(positions.hidden, reference)
     return positions.report(
         greedy_agreement=sum(greedy_share) / len(greedy_share),
         divergences=divergences,
@@ -332,14 +328,19 @@ class _Positions:
     squared_error: float = 0.0
     squared_reference: float = 0.0
     worst: tuple[float, str] = (-1.0, "")
+    hidden: list[Any] = field(default_factory=list)  # per-layer states of the prompts the reference kept them for
 
     def add(self, model: Any, tokenizer: Any, reference: ReferenceOutputs, index: int) -> Any:
         """Score prompt ``index`` with ``model`` and fold it in; returns its ids."""
         import torch
 
         ids = torch.tensor([reference.input_ids[index]], device=model.device)
+        keep_hidden = index < len(reference.hidden) and type(model).__name__ == reference.architecture
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].float().cpu()
+            out = model(input_ids=ids, output_hidden_states=keep_hidden)
+        logits = out.logits[0].float().cpu()
+        if keep_hidden:
+            self.hidden.append(_hidden_states(out.hidden_states))
         candidate, ref = logits.log_softmax(-1), reference.logprobs[index]
         kl = kl_per_position(ref, candidate)
         self.kl.append(kl)
