@@ -401,6 +401,12 @@ def _lm_head_given_a_bias(causal_lm):
 '''
 
 
+def _failure_block(lines: list[str], test: str) -> list[str]:
+    """The non-blank lines pytest prints under ``test``'s failure header."""
+    header = next(i for i, line in enumerate(lines) if f"{test}[" in line and line.startswith("_"))
+    return [line for line in lines[header + 1 :] if line.strip()]
+
+
 def test_the_classification_head_failure_leads_with_its_message_not_the_models_repr(
     pytester: pytest.Pytester, llama_path: Path
 ) -> None:
@@ -408,8 +414,7 @@ def test_the_classification_head_failure_leads_with_its_message_not_the_models_r
     result = pytester.runpytest(f"--causal-lm-checkpoint={llama_path}", "-k", "classification_head")
     result.assert_outcomes(failed=1)
     lines = result.stdout.lines
-    header = next(i for i, line in enumerate(lines) if "test_classification_head[" in line and line.startswith("_"))
-    block = [line for line in lines[header + 1 :] if line.strip()][:12]
+    block = _failure_block(lines, "test_classification_head")[:12]
     assert block[0].startswith("E   AssertionError: classification head is not equivalent to the causal LM"), block
     assert any("greatest |difference| : 1 at row 0" in line for line in block), block
     assert not any("LlamaForCausalLM(" in line or "def " in line for line in lines), result.stdout.str()
@@ -445,7 +450,6 @@ def test_a_failure_raised_deep_inside_a_check_still_leads_with_its_message(
     result = pytester.runpytest(f"--causal-lm-checkpoint={llama_path}", "-k", "training_step")
     result.assert_outcomes(failed=1)
     lines = result.stdout.lines
-    header = next(i for i, line in enumerate(lines) if "test_training_step[" in line and line.startswith("_"))
-    block = [line for line in lines[header + 1 :] if line.strip()]
+    block = _failure_block(lines, "test_training_step")
     assert block[0].startswith("E   AssertionError: training step: the loss from labels="), block[:3]
     assert not any("LlamaForCausalLM(" in line or "training.py" in line for line in lines), result.stdout.str()
