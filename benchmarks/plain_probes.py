@@ -337,6 +337,64 @@ def beam_probes(model, tokenizer):
                     logits(model, out.sequences).log_softmax(-1)
 
 
+REPEATING = "The quick brown fox jumps over the lazy dog. " * 2 + "The quick brown"
+
+
+def by_hand(raw, history, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, penalty=1.1):
+    """The sampling settings applied to one step's raw scores, as a careful script would check them."""
+    scores = raw.clone()
+    seen = torch.tensor(sorted(set(history)))
+    scores[seen] = torch.where(scores[seen] < 0, scores[seen] * penalty, scores[seen] / penalty)
+    scores = scores / temperature
+    scores = scores.masked_fill(scores < scores.topk(top_k).values[-1], float("-inf"))
+    ordered, order = scores.sort(descending=True)
+    probs = ordered.softmax(-1)
+    removed = (probs.cumsum(-1) - probs) >= top_p
+    scores = scores.masked_fill(removed.scatter(0, order, removed), float("-inf"))
+    probs = scores.softmax(-1)
+    return scores.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
+def sampling_probes(model, tokenizer):
+    """The sampling probes: two seeded samples of two rows per prompt with scores kept, one forward per prompt
+    over the sampled rows, the settings applied by hand at every step, and top_k=1 against greedy."""
+    from transformers import GenerationConfig
+
+    settings = {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.1}
+    config = GenerationConfig(
+        do_sample=True,
+        num_return_sequences=2,
+        max_new_tokens=8,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        **settings,
+    )
+    for text in (TEXTS[0], REPEATING):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        for _ in range(2):
+            torch.manual_seed(0)
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        logits(model, out.sequences)
+        for row in range(2):
+            for step, raw in enumerate(out.logits):
+                history = out.sequences[row, : ids.shape[1] + step].tolist()
+                by_hand(raw[row].float(), history).log_softmax(-1)
+    ids = tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        torch.manual_seed(0)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=True, top_k=1)
+
+
 def main(checkpoint: str) -> float:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -347,6 +405,7 @@ def main(checkpoint: str) -> float:
     checkpoint_probes(model, tokenizer)
     training_probes(model, tokenizer)
     beam_probes(model, tokenizer)
+    sampling_probes(model, tokenizer)
     return time.perf_counter() - start
 
 

@@ -936,3 +936,63 @@ def reorder_keys_only(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
 
     model._reorder_cache = reorder
     return model.to(dtype), tokenizer
+
+
+# --- sampling: what a port's own generation code or a copied generation_config does to the drawn tokens ------
+
+_SAMPLING_WARPERS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper")
+
+
+def _with_processor_list(model: Any, edit) -> None:
+    """Wrap the model's ``_get_logits_processor`` as a port's override does: ``edit(processors, config)``."""
+    from transformers import LogitsProcessorList
+
+    _require_internal(model, "_get_logits_processor", "generation_config")
+    original = model._get_logits_processor
+
+    def processors(generation_config, *args, **kwargs):
+        return LogitsProcessorList(edit(list(original(generation_config, *args, **kwargs)), generation_config))
+
+    model._get_logits_processor = processors
+
+
+def warpers_left_out(path: Any) -> tuple[Any, Any]:
+    """A port whose ``_get_logits_processor`` override predates transformers 4.42, which merged the sampling
+    warpers into that list: it rebuilds the processors only, so temperature, top_k, top_p and min_p never apply."""
+    model, tokenizer = load_healthy(path)
+    _with_processor_list(model, lambda found, config: [p for p in found if type(p).__name__ not in _SAMPLING_WARPERS])
+    return model, tokenizer
+
+
+def temperature_applied_twice(path: Any) -> tuple[Any, Any]:
+    """A port whose own processor list adds the temperature, written when transformers left it to the caller:
+    transformers applies it as well, so the distribution is sharpened twice."""
+    from transformers import TemperatureLogitsWarper
+
+    model, tokenizer = load_healthy(path)
+    _with_processor_list(model, lambda found, config: [*found, TemperatureLogitsWarper(config.temperature)])
+    return model, tokenizer
+
+
+def summarisation_generation_config(path: Any, out: Any) -> Any:
+    """generation_config.json written from a summarisation model's template: no_repeat_ngram_size 3 comes with
+    the sampling settings, so the model can never repeat three tokens (code, lists, names) while sampling."""
+    _copy_checkpoint(path, out)
+    _edit_generation_config(out, do_sample=True, temperature=0.8, top_p=0.95, no_repeat_ngram_size=3)
+    return out
+
+
+def router_jitter_from_numpy(path: Any, scale: float = 0.5) -> tuple[Any, Any]:
+    """A port from JAX whose MLP adds router-style jitter drawn from numpy's global generator, left on in eval:
+    torch.manual_seed does not seed it, so a seeded run cannot be repeated."""
+    import numpy as np
+
+    model, tokenizer = load_healthy(path)
+
+    def jitter(module, args, output):
+        noise = np.random.standard_normal(tuple(output.shape)).astype("float32")
+        return output + scale * torch.from_numpy(noise).to(output.device, output.dtype)
+
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(jitter)
+    return model, tokenizer

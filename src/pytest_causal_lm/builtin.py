@@ -312,6 +312,15 @@ _BUILT_IN = (
         healthy_skips=(r"transformers refuses beam search",),
     ),
     Invariant(
+        "sampling",
+        "sampling",
+        "smp",
+        "sampling",
+        "with the checkpoint's own sampling settings (representative ones where it does not sample), 2 seeded samples per prompt: the same seed draws the same tokens; every step's raw scores equal one forward pass over the sampled tokens; every step's processed scores are temperature, top_k, top_p, min_p and repetition_penalty applied by hand (same tokens kept, same probabilities); `top_k=1` draws greedy's tokens",
+        helper="assert_sampling_consistent",
+        healthy_skips=(r"transformers refuses sampling",),
+    ),
+    Invariant(
         "inputs_embeds",
         "inputs_embeds",
         "emb",

@@ -36,6 +36,7 @@ from .generation import (
 from .padding import assert_batch_independent, assert_padding_invariant
 from .precision import assert_dtype_parity
 from .reference import assert_close_to_reference
+from .sampling import assert_sampling_consistent
 from .shapes import assert_finite_logits, assert_logits_to_keep, assert_output_shapes
 from .tokenizer import (
     assert_decoded_answer_has_no_markers,
@@ -82,6 +83,7 @@ __all__ = [
     "assert_prefix_causal",
     "assert_prompt_special_tokens",
     "assert_same_continuation",
+    "assert_sampling_consistent",
     "assert_special_tokens_agree",
     "assert_static_cache_matches",
     "assert_streamed_decode_matches",

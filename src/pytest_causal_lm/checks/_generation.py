@@ -232,7 +232,8 @@ def generate_scored(
 ) -> ScoredGeneration:
     """``model.generate`` with an explicit greedy configuration, keeping the scores of every step.
 
-    ``config_fields`` go into the GenerationConfig (``cache_implementation``, ``prompt_lookup_num_tokens``...);
+    ``config_fields`` go into the GenerationConfig (``cache_implementation``, ``prompt_lookup_num_tokens``, or
+    ``do_sample`` with its settings);
     ``inputs`` go to ``generate`` itself (``inputs_embeds``, a cache from ``cache_kwargs``, ``assistant_model``).
     Without ``keep_scores`` (timing), no scores are kept and ``logits`` is None.
     """
@@ -243,9 +244,9 @@ def generate_scored(
     if attention_mask is None and input_ids is not None:
         attention_mask = torch.ones_like(input_ids)
     with _clean_generation_config(model, tokenizer) as clean, torch.no_grad():
+        greedy = {"do_sample": False, "num_beams": 1}
         config = GenerationConfig(
-            do_sample=False,
-            num_beams=1,
+            **{**greedy, **(config_fields or {})},
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             use_cache=use_cache,
@@ -253,7 +254,6 @@ def generate_scored(
             pad_token_id=clean.pad_token_id,
             return_dict_in_generate=True,
             output_logits=keep_scores,
-            **(config_fields or {}),
         )
         with _assistant_calls_quiet("assistant_model" in inputs):
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **inputs)
