@@ -395,6 +395,44 @@ def sampling_probes(model, tokenizer):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=True, top_k=1)
 
 
+def block_mask(owner, dtype, shared=None):
+    """An additive 4D mask: each token sees its own segment's earlier tokens (and the shared segment's)."""
+    segment, index = torch.tensor(owner), torch.arange(len(owner))
+    same = (segment[:, None] == segment[None, :]) | ((segment[None, :] == shared) if shared is not None else False)
+    allowed = same & (index[None, :] <= index[:, None])
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def packing_probes(model, tokenizer):
+    """The packing probes: each text alone, two rows packed by restarting position_ids, one row under a 4D
+    block-causal mask, and two continuations sharing a prefix under one 4D mask against prefix + each alone."""
+    rows = [tokenizer(text)["input_ids"] for text in TEXTS]
+    tails = [
+        tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in (" I am fine, thank you.", " Woof! Where is my ball?")
+    ]
+    for row in rows:
+        logits(model, torch.tensor([row]))
+    orders = [[0, 1, 2], [2, 0, 1]]
+    packed = torch.tensor([[t for k in order for t in rows[k]] for order in orders])
+    positions = torch.tensor([[p for k in order for p in range(len(rows[k]))] for order in orders])
+    logits(model, packed, position_ids=positions, use_cache=False)
+    owner = [k for k, row in enumerate(rows) for _ in row]
+    logits(
+        model, packed[:1], position_ids=positions[:1], attention_mask=block_mask(owner, model.dtype), use_cache=False
+    )
+    prefix = rows[0]
+    shared = torch.tensor([prefix + tails[0] + tails[1]])
+    shared_positions = torch.tensor(
+        [list(range(len(prefix))) + [len(prefix) + p for t in tails for p in range(len(t))]]
+    )
+    owner = [0] * len(prefix) + [i + 1 for i, t in enumerate(tails) for _ in t]
+    mask = block_mask(owner, model.dtype, shared=0)
+    logits(model, shared, position_ids=shared_positions, attention_mask=mask, use_cache=False)
+    for tail in tails:
+        logits(model, torch.tensor([prefix + tail]))
+
+
 def main(checkpoint: str) -> float:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -406,6 +444,7 @@ def main(checkpoint: str) -> float:
     training_probes(model, tokenizer)
     beam_probes(model, tokenizer)
     sampling_probes(model, tokenizer)
+    packing_probes(model, tokenizer)
     return time.perf_counter() - start
 
 

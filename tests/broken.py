@@ -996,3 +996,55 @@ def router_jitter_from_numpy(path: Any, scale: float = 0.5) -> tuple[Any, Any]:
     for layer in model.model.layers:
         layer.mlp.register_forward_hook(jitter)
     return model, tokenizer
+
+
+# --- packed sequences and 4D masks: how a port's forward or kernel loses the boundaries between sequences ------
+
+
+def rotary_positions_counted_by_the_port(path: Any) -> tuple[Any, Any]:
+    """A port whose rotary embedding counts positions itself (0..n-1 along the row, as code written for
+    generation without padding does) instead of reading position_ids: a packed sequence after the first sits at
+    its offset in the row instead of at 0."""
+    model, tokenizer = load_healthy(path)
+    rotary = model.model.rotary_emb
+    original = rotary.forward
+
+    def forward(x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        counted = torch.arange(position_ids.shape[-1], device=position_ids.device) + position_ids[..., :1]
+        return original(x, counted.expand_as(position_ids), *args, **kwargs)
+
+    rotary.forward = forward
+    return model, tokenizer
+
+
+def default_attention_mask_filled_in(path: Any) -> tuple[Any, Any]:
+    """A port's forward that fills in an all-ones ``attention_mask`` over the cache and the input when none is
+    given, as LLaMA's modeling code did before transformers 4.36: transformers then never sees the mask-less
+    call in which it detects packed position_ids."""
+    model, tokenizer = load_healthy(path)
+    original = model.forward
+
+    def forward(input_ids=None, attention_mask=None, **kwargs):
+        if attention_mask is None and input_ids is not None:
+            cache = cache_in(kwargs)
+            past = cache.get_seq_length() if cache is not None else 0
+            attention_mask = torch.ones((input_ids.shape[0], past + input_ids.shape[1]), dtype=torch.long)
+        return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    model.forward = forward
+    return model, tokenizer
+
+
+def every_mask_made_additive(path: Any) -> tuple[Any, Any]:
+    """A port that turns every mask it is given from 1/0 into additive form, a 4D mask included, which already
+    is additive: the positions a custom 4D mask allows (0) become blocked and the blocked ones open."""
+    model, tokenizer = load_healthy(path)
+    original = model.forward
+
+    def forward(input_ids=None, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = (1.0 - attention_mask) * torch.finfo(attention_mask.dtype).min
+        return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    model.forward = forward
+    return model, tokenizer

@@ -361,6 +361,15 @@ _BUILT_IN = (
         helper="assert_padding_invariant",
     ),
     Invariant(
+        "packed_sequences",
+        "packed sequences",
+        "pack",
+        "packing",
+        "every sequence scores as it does alone when packed into rows with `position_ids` restarting at 0 and no `attention_mask` (the padding-free format of TRL; the verdict says where the model's masks do not promise it), under a 4D block-causal mask, and as a continuation after a prefix it shares with another under one 4D mask",
+        helper="assert_packed_sequences_consistent",
+        healthy_skips=(r"packed sequences: .*(takes no position_ids|recurrent/state-space state)",),
+    ),
+    Invariant(
         "batch_independence",
         "batch independence",
         "bat",

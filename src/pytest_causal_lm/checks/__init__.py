@@ -33,6 +33,7 @@ from .generation import (
     assert_generation_defaults,
     assert_greedy_parity,
 )
+from .packing import assert_packed_sequences_consistent
 from .padding import assert_batch_independent, assert_padding_invariant
 from .precision import assert_dtype_parity
 from .reference import assert_close_to_reference
@@ -79,6 +80,7 @@ __all__ = [
     "assert_logits_to_keep",
     "assert_long_context_consistent",
     "assert_output_shapes",
+    "assert_packed_sequences_consistent",
     "assert_padding_invariant",
     "assert_prefix_causal",
     "assert_prompt_special_tokens",

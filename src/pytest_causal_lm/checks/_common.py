@@ -304,6 +304,19 @@ def forward_logits(model: Any, input_ids: Any, **kwargs: Any) -> Any:
         return model(input_ids=input_ids, **kwargs).logits.float()
 
 
+def uses_position_ids(model: Any, input_ids: Any, **kwargs: Any) -> bool:
+    """Whether the forward reads ``position_ids``, probed by calling it (``forward(**kwargs)`` hides what a custom
+    model uses): stretched, not shifted, since rotary embeddings see only relative positions."""
+    import torch
+
+    stretched = torch.arange(input_ids.shape[1], device=input_ids.device)[None] * 2
+    try:
+        moved = forward_logits(model, input_ids, position_ids=stretched, **kwargs)[0, -1]
+    except TypeError:
+        return False
+    return not torch.equal(forward_logits(model, input_ids, **kwargs)[0, -1], moved)
+
+
 @dataclass(frozen=True)
 class ScoreMismatch:
     """Where and by how much two score tensors of shape ``(seq, vocab)`` disagree."""

@@ -18,6 +18,7 @@ from ._common import (
     resolve_tolerance,
     text_of,
     token,
+    uses_position_ids,
 )
 from ._generation import compare_continuations, greedy_generate, greedy_loop_along
 from ._localise import Replay, Side
@@ -190,16 +191,9 @@ def _padding_limitation(model: Any, padded_ids: Any, padded_mask: Any) -> str | 
     import torch
 
     name = type(model).__name__
-    masked = forward_logits(model, padded_ids, attention_mask=padded_mask)[0, -1]
-    # stretched, not shifted: rotary embeddings see only relative positions, which a uniform shift keeps
-    stretched = torch.arange(padded_ids.shape[1], device=padded_ids.device)[None] * 2
-    try:
-        restretched = forward_logits(model, padded_ids, attention_mask=padded_mask, position_ids=stretched)[0, -1]
-        uses_positions = not torch.equal(masked, restretched)
-    except TypeError:
-        uses_positions = False
-    if uses_positions:
+    if uses_position_ids(model, padded_ids, attention_mask=padded_mask):
         return None
+    masked = forward_logits(model, padded_ids, attention_mask=padded_mask)[0, -1]
     if torch.equal(masked, forward_logits(model, padded_ids)[0, -1]):
         return f"{name}.forward uses neither attention_mask nor position_ids: pad tokens enter its state"
     return f"{name}.forward does not use position_ids: left padding shifts every token's position"
