@@ -131,3 +131,11 @@ def in_dtype(dtype: Any, built: tuple[Any, Any]) -> tuple[Any, Any, Any]:
         tokenizer,
         clm.calibrated_tolerance(clm.tolerance_for(dtype), clm.measure_noise_floor(model, tokenizer)),
     )
+
+
+def failure_of(check: Any, built: tuple[Any, Any], dtype: Any) -> str:
+    """The message ``check`` fails with on a (model, tokenizer) cast to ``dtype`` with the plugin's tolerance."""
+    model, tokenizer, tolerance = in_dtype(dtype, built)
+    with pytest.raises(AssertionError) as caught:
+        check(model, tokenizer, tolerance=tolerance)
+    return str(caught.value)

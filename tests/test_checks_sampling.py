@@ -9,8 +9,8 @@ from pathlib import Path
 import broken
 import pytest
 import torch
+from conftest import failure_of, needs_smollm2
 from conftest import in_dtype as _in
-from conftest import needs_smollm2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -29,10 +29,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _failure(built, dtype=torch.float32) -> str:
-    model, tokenizer, tolerance = _in(dtype, built)
-    with pytest.raises(AssertionError) as caught:
-        clm.assert_sampling_consistent(model, tokenizer, tolerance=tolerance)
-    return str(caught.value)
+    return failure_of(clm.assert_sampling_consistent, built, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -104,7 +104,8 @@ def _mask_paths() -> Iterator[_MaskPaths]:
 _NOT_PROMISED = {
     False: "transformers' packed-sequence detection did not run in its forward (it runs only without an "
     "attention_mask and a cache)",
-    True: "its forward does not hand a 4D mask to transformers' masking_utils, which passes one through as given",
+    True: "its forward hands no 4D mask to transformers' masking_utils (which passes one through as given) and "
+    "takes none itself",
 }
 
 
@@ -179,7 +180,9 @@ def _run_layout(model: Any, tokenizer: Any, layout: _Layout, alone: dict, result
             logits = forward_logits(model, **layout.kwargs)
         except Exception as exc:
             error = exc
-    promised = seen.four_d_received if four_d else seen.packing_detected
+    # A 4D mask is promised where masking_utils receives it, and wherever the forward takes one without complaint:
+    # ignoring a mask it accepted would answer wrongly in silence.
+    promised = (seen.four_d_received or error is None) if four_d else seen.packing_detected
     if promised and error is not None:
         raise error_failure(error, model, layout.name) from None
     if not promised:
