@@ -1048,3 +1048,22 @@ def every_mask_made_additive(path: Any) -> tuple[Any, Any]:
 
     model.forward = forward
     return model, tokenizer
+
+
+def rotary_angles_in_the_run_dtype(path: Any, dtype: Any = torch.bfloat16) -> tuple[Any, Any]:
+    """A port that computes its rotary angles (position x inverse frequency) in the model's dtype, as Llama ports
+    did before transformers forced float32 there: exact for short prompts, off by up to a radian past position
+    256 in bfloat16, where the dtype stops holding integers exactly."""
+    model, tokenizer = load_healthy(path)
+    model.to(dtype)
+    rotary = model.model.rotary_emb
+
+    def forward(x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        freqs = position_ids[..., None].to(x.dtype) * rotary.inv_freq.to(x.device, x.dtype)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return (angles.cos() * rotary.attention_scaling).to(x.dtype), (angles.sin() * rotary.attention_scaling).to(
+            x.dtype
+        )
+
+    rotary.forward = forward
+    return model, tokenizer

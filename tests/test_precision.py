@@ -173,6 +173,38 @@ def test_dtype_parity_passes_healthy_models_even_with_a_large_residual_channel(l
     assert model.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_dtype_parity_includes_a_long_sequence_that_healthy_models_pass(tiny_path: Path, dtype) -> None:
+    model, tokenizer, tolerance = _in(dtype, broken.load_healthy(tiny_path))
+    result = clm.assert_dtype_parity(model, tokenizer, tolerance=tolerance)
+    assert "and a 384-token sequence in one forward" in str(result)
+
+
+def test_rotary_angles_in_bfloat16_fail_only_past_position_256(llama_path: Path) -> None:
+    """bfloat16 holds integers exactly up to 256: the short prompts pass, the long sequence fails there."""
+    from pytest_causal_lm.checks import precision
+
+    model, tokenizer, tolerance = _in(torch.bfloat16, broken.rotary_angles_in_the_run_dtype(llama_path))
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_dtype_parity(model, tokenizer, tolerance=tolerance)
+    message = str(caught.value)
+    position = int(re.match(r"bfloat16 picks another token than float32 at position (\d+), outside", message)[1])
+    assert position > 256
+    assert re.search(r"float32 top-1\s+: '.*' \(id \d+\) score -?[0-9.]+\n\s+bfloat16 top-1\s+: ", message)
+    precision_long, precision.LONG_TOKENS = precision.LONG_TOKENS, 0  # the short prompts alone pass
+    try:
+        clm.assert_dtype_parity(model, tokenizer, tolerance=tolerance)
+    finally:
+        precision.LONG_TOKENS = precision_long
+
+
+def test_rotary_angles_in_float16_stay_exact_over_the_long_sequence(llama_path: Path) -> None:
+    """float16 holds integers exactly up to 2048 and rounds products 8x finer than bfloat16: over 384 tokens the
+    same port stays within dtype parity's bounds (measured), so it passes there."""
+    model, tokenizer, tolerance = _in(torch.float16, broken.rotary_angles_in_the_run_dtype(llama_path, torch.float16))
+    clm.assert_dtype_parity(model, tokenizer, tolerance=tolerance)
+
+
 def _saved_in_bfloat16(source: Path, target: Path) -> Path:
     """The checkpoint re-saved in bfloat16, as most checkpoints on the Hub are stored."""
     model, tokenizer = broken.load_healthy(source)

@@ -391,7 +391,7 @@ _BUILT_IN = (
         "dtype parity",
         "dtyp",
         "precision",
-        "in half precision (the run dtype, or the checkpoint's stored dtype under a float32 run) the same weights agree with float32: finite, varied score rows, KL mean and top-1 within float32's top 5, greedy agreement up to a first divergence inside both top 5s",
+        "in half precision (the run dtype, or the checkpoint's stored dtype under a float32 run) the same weights agree with float32 on three prompts and a 384-token sequence (attention over hundreds of keys, positions past bfloat16's exact integers): finite, varied score rows, KL mean and top-1 within float32's top 5, greedy agreement on the prompts up to a first divergence inside both top 5s",
         helper="assert_dtype_parity",
         run=lambda lm: checks.assert_dtype_parity(
             lm.model, lm.tokenizer, tolerance=lm.tolerance, stored_dtype=lm.stored_dtype

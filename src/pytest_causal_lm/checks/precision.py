@@ -39,6 +39,9 @@ DTYPE_PARITY_TEXTS: tuple[str, ...] = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
 )
 MAX_KL_MEAN = 0.05  # nats; SmolLM2 bfloat16 vs float32 measures 0.002
+# The long sequence: attention sums over hundreds of keys, and positions past 256 are where bfloat16 stops
+# holding integers exactly (rotary angles computed in the run dtype go wrong there, and only there).
+LONG_TOKENS = 384
 
 
 def _half(dtype: Any) -> bool:
@@ -120,6 +123,13 @@ def assert_dtype_parity(
         _check_greedy(model, tokenizer, ids, half_run, exact_run, label)
         kls.append(kl_per_position(exact_scores, half_scores))
         result.observe(exact_scores, half_scores)
+    long_ids, long_half, long_exact = _long_sequence(model, tokenizer, other)
+    if long_ids is not None:
+        _check_rows(model, tokenizer, long_ids, long_half, long_exact, label)
+        _check_top1(model, tokenizer, long_ids, long_half, long_exact, label, clear)
+        kls.append(kl_per_position(long_exact, long_half))
+        result.observe(long_exact, long_half)
+        result.note(f"and a {len(long_ids)}-token sequence in one forward")
     kl = torch.cat(kls)
     result.figure = ("KL mean", float(kl.mean()))
     if float(kl.mean()) > MAX_KL_MEAN:
@@ -130,6 +140,25 @@ def assert_dtype_parity(
             figure=result.figure,
         )
     return result
+
+
+def _long_sequence(model: Any, tokenizer: Any, other: Any) -> tuple[Any, Any, Any]:
+    """``(ids, half scores, float32 scores)`` of ``LONG_TOKENS`` tokens of prose (fewer where the config's
+    positions end sooner), or Nones where not even 64 fit."""
+    from ..precision import weights_in
+    from ._common import DEFAULT_TEXTS
+
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or LONG_TOKENS
+    length = min(LONG_TOKENS, int(limit))
+    if length < 64:
+        return None, None, None
+    text = " ".join([*DEFAULT_TEXTS, *DTYPE_PARITY_TEXTS])
+    ids = encode(tokenizer, " ".join([text] * (1 + 4 * length // max(len(text), 1))), model.device)[:, :length]
+    run = forward_logits(model, ids)[0].cpu()
+    with weights_in(model, other):
+        reference = forward_logits(model, ids)[0].cpu()
+    half, exact = (run, reference) if _half(model.dtype) else (reference, run)
+    return ids[0].cpu(), half, exact
 
 
 def _check_rows(model: Any, tokenizer: Any, ids: Any, half: Any, exact: Any, label: str) -> None:
