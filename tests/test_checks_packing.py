@@ -121,3 +121,18 @@ def test_an_architecture_that_takes_only_2d_masks_gets_a_note_not_a_failure() ->
         r"transformers' masking_utils \(which passes one through as given\) and takes none itself; raises RuntimeError",
         str(result),
     )
+
+
+def test_an_error_on_a_packed_row_is_a_failure_even_where_packing_is_not_detected(qwen3_path: Path) -> None:
+    """A packed row is a plain forward with position_ids: raising there is the model's bug, not a limit."""
+    model, tokenizer = broken.default_attention_mask_filled_in(qwen3_path)
+    original = model.forward
+
+    def forward(input_ids=None, position_ids=None, **kwargs):
+        if position_ids is not None and bool((position_ids[:, 1:] < position_ids[:, :-1]).any()):
+            raise IndexError("position index out of range")
+        return original(input_ids=input_ids, position_ids=position_ids, **kwargs)
+
+    model.forward = forward
+    with pytest.raises(AssertionError, match=r"packed by position_ids .* raised IndexError: position index"):
+        clm.assert_packed_sequences_consistent(model, tokenizer)

@@ -104,8 +104,9 @@ def test_positions_restarting_with_the_cache_fail_on_the_sampled_path(tiny_path:
     assert re.search(r"first departs\s+:", message) or "greatest |difference|" in message
 
 
-def test_jitter_that_torch_manual_seed_does_not_seed_fails_reproducibility(qwen3_path: Path) -> None:
-    message = _failure(broken.router_jitter_from_numpy(qwen3_path))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_jitter_that_torch_manual_seed_does_not_seed_fails_reproducibility(qwen3_path: Path, dtype) -> None:
+    message = _failure(broken.router_jitter_from_numpy(qwen3_path), dtype)
     assert message.startswith("sampling is not reproducible: step 0 of row 0 scores differently in a second run")
     assert "randomness in the forward pass that torch.manual_seed does not seed" in message
 

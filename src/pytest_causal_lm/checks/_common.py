@@ -55,6 +55,11 @@ def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def until_eos(row: Sequence[int], stop: set[int]) -> list[int]:
+    """``row`` of generated ids up to and including its first stop id (generate pads finished rows after it)."""
+    return list(row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))])
+
+
 def kl_per_position(expected: Any, actual: Any) -> Any:
     """KL(expected || actual) in nats at each position of two ``(..., vocab)`` score tensors (raw scores or
     log-probabilities: both are normalised here), in float32."""

@@ -34,6 +34,7 @@ from ._common import (
     text_of,
     token,
     transformers_refusal,
+    until_eos,
 )
 from ._localise import Replay, Side
 
@@ -258,10 +259,7 @@ def generate_scored(
         with _assistant_calls_quiet("assistant_model" in inputs):
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **inputs)
     prompt_length = 0 if input_ids is None else input_ids.shape[1]  # from inputs_embeds, only new tokens return
-    rows = []
-    for row in out.sequences[:, prompt_length:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
-        rows.append(row[:cut])
+    rows = [until_eos(row, stop) for row in out.sequences[:, prompt_length:].tolist()]
     logits = torch.stack([step.float().cpu() for step in out.logits], dim=1) if keep_scores else None
     return ScoredGeneration(rows, logits, returned_cache(out))
 

@@ -30,6 +30,7 @@ from ._common import (
     text_of,
     token,
     transformers_refusal,
+    until_eos,
 )
 from ._generation import _clean_generation_config
 
@@ -74,15 +75,8 @@ def _beam_search(model: Any, tokenizer: Any, ids: Any, *, use_cache: bool, max_n
         )
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     stop = set(clean.eos_token_id or [])
-    rows = [_until_eos(row[ids.shape[1] :].tolist(), stop) for row in out.sequences]
+    rows = [until_eos(row[ids.shape[1] :].tolist(), stop) for row in out.sequences]
     return _Beams(rows, [float(s) for s in out.sequences_scores], out.beam_indices.cpu())
-
-
-def _until_eos(row: list[int], stop: set[int]) -> list[int]:
-    for index, token_id in enumerate(row):
-        if token_id in stop:
-            return row[: index + 1]
-    return row
 
 
 def _searched(model: Any, tokenizer: Any, ids: Any, use_cache: bool, max_new_tokens: int) -> _Beams:

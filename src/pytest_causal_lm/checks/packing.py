@@ -66,6 +66,11 @@ class _Layout:
     kwargs: dict[str, Any]  # input_ids, position_ids, and the 4D mask where there is one
     compared_with: str = "the sequence alone"
 
+    @property
+    def short_name(self) -> str:
+        """The name without the call's details, for notes and the replay's label."""
+        return self.name.split(" (")[0]
+
 
 @dataclass
 class _MaskPaths:
@@ -181,9 +186,10 @@ def _run_layout(model: Any, tokenizer: Any, layout: _Layout, alone: dict, result
         except Exception as exc:
             error = exc
     # A 4D mask is promised where masking_utils receives it, and wherever the forward takes one without complaint:
-    # ignoring a mask it accepted would answer wrongly in silence.
+    # ignoring a mask it accepted would answer wrongly in silence. A packed row is a plain call with position_ids:
+    # an error there is a failure whatever transformers detected.
     promised = (seen.four_d_received or error is None) if four_d else seen.packing_detected
-    if promised and error is not None:
+    if error is not None and (promised or not four_d):
         raise error_failure(error, model, layout.name) from None
     if not promised:
         outcome = (
@@ -337,7 +343,7 @@ def _alone(model: Any, ids: list[int]) -> Any:
 
 
 def _unpromised_note(model: Any, layout: _Layout, why: str, outcome: str) -> str:
-    return f"{layout.name.split(' (')[0]}: not promised for {type(model).__name__}: {why}; {outcome}"
+    return f"{layout.short_name}: not promised for {type(model).__name__}: {why}; {outcome}"
 
 
 def _failure(
@@ -346,7 +352,7 @@ def _failure(
     end = segment.start + len(segment.ids) - 1
     replay = Replay(
         Side(layout.compared_with, lambda: model(**_alone_kwargs(model, segment.alone)), offset=-segment.skip),
-        Side(layout.name, lambda: model(**layout.kwargs), row=segment.row, offset=-segment.start),
+        Side(layout.short_name, lambda: model(**layout.kwargs), row=segment.row, offset=-segment.start),
         (segment.skip + mismatch.first_position,),
     )
     return mismatch_failure(

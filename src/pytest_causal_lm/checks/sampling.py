@@ -33,6 +33,7 @@ from ._common import (
     text_of,
     token,
     transformers_refusal,
+    until_eos,
 )
 from ._generation import ScoredGeneration, assert_generation_matches_forward, generate_scored
 from .generation import REPEATING_TEXT
@@ -168,9 +169,7 @@ def _sample(model: Any, tokenizer: Any, ids: Any, config: Any, seed: int) -> _Sa
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     stop = eos_ids(model, tokenizer)
-    rows = []
-    for row in out.sequences[:, ids.shape[1] :].tolist():
-        rows.append(row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))])
+    rows = [until_eos(row, stop) for row in out.sequences[:, ids.shape[1] :].tolist()]
     stacked = [torch.stack([step.float().cpu() for step in steps], dim=1) for steps in (out.logits, out.scores)]
     return _Sampled(ScoredGeneration(rows, stacked[0]), stacked[1])
 
