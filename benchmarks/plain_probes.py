@@ -4,7 +4,7 @@ The reference the suite's own cost is measured against (benchmarks/test_suite_co
 the same inputs, forwards and generate calls the invariants make, written the way
 a careful engineer would write them by hand, sharing what is naturally shared.
 
-    python benchmarks/plain_probes.py CHECKPOINT
+    python benchmarks/plain_probes.py CHECKPOINT [LONG_PREFILL_TOKENS]
 """
 
 from __future__ import annotations
@@ -433,7 +433,28 @@ def packing_probes(model, tokenizer):
         logits(model, torch.tensor([prefix + tail]))
 
 
-def main(checkpoint: str) -> float:
+def long_prefill_probes(model, tokenizer, length):
+    """The long prefill (opt-in for SmolLM2 on CPU): one forward of ``length`` tokens of repeated text, the same
+    tokens through the cache in chunks of a quarter plus one and 3 single steps, and 3 prefixes alone; the
+    scores kept at ~40 positions."""
+    text = " ".join(TEXTS)
+    ids = tokenizer(text)["input_ids"]
+    while len(ids) < length:
+        ids += tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ids[:length]])
+    keep = torch.arange(0, length, length // 40)
+    with torch.no_grad():
+        model(input_ids=ids, logits_to_keep=keep)
+        edges = [*range(0, length - 3, length // 4 + 1), *range(length - 3, length + 1)]
+        cache = None
+        for start, stop in itertools.pairwise(edges):
+            out = model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+        for end in (length // 5, length // 2, 2 * length // 3):
+            model(input_ids=ids[:, :end], logits_to_keep=keep[keep < end])
+
+
+def main(checkpoint: str, long_prefill: int = 0) -> float:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model, _ = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, output_loading_info=True)
@@ -445,8 +466,11 @@ def main(checkpoint: str) -> float:
     beam_probes(model, tokenizer)
     sampling_probes(model, tokenizer)
     packing_probes(model, tokenizer)
+    if long_prefill:
+        long_prefill_probes(model, tokenizer, long_prefill)
     return time.perf_counter() - start
 
 
 if __name__ == "__main__":
-    print(f"plain probes: {main(sys.argv[1]):.2f} s")
+    # python benchmarks/plain_probes.py CHECKPOINT [LONG_PREFILL_TOKENS]: the second as --causal-lm-long-prefill-tokens
+    print(f"plain probes: {main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0):.2f} s")

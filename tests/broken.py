@@ -208,6 +208,67 @@ for _name, _function in (
     AttentionMaskInterface.register(_name, sdpa_mask)
 
 
+def _tiled_prefill_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A memory-saving path for prompts over 256 tokens: queries in tiles of 128, each tile's causal mask built
+    with the whole call's offset (``k_len - q_len``) instead of the tile's own start, so every tile past the
+    first sees keys as if it began the sequence. Shorter calls (and every chunk of a chunked prefill) use sdpa."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if q_len <= 256:
+        return _sdpa(query, key, value, attention_mask, scaling)
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    tiles = []
+    for start in range(0, q_len, 128):
+        tile = query[:, :, start : start + 128]
+        causal = torch.ones(tile.shape[2], k_len, dtype=torch.bool, device=query.device).tril(diagonal=k_len - q_len)
+        tiles.append(F.scaled_dot_product_attention(tile, key, value, attn_mask=causal, scale=scaling))
+    return torch.cat(tiles, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _split_keys_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Flash-decoding for cached steps over more than 256 keys: keys in blocks of 256, each block's softmax
+    taken against its own maximum, and the blocks combined by their sums without rescaling them to a common
+    maximum (the rescale the split-K trick needs)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if q_len > 1 or k_len <= 256:
+        return _sdpa(query, key, value, attention_mask, scaling)
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scores = (query @ key.transpose(-1, -2)).float() * (scaling or query.shape[-1] ** -0.5)
+    if attention_mask is not None:
+        scores = (
+            scores.masked_fill(~attention_mask, float("-inf"))
+            if attention_mask.dtype == torch.bool
+            else scores + attention_mask
+        )
+    outputs, sums = [], []
+    for start in range(0, k_len, 256):
+        block = scores[..., start : start + 256]
+        weights = (block - block.amax(-1, keepdim=True)).exp()
+        outputs.append(weights @ value[:, :, start : start + 256].float())
+        sums.append(weights.sum(-1, keepdim=True))
+    out = (sum(outputs) / sum(sums)).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+for _name, _function in (
+    ("tiled_prefill", _tiled_prefill_attention),
+    ("split_keys_decode", _split_keys_decode_attention),
+):
+    AttentionInterface.register(_name, _function)
+    AttentionMaskInterface.register(_name, sdpa_mask)
+
+
+def tiled_prefill_offset_forgotten(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    model, tokenizer = load_healthy(path, attn_implementation="tiled_prefill")
+    return model.to(dtype), tokenizer
+
+
+def split_keys_decode_without_rescale(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    model, tokenizer = load_healthy(path, attn_implementation="split_keys_decode")
+    return model.to(dtype), tokenizer
+
+
 def large_batch_drops_padding(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
     model, tokenizer = load_healthy(path, attn_implementation="large_batch_drops_padding")
     return model.to(dtype), tokenizer

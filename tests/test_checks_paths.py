@@ -10,6 +10,8 @@ from pathlib import Path
 
 import broken
 import pytest
+import torch
+from conftest import failure_of
 from transformers import AutoConfig
 
 import pytest_causal_lm as clm
@@ -18,6 +20,7 @@ from pytest_causal_lm.tiny import materialize, write_tiny_checkpoint
 
 NEW_CHECKS = {
     "long": clm.assert_long_context_consistent,
+    "pref": clm.assert_long_prefill_consistent,
     "attn": clm.assert_attention_implementations_agree,
     "stat": clm.assert_static_cache_matches,
     "emb": clm.assert_inputs_embeds_match,
@@ -88,6 +91,81 @@ def test_the_long_context_budget_skips_with_the_option_named(mistral_window_path
     model, tokenizer = broken.load_healthy(mistral_window_path)
     with pytest.raises(pytest.skip.Exception, match=r"beyond the cap of 30 .*--causal-lm-long-context-tokens"):
         clm.assert_long_context_consistent(model, tokenizer, budget=30)
+
+
+def test_healthy_tiny_checkpoints_pass_the_long_prefill(healthy: clm.CausalLM) -> None:
+    result = clm.assert_long_prefill_consistent(healthy.model, healthy.tokenizer)
+    assert 0 < result.greatest_difference < 1e-4, str(result)
+    # max_position_embeddings 512 caps the default 1024 tokens
+    assert "512 tokens in one forward (capped by max_position_embeddings 512)" in str(result)
+    assert "chunked pass: chunks of 129 tokens, then 3 single steps" in str(result)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_long_prefill_catches_a_tiled_prompt_path_past_256_tokens(llama_path: Path, dtype: str) -> None:
+    message = failure_of(
+        clm.assert_long_prefill_consistent, broken.tiled_prefill_offset_forgotten(llama_path), getattr(torch, dtype)
+    )
+    # the second tile of the one-shot forward starts at 128; the first chunk (129 tokens, no cache) is right
+    assert message.startswith(
+        "long prefill: cached pass, segment 1 of 7 (positions 0..128) differs from the full forward from position "
+        "128 (token "
+    ), message
+    assert "the first segment is a forward of its own, with no cache yet" in message
+    assert re.search(r"greatest \|difference\|\s+: [0-9.]+ at position 128, score of", message)
+    assert re.search(r"first departing module\s+: model.layers.0.self_attn \(LlamaAttention\)", message)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_long_prefill_catches_split_key_decoding_past_256_keys(llama_path: Path, dtype: str) -> None:
+    built = broken.split_keys_decode_without_rescale(llama_path)
+    message = failure_of(clm.assert_long_prefill_consistent, built, getattr(torch, dtype))
+    # the first single step after 509 tokens of chunks: the chunks' queries are longer than one token
+    assert message.startswith("long prefill: cached pass, segment 5 of 7 (positions 509..509)"), message
+    assert "no cache yet" not in message
+    assert re.search(r"first departing module\s+: model.layers.0.self_attn \(LlamaAttention\)", message)
+
+
+def test_long_prefill_catches_a_mask_that_leaks_the_next_token(llama_path: Path) -> None:
+    model, tokenizer = broken.leaky_mask(llama_path)
+    with pytest.raises(AssertionError, match=r"long prefill: ") as caught:
+        clm.assert_long_prefill_consistent(model, tokenizer)
+    # a chunk's last position has no next token to peek at, unlike the same position in the full forward
+    assert "segment 1 of 7 (positions 0..128) differs from the full forward from position 128" in str(caught.value)
+
+
+def test_long_prefill_length_option_and_defaults(llama_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_causal_lm.checks import context
+
+    model, tokenizer = broken.load_healthy(llama_path)
+    assert "300 tokens in one forward; prefixes of" in str(
+        clm.assert_long_prefill_consistent(model, tokenizer, tokens=300)
+    )
+    with pytest.raises(pytest.skip.Exception, match=r"long prefill: --causal-lm-long-prefill-tokens=0"):
+        clm.assert_long_prefill_consistent(model, tokenizer, tokens=0)
+    with pytest.raises(pytest.skip.Exception, match=r"max_position_embeddings 200 leaves no long prompt"):
+        model.config.max_position_embeddings = 200
+        clm.assert_long_prefill_consistent(model, tokenizer)
+    monkeypatch.setattr(context, "CPU_PREFILL_PARAMETERS", 1000)
+    with pytest.raises(pytest.skip.Exception, match=r"off by default on CPU .*--causal-lm-long-prefill-tokens=1024"):
+        clm.assert_long_prefill_consistent(model, tokenizer)
+
+
+def test_long_prefill_widens_atol_only_for_a_state_carried_along_the_sequence(llama_path: Path) -> None:
+    # the chunked gated-delta scan starts its blocks elsewhere in one forward and in chunks: float32 rounding
+    # of the state grows along the sequence (8.5e-5 at 512 tokens here, over the table's 1e-4 for qwen4_exp)
+    model, tokenizer = broken.load_healthy(materialize("tiny:qwen3_next"))
+    result = clm.assert_long_prefill_consistent(model, tokenizer)
+    assert "atol x2.8 for a recurrent/linear-attention state's rounding over 512 tokens" in str(result)
+    assert 1e-5 < result.greatest_difference < 1e-4 * 2.83
+    model, tokenizer = broken.load_healthy(llama_path)
+    assert "rounding over" not in str(clm.assert_long_prefill_consistent(model, tokenizer))
+
+
+def test_long_prefill_stops_below_a_rope_type_that_switches_per_call(llama_path: Path) -> None:
+    model, tokenizer = broken.longrope_switches_per_call(llama_path, original=320)
+    result = clm.assert_long_prefill_consistent(model, tokenizer)
+    assert "320 tokens in one forward (capped by RoPE longrope original context 320)" in str(result)
 
 
 @pytest.mark.parametrize(
@@ -273,6 +351,9 @@ EXPECTED_FAILURES = {
     "rotary_positions_counted_by_the_port": {"pack", "kv", "pad", "stat"},
     # static-cache generate hands the forward the 4D mask it builds itself
     "every_mask_made_additive": {"pack", "stat"},
+    # both switch paths past 256 tokens or keys, which no short prompt reaches
+    "tiled_prefill_offset_forgotten": {"pref"},
+    "split_keys_decode_without_rescale": {"pref"},
 }
 
 

@@ -13,12 +13,14 @@ from conftest import SMOLLM2_GGUF, SMOLLM2_MARKS
 from test_plugin import FLOAT32_SKIPS, RANDOM_WEIGHT_SKIPS, RUN_BY_DEFAULT, SKIPPED_BY_DEFAULT
 
 TRAINED = RUN_BY_DEFAULT + RANDOM_WEIGHT_SKIPS  # knows_language runs on real weights
+# the long prefill is off by default on CPU for models over 10M parameters: these runs turn it on
+LONG_PREFILL = "--causal-lm-long-prefill-tokens=1024"
 
 pytestmark = SMOLLM2_MARKS
 
 
 def test_built_in_suite_passes_on_smollm2_135m_instruct(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(f"--causal-lm-checkpoint={SMOLLM2_GGUF}", "--causal-lm-suite=only", "-v")
+    result = pytester.runpytest(f"--causal-lm-checkpoint={SMOLLM2_GGUF}", "--causal-lm-suite=only", "-v", LONG_PREFILL)
     result.assert_outcomes(passed=TRAINED, skipped=SKIPPED_BY_DEFAULT - RANDOM_WEIGHT_SKIPS)
     result.stdout.fnmatch_lines(
         [
@@ -37,6 +39,7 @@ def test_built_in_suite_passes_on_smollm2_135m_instruct(pytester: pytest.Pyteste
     print("\n".join(measured))  # the figures the closing note quotes (pytest -s)
     measuring = {"logits_to_keep", "prefix_causality", "determinism", "kv_cache_parity", "cache_effectiveness"}
     measuring |= {"greedy_loop_parity", "classification_head", "padding_invariance", "batch_independence"}
+    measuring |= {"long_prefill"}
     assert {line.split("[")[0].removeprefix("test_") for line in measured} >= measuring
     _assert_well_inside_the_calibrated_float32_bound(result)
 
@@ -123,7 +126,12 @@ def test_built_in_suite_passes_on_smollm2_in_half_precision(
     pytester: pytest.Pytester, smollm2_safetensors: Path, dtype: str
 ) -> None:
     result = pytester.runpytest(
-        f"--causal-lm-checkpoint={smollm2_safetensors}", f"--causal-lm-dtype={dtype}", "--causal-lm-suite=only", "-v"
+        f"--causal-lm-checkpoint={smollm2_safetensors}",
+        f"--causal-lm-dtype={dtype}",
+        "--causal-lm-suite=only",
+        "-v",
+        # float16 matmuls are slow on CPU: 512 tokens here (1024 passes too, measured in docs/cost.md)
+        LONG_PREFILL if dtype == "bfloat16" else "--causal-lm-long-prefill-tokens=512",
     )
     # in half precision dtype parity runs too
     result.assert_outcomes(

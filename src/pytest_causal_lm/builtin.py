@@ -64,6 +64,12 @@ def _reference_drift(lm: CausalLM, causal_lm_reference: Any, causal_lm_settings:
     return CheckResult("reference drift", figure=("KL mean", report.kl_mean), notes=[str(report), *layers])
 
 
+def _long_prefill(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
+    return checks.assert_long_prefill_consistent(
+        lm.model, lm.tokenizer, tokens=causal_lm_settings.long_prefill_tokens, seed=lm.seed, tolerance=lm.tolerance
+    )
+
+
 def _static_cache(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
     return checks.assert_static_cache_matches(
         lm.model, lm.tokenizer, compile=causal_lm_settings.compile, tolerance=lm.tolerance
@@ -256,6 +262,17 @@ _BUILT_IN = (
         run=_long_context,
         fixtures=("causal_lm_settings",),
         healthy_skips=(r"declares no context boundary", r"beyond the cap of", _NEEDS_KV),
+    ),
+    Invariant(
+        "long_prefill",
+        "long prefill",
+        "pref",
+        "context",
+        "One forward of a long prompt (1024 tokens where the context allows; `--causal-lm-long-prefill-tokens`, on by default on CPU up to 10M parameters and on accelerators at 4096) scores as the same prompt fed through the cache in chunks of a quarter plus one and then single steps, and as its prefixes ending at 3 seeded random lengths (causality); at 24 seeded positions, both sides of every chunk edge and each prefix's end",
+        helper="assert_long_prefill_consistent",
+        run=_long_prefill,
+        fixtures=("causal_lm_settings",),
+        healthy_skips=(r"long prefill: off by default on CPU", r"leaves no long prompt"),
     ),
     Invariant(
         "generation_defaults",

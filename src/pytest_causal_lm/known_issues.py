@@ -321,6 +321,32 @@ _SAMPLING: dict[str, tuple[str, str]] = {
 }
 
 
+# Long prefill: one forward of the prompt (512 tokens on the tiny configs, 1024 where they declare no limit)
+# against chunks of a quarter plus one through the cache and prefixes alone.
+_SECOND_CHUNK = r"long prefill: cached pass, segment 2 of 7 \(positions 129..257\) differs from the full forward"
+_LONG_PREFILL: dict[str, tuple[str, str]] = {
+    "bamba": (
+        _SECOND_CHUNK + r"[\s\S]*first departing module\s+: model.rotary_emb",
+        "the positions counted from 0 after a cache, above: the second chunk gets the rotary positions of the first",
+    ),
+    "jamba": (_SECOND_CHUNK, "the second chunk is a multi-token step after a cache, which restarts from a zero state"),
+    "moshi": (_SECOND_CHUNK, "the window mismatch above: the second chunk's keys outrun the cache's window of 32"),
+    "cpmant": (
+        r"long prefill: cached pass, segment 1 of 7 \(positions 0..256\) differs from the full forward from position 0",
+        "its internal prompt positions, above: position 0 scores differently in a 257-token and a 1024-token call",
+    ),
+    "xlnet": (
+        r"long prefill: prefix causality: the first \d+ tokens alone score position 0 unlike",
+        "its bidirectional attention, above",
+    ),
+    "prophetnet": (
+        r"long prefill raised IndexError: index out of range in self",
+        "its predicting stream looks up position + 1, so the longest input it takes is one token shorter than its "
+        "position table allows (510 tokens for 512 rows from row 1)",
+    ),
+}
+
+
 def _with(extra: dict[str, tuple[str, str]], key: str) -> None:
     """Add invariant ``key``'s failure to the entries above (a new entry where an architecture has none)."""
     for name, (pattern, why) in extra.items():
@@ -335,6 +361,7 @@ def _with(extra: dict[str, tuple[str, str]], key: str) -> None:
 _with(_TRAINING_STEP, "training_step")
 _with(_BEAM_SEARCH, "beam_search")
 _with(_SAMPLING, "sampling")
+_with(_LONG_PREFILL, "long_prefill")
 
 # Architectures whose transformers tensor-parallel plan breaks at N=2 on the tiny checkpoints (transformers
 # 5.23.0 and 5.25.0, gloo on CPU): the failure each gives, why, and the versions that show it. Every other

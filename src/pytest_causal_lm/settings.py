@@ -206,6 +206,15 @@ OPTIONS: tuple[OptionSpec, ...] = (
         parse=_parse_int,
         metavar="N",
     ),
+    OptionSpec(
+        "long_prefill_tokens",
+        "Length of the long-prefill invariant's prompt (one forward against the same prompt fed through the cache "
+        "in chunks, and against its prefixes), capped by max_position_embeddings; 0 turns it off. Default: 1024 on "
+        "CPU for models up to 10M parameters (off for larger ones: about 8 s for 135M), 4096 on an accelerator.",
+        None,
+        parse=_parse_int,
+        metavar="N",
+    ),
     OptionSpec("atol", "Absolute tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("rtol", "Relative tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("seed", "Seed for random test inputs. Default: 0.", default=0, parse=_parse_int),

@@ -22,7 +22,7 @@ from .chat import (
     assert_turn_terminator_stops_generation,
 )
 from .classification import assert_classification_head_equivalent, load_score_head_classifier
-from .context import assert_far_positions_consistent, assert_long_context_consistent
+from .context import assert_far_positions_consistent, assert_long_context_consistent, assert_long_prefill_consistent
 from .determinism import assert_deterministic
 from .distributed import assert_device_map_parity, assert_tensor_parallel_matches, single_device_room
 from .embeddings import assert_inputs_embeds_match
@@ -79,6 +79,7 @@ __all__ = [
     "assert_kv_cache_parity",
     "assert_logits_to_keep",
     "assert_long_context_consistent",
+    "assert_long_prefill_consistent",
     "assert_output_shapes",
     "assert_packed_sequences_consistent",
     "assert_padding_invariant",

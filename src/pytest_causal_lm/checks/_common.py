@@ -272,6 +272,17 @@ def _state_space_only(cache: Any) -> bool:
     return bool(layers) and all(isinstance(layer, LinearAttentionLayer) for layer in layers)
 
 
+def carries_state(model: Any) -> bool:
+    """Whether the model carries a recurrent, state-space, linear-attention or convolution state from token to
+    token (in some layers at least), read from the config's layer types and the forward's ``cache_params``."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kinds = [*(getattr(config, "layer_types", None) or []), *(getattr(config, "layers_block_type", None) or [])]
+    stateful = ("mamba", "linear", "recurrent", "conv", "rwkv", "ssm", "hybrid")  # hybrid: attention + a conv state
+    return any(word in str(kind) for kind in kinds for word in stateful) or (
+        "cache_params" in inspect.signature(model.forward).parameters
+    )
+
+
 def default_positions_differ(model: Any, input_ids: Any, tolerance: Tolerance) -> str | None:
     """Why ``generate`` and a plain forward disagree, when the model's default positions are the cause.
 

@@ -1,6 +1,10 @@
 """Long context: KV-cache parity and prefix causality on a sequence that crosses every boundary the config
 declares (sliding windows, attention chunks, the original context of a RoPE scaling).
 
+Long prefill: the same two comparisons on one long prompt (1024+ tokens where the context allows), whatever
+the config declares. RAG prompts and documents arrive as one prefill of thousands of tokens, and kernels switch
+to tiled or chunked paths past a length that no short prompt reaches; a server feeds the same prompt in chunks.
+
 Bugs live at those boundaries: a sliding-window mask off by one, a cache that evicts a token too many, a RoPE
 scaling that switches per call once a sequence passes the original context. The length comes from the config,
 capped by ``max_position_embeddings`` and a token budget; the scores compared are those around each boundary
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +37,7 @@ from ._common import (
     CheckResult,
     cache_kind,
     cache_kwargs,
+    carries_state,
     check_scores,
     failure,
     kl_per_position,
@@ -47,8 +54,10 @@ __all__ = [
     "Boundary",
     "assert_far_positions_consistent",
     "assert_long_context_consistent",
+    "assert_long_prefill_consistent",
     "context_boundaries",
     "default_context_budget",
+    "default_prefill_tokens",
     "position_encoding",
 ]
 
@@ -224,9 +233,10 @@ def assert_long_context_consistent(
     full, _ = _scores_at(model, ids, positions)
     result = CheckResult("long context", tolerance=tolerance)
     result.note(f"{length} tokens across {', '.join(b.name for b in reached)}; {len(positions)} positions compared")
-    run = _LongRun(model, tokenizer, ids, full, positions, reached, result)
-    _check_cached_pass(run)
-    _check_prefixes(run)
+    run = _LongRun("long context", model, tokenizer, ids, full, positions, reached, result)
+    _check_cached_pass(run, _segments(reached, length))
+    ends = [(end, f"around {b.name}") for b in reached for end in (b.position - 1, b.position + 2)]
+    _check_prefixes(run, ends)
     for boundary in declared[len(reached) :]:
         result.note(f"{boundary.name} not reached: the cap is {cap} tokens")
     return result
@@ -236,6 +246,7 @@ def assert_long_context_consistent(
 class _LongRun:
     """One long sequence, its full-forward scores at the compared positions, and where failures go."""
 
+    check: str  # the invariant's name, which opens a failure's title
     model: Any
     tokenizer: Any
     ids: Any
@@ -244,7 +255,7 @@ class _LongRun:
     boundaries: list[Boundary]
     result: CheckResult
 
-    def compare(self, rows: list[int], scores: Any, title: Any, how: str, side: Side) -> None:
+    def compare(self, rows: list[int], scores: Any, title: Any, how: str, side: Side, cause: str | None = None) -> None:
         """``scores`` of sequence positions ``rows`` against the full forward's; ``title(mismatch)`` names a failure
         and ``side`` replays how ``scores`` were computed, to name the first module that departs."""
         __tracebackhide__ = True
@@ -253,15 +264,16 @@ class _LongRun:
         if not mismatch:
             return
         mismatch = _absolute(mismatch, rows)
-        cause = _likely_cause(self.boundaries)
+        cause = _likely_cause(self.boundaries) or cause
         replay = Replay(Side("the full forward", lambda: self.model(input_ids=self.ids)), side, tuple(rows))
+        boundaries = ", ".join(f"{b.name} (position {b.position})" for b in self.boundaries)
         raise mismatch_failure(
-            f"long context: {title(mismatch)}",
+            f"{self.check}: {title(mismatch)}",
             self.model,
             self.tokenizer,
             [
                 ("sequence", f"{self.ids.shape[1]} tokens of repeated natural text"),
-                ("boundaries", ", ".join(f"{b.name} (position {b.position})" for b in self.boundaries)),
+                *([("boundaries", boundaries)] if boundaries else []),
                 ("how", how),
                 *([("likely cause", cause)] if cause else []),
             ],
@@ -283,10 +295,15 @@ def _cached_segments(run: _LongRun, segments: list[tuple[int, int]]) -> Any:
     return feed
 
 
-def _check_cached_pass(run: _LongRun) -> None:
-    """Feed the sequence through the cache in ``_segments``; the compared rows of each equal the full forward's."""
+_UNCACHED_FIRST_SEGMENT = (
+    "the first segment is a forward of its own, with no cache yet: the full forward departs from a shorter call "
+    "over the same tokens (a kernel, mask or position table that switches with the call's length)"
+)
+
+
+def _check_cached_pass(run: _LongRun, segments: list[tuple[int, int]]) -> None:
+    """Feed the sequence through the cache in ``segments``; the compared rows of each equal the full forward's."""
     __tracebackhide__ = True
-    segments = _segments(run.boundaries, run.ids.shape[1])
     how = "prefill and decode with past_key_values: " + ", ".join(f"{a}..{b - 1}" for a, b in segments)
     cache = None
     for number, (start, stop) in enumerate(segments, 1):
@@ -307,29 +324,153 @@ def _check_cached_pass(run: _LongRun) -> None:
                 ),
                 how,
                 Side(f"cached segment {number}", _cached_segments(run, segments[:number]), number - 1, offset=start),
+                None if number > 1 else _UNCACHED_FIRST_SEGMENT,
             )
 
 
-def _check_prefixes(run: _LongRun) -> None:
-    """A prefix ending just before, and one just after, each boundary scores its positions as the full forward."""
+def _check_prefixes(run: _LongRun, ends: list[tuple[int, str]]) -> None:
+    """Each prefix ``(end, where)`` alone scores its compared positions as the full forward (causality)."""
     __tracebackhide__ = True
     length = run.ids.shape[1]
-    for boundary in run.boundaries:
-        for end in (boundary.position - 1, boundary.position + 2):
-            rows = [p for p in run.positions if p < end]
-            if not rows or end >= length:
-                continue
-            scores, _ = _scores_at(run.model, run.ids[:, :end], rows, use_cache=False)
-            run.compare(
-                rows,
-                scores,
-                lambda m, end=end: (
-                    f"prefix causality: the first {end} tokens alone score position {m.first_position} "
-                    f"unlike the full {length}-token forward"
-                ),
-                f"forward of the prefix ending before position {end}, around {boundary.name}",
-                Side(f"the first {end} tokens alone", lambda end=end: run.model(input_ids=run.ids[:, :end])),
-            )
+    for end, where in ends:
+        rows = [p for p in run.positions if p < end]
+        if not rows or end >= length:
+            continue
+        scores, _ = _scores_at(run.model, run.ids[:, :end], rows, use_cache=False)
+        run.compare(
+            rows,
+            scores,
+            lambda m, end=end: (
+                f"prefix causality: the first {end} tokens alone score position {m.first_position} "
+                f"unlike the full {length}-token forward"
+            ),
+            f"forward of the prefix ending before position {end}, {where}",
+            Side(f"the first {end} tokens alone", lambda end=end: run.model(input_ids=run.ids[:, :end])),
+        )
+
+
+# The long prefill's length. It costs about three forwards of the whole prompt (the one-shot forward, the
+# chunked pass, the prefixes): on CPU the default runs it for models up to 10M parameters (under a second on
+# 2 cores); larger ones opt in (SmolLM2-135M: 7.6-9.4 s at 1024 tokens). Attention memory grows with the
+# square of the length (heads x tokens^2 scores per layer under eager attention).
+PREFILL_TOKENS = 1024
+ACCELERATOR_PREFILL_TOKENS = 4096
+CPU_PREFILL_PARAMETERS = 10_000_000
+_SHORTEST_PREFILL = 256
+_SAMPLED_POSITIONS = 24
+_SAMPLED_PREFIXES = 3
+_SINGLE_STEPS = 3
+_STATE_ROUNDING_LENGTH = 64
+
+
+def default_prefill_tokens(model: Any) -> tuple[int, str | None]:
+    """The long prefill's default length, and why it is off (length 0) when it is."""
+    if not str(model.device).startswith("cpu"):
+        return ACCELERATOR_PREFILL_TOKENS, None
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters <= CPU_PREFILL_PARAMETERS:
+        return PREFILL_TOKENS, None
+    return 0, (
+        f"off by default on CPU for models over {CPU_PREFILL_PARAMETERS // 1_000_000}M parameters "
+        f"({parameters / 1e6:.0f}M here; about 8 s for 135M at {PREFILL_TOKENS} tokens on 2 cores): "
+        f"--causal-lm-long-prefill-tokens={PREFILL_TOKENS} turns it on"
+    )
+
+
+def _prefill_cap(model: Any, wanted: int) -> tuple[int, str | None]:
+    """``wanted``, capped where one forward and chunks are promised to agree: ``max_position_embeddings``, a
+    learned position table's rows past its offset (RoBERTa's start at padding_idx + 1), and a RoPE type that
+    picks its frequencies by each call's length (the long-context invariant checks that switch)."""
+    text = model.config.get_text_config()
+    caps = [(wanted, None)]
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0:
+        caps.append((limit, f"max_position_embeddings {limit}"))
+    table = _absolute_table(model)
+    if table is not None:
+        name, module = table
+        offset = 0 if module.padding_idx is None else module.padding_idx + 1
+        caps.append((module.num_embeddings - offset, f"{name}'s {module.num_embeddings} rows from row {offset}"))
+    for boundary in context_boundaries(model.config):
+        if any(f"RoPE {kind} " in boundary.name for kind in _PER_CALL_ROPE):
+            caps.append((boundary.position, boundary.name))
+    return min(caps, key=lambda cap: cap[0])
+
+
+def _state_tolerance(model: Any, tolerance: Tolerance, length: int) -> tuple[Tolerance, str | None]:
+    """A model that carries a recurrent or linear-attention state rounds it at every token, and one forward and
+    a chunked pass split the sequence differently (the chunked scan's blocks start elsewhere): that rounding
+    grows along the sequence like a random walk, so ``atol`` grows with the square root of the length past 64
+    tokens. Measured in float32 at 512 tokens: 8.5e-5 on tiny Qwen3-Next and 1.3e-4 on tiny qwen4_exp, against
+    the table's 1e-4; attention-only models stay at 4e-6 (tiny) to 6e-5 (SmolLM2, 1024 tokens)."""
+    if not carries_state(model) or length <= _STATE_ROUNDING_LENGTH:
+        return tolerance, None
+    factor = (length / _STATE_ROUNDING_LENGTH) ** 0.5
+    widened = dataclasses.replace(tolerance, atol=tolerance.atol * factor)
+    return widened, f"atol x{factor:.2g} for a recurrent/linear-attention state's rounding over {length} tokens"
+
+
+def _prefill_segments(length: int) -> list[tuple[int, int]]:
+    """A server's chunked prefill: chunks of a quarter plus one (so no chunk edge falls on a power-of-two tile),
+    then the last tokens one at a time, as decoding steps."""
+    size = length // 4 + 1
+    edges = [*range(0, length - _SINGLE_STEPS, size), *range(length - _SINGLE_STEPS, length + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def _prefill_positions(length: int, segments: list[tuple[int, int]], ends: list[int], rng: random.Random) -> list[int]:
+    """A seeded sample of positions, both sides of every chunk edge, the first and last, and each prefix's end."""
+    edges = {p for start, _ in segments[1:] for p in (start - 1, start)}
+    sample = rng.sample(range(length), _SAMPLED_POSITIONS)
+    return sorted({0, length - 1, *edges, *sample, *(end - 1 for end in ends)})
+
+
+def assert_long_prefill_consistent(
+    model: Any, tokenizer: Any, *, tokens: int | None = None, seed: int = 0, tolerance: Tolerance | None = None
+) -> CheckResult:
+    """One forward of a long prompt scores as the same prompt fed through the cache in chunks, and as its
+    prefixes ending at seeded random positions (causality), at a seeded sample of positions and every chunk edge.
+
+    ``tokens``: the prompt's length, capped by ``max_position_embeddings`` (0: off; default
+    ``default_prefill_tokens``). Models without a key/value cache get the prefixes only, and the verdict says so.
+    """
+    __tracebackhide__ = True
+    tolerance = resolve_tolerance(model, tolerance)
+    wanted, off = (tokens, "--causal-lm-long-prefill-tokens=0") if tokens is not None else default_prefill_tokens(model)
+    if not wanted:
+        pytest.skip(f"long prefill: {off}")
+    length, capped_by = _prefill_cap(model, wanted)
+    if length < _SHORTEST_PREFILL:
+        pytest.skip(f"long prefill: {capped_by} leaves no long prompt ({_SHORTEST_PREFILL}+ tokens)")
+    rng = random.Random(seed)
+    ends = sorted(rng.randrange(length * k // 3 + 2, length * (k + 1) // 3) for k in range(_SAMPLED_PREFIXES))
+    segments = _prefill_segments(length)
+    positions = _prefill_positions(length, segments, ends, rng)
+    ids = _long_ids(tokenizer, length, model.device)
+    full, _ = _scores_at(model, ids, positions)
+    tolerance, widened = _state_tolerance(model, tolerance, length)
+    result = CheckResult("long prefill", tolerance=tolerance)
+    result.note(
+        f"{length} tokens in one forward{f' (capped by {capped_by})' if capped_by else ''}; prefixes of {ends} "
+        f"tokens; {len(positions)} positions compared{f'; {widened}' if widened else ''}"
+    )
+    run = _LongRun("long prefill", model, tokenizer, ids, full, positions, [], result)
+    _prefill_cached_pass(run, segments)
+    _check_prefixes(run, [(end, "a seeded random length") for end in ends])
+    return result
+
+
+def _prefill_cached_pass(run: _LongRun, segments: list[tuple[int, int]]) -> None:
+    """The chunked pass where the model keeps a key/value cache; otherwise the verdict says why not."""
+    __tracebackhide__ = True
+    kind = cache_kind(run.model, run.ids)
+    if kind != "kv":
+        held = "a recurrent/state-space cache (cache_params)" if kind == "recurrent" else "no past_key_values"
+        run.result.note(f"chunked pass not compared: {type(run.model).__name__} returns {held}")
+        return
+    _check_cached_pass(run, segments)
+    sizes = sorted({stop - start for start, stop in segments}, reverse=True)
+    run.result.note(f"chunked pass: chunks of {sizes[0]} tokens, then {_SINGLE_STEPS} single steps")
 
 
 # Per-position KL divergence (nats) a shifted window may show. Measured at the far end of the context, per

@@ -27,6 +27,7 @@ from ..tolerances import Tolerance
 from ._common import (
     DEFAULT_TEXTS,
     CheckResult,
+    carries_state,
     check_scores,
     error_failure,
     first_line,
@@ -123,21 +124,12 @@ def _skip_reason(model: Any, ids: list[int]) -> str | None:
             f"{type(model).__name__}.forward takes no position_ids: packed sequences cannot restart their "
             "positions, and a continuation cannot follow a shared prefix"
         )
-    if _recurrent(model):
+    if carries_state(model):
         return (
             f"{type(model).__name__} carries a recurrent/state-space state from token to token, which neither "
             "position_ids nor a 4D mask can reset between packed sequences"
         )
     return None
-
-
-def _recurrent(model: Any) -> bool:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    kinds = [*(getattr(config, "layer_types", None) or []), *(getattr(config, "layers_block_type", None) or [])]
-    stateful = ("mamba", "linear", "recurrent", "conv", "rwkv", "ssm", "hybrid")  # hybrid: attention + a conv state
-    return any(word in str(kind) for kind in kinds for word in stateful) or (
-        "cache_params" in inspect.signature(model.forward).parameters
-    )
 
 
 def _window(model: Any) -> int | None:
