@@ -155,6 +155,14 @@ def test_long_prefill_widens_atol_only_for_a_state_carried_along_the_sequence(ll
     # the chunked gated-delta scan starts its blocks elsewhere in one forward and in chunks: float32 rounding
     # of the state grows along the sequence (8.5e-5 at 512 tokens here, over the table's 1e-4 for qwen4_exp)
     model, tokenizer = broken.load_healthy(materialize("tiny:qwen3_next"))
+    try:
+        clm.assert_kv_cache_parity(model, tokenizer)
+    except AssertionError:
+        # transformers 5.0's Qwen3-Next restarts its gated-delta state on a multi-token step after a cache: KV-cache
+        # parity's chunked prefill fails, and the long prefill's second chunk must fail far beyond any widening
+        with pytest.raises(AssertionError, match=r"segment 2 of 7 .*\n(.*\n)*.*linear_attn \(Qwen3NextGatedDeltaNet\)"):
+            clm.assert_long_prefill_consistent(model, tokenizer)
+        return
     result = clm.assert_long_prefill_consistent(model, tokenizer)
     assert "atol x2.8 for a recurrent/linear-attention state's rounding over 512 tokens" in str(result)
     assert 1e-5 < result.greatest_difference < 1e-4 * 2.83
