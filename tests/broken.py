@@ -259,6 +259,25 @@ for _name, _function in (
     AttentionMaskInterface.register(_name, sdpa_mask)
 
 
+def _batched_decode_drops_padding_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
+    """A serving kernel for cached steps of batches over 8 rows that assumes no row is padded (it builds its own
+    causal mask); a prefill, and any smaller batch, honour the padding mask."""
+    if query.shape[0] > 8 and query.shape[2] < key.shape[2]:
+        return _no_padding_mask_attention(module, query, key, value, None, scaling=scaling)
+    return _sdpa(query, key, value, attention_mask, scaling)
+
+
+AttentionInterface.register("batched_decode_drops_padding", _batched_decode_drops_padding_attention)
+AttentionMaskInterface.register("batched_decode_drops_padding", sdpa_mask)
+
+
+def batched_decode_drops_padding(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    model, tokenizer = load_healthy(path, attn_implementation="batched_decode_drops_padding")
+    return model.to(dtype), tokenizer
+
+
 def tiled_prefill_offset_forgotten(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
     model, tokenizer = load_healthy(path, attn_implementation="tiled_prefill")
     return model.to(dtype), tokenizer

@@ -98,6 +98,22 @@ def _knows_language(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
     return checks.assert_knows_language(lm.model, lm.tokenizer, seed=lm.seed)
 
 
+def _equivalence_off(session: CausalLMSession) -> str | None:
+    if session.settings.equivalence_examples:
+        return None
+    return "equivalent paths are opt-in: pass --causal-lm-equivalence-examples=N to draw N cases"
+
+
+def _equivalent_paths(lm: CausalLM, causal_lm_settings: Any) -> CheckResult:
+    return checks.assert_equivalent_paths_agree(
+        lm.model,
+        lm.tokenizer,
+        examples=causal_lm_settings.equivalence_examples,
+        seed=lm.seed,
+        tolerance=lm.tolerance,
+    )
+
+
 def _tensor_parallel_off(session: CausalLMSession) -> str | None:
     if session.settings.tensor_parallel:
         return None
@@ -483,6 +499,17 @@ _BUILT_IN = (
         "the token the template writes after an assistant message stops `generate` (forced as the first new token, generation must end there)",
         helper="assert_turn_terminator_stops_generation",
         healthy_skips=(r"the tokenizer has no chat template", r"the template marks no turn with a special token"),
+    ),
+    Invariant(
+        "equivalent_paths",
+        "equivalent paths",
+        "eqv",
+        "equivalence",
+        "every row of N drawn cases (1-16 rows of 1-48 tokens of natural text, left-padded, in one forward or fed through the cache in up to 3 chunks) scores as it does alone; hypothesis (seeded, no database) shrinks a failing case to the smallest it finds before it is reported; N from `--causal-lm-equivalence-examples`",
+        helper="assert_equivalent_paths_agree",
+        run=_equivalent_paths,
+        fixtures=("causal_lm_settings",),
+        opt_in=_equivalence_off,
     ),
     Invariant(
         "tensor_parallel",

@@ -215,6 +215,15 @@ OPTIONS: tuple[OptionSpec, ...] = (
         parse=_parse_int,
         metavar="N",
     ),
+    OptionSpec(
+        "equivalence_examples",
+        "Turn on the equivalent-paths invariant: draw N cases of batch size, lengths, left padding and cache "
+        "chunks, each row compared with the row alone; a failing case is shrunk to the smallest one (hypothesis, "
+        "seeded). About 1 s for 30 cases on a tiny model, 1 s per case on a 135M model in float32 on CPU. Default: 0 (off).",
+        default=0,
+        parse=_parse_int,
+        metavar="N",
+    ),
     OptionSpec("atol", "Absolute tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("rtol", "Relative tolerance for every dtype. Default: per-dtype table.", None, parse=_parse_float),
     OptionSpec("seed", "Seed for random test inputs. Default: 0.", default=0, parse=_parse_int),

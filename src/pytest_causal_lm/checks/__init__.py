@@ -26,6 +26,7 @@ from .context import assert_far_positions_consistent, assert_long_context_consis
 from .determinism import assert_deterministic
 from .distributed import assert_device_map_parity, assert_tensor_parallel_matches, single_device_room
 from .embeddings import assert_inputs_embeds_match
+from .equivalence import assert_equivalent_paths_agree
 from .generation import (
     GenerationConfigWarning,
     assert_assisted_decoding_matches,
@@ -68,6 +69,7 @@ __all__ = [
     "assert_deterministic",
     "assert_device_map_parity",
     "assert_dtype_parity",
+    "assert_equivalent_paths_agree",
     "assert_far_positions_consistent",
     "assert_finite_logits",
     "assert_generation_defaults",

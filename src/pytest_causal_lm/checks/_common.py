@@ -312,6 +312,18 @@ def encode(tokenizer: Any, text: str, device: Any) -> Any:
     return tokenizer(text, return_tensors="pt")["input_ids"].to(device)
 
 
+def natural_ids(tokenizer: Any, length: int, device: Any) -> Any:
+    """``(1, length)`` ids of natural text: the prompt texts, repeated."""
+    import torch
+
+    text = " ".join(DEFAULT_TEXTS)
+    ids = tokenizer(text)["input_ids"]
+    more = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+    while len(ids) < length:
+        ids += more
+    return torch.tensor([ids[:length]], device=device)
+
+
 def forward_logits(model: Any, input_ids: Any, **kwargs: Any) -> Any:
     """Float32 logits of one forward pass without gradients."""
     import torch

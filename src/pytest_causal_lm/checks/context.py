@@ -42,6 +42,7 @@ from ._common import (
     failure,
     kl_per_position,
     mismatch_failure,
+    natural_ids,
     resolve_tolerance,
     returned_cache,
     text_of,
@@ -130,18 +131,6 @@ def _length_cap(config: Any, budget: int) -> int:
     return budget if dynamic or not isinstance(limit, int) else min(limit, budget)
 
 
-def _long_ids(tokenizer: Any, length: int, device: Any) -> Any:
-    """``(1, length)`` ids of natural text: the prompt texts, repeated."""
-    import torch
-
-    text = " ".join(DEFAULT_TEXTS)
-    ids = tokenizer(text)["input_ids"]
-    more = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
-    while len(ids) < length:
-        ids += more
-    return torch.tensor([ids[:length]], device=device)
-
-
 def _compared_positions(boundaries: list[Boundary], length: int) -> list[int]:
     """Around each boundary, plus a sample of the rest and the last position."""
     positions = {length - 1, *range(0, length, max(1, length // 32))}
@@ -224,7 +213,7 @@ def assert_long_context_consistent(
             "(max_position_embeddings, or the budget: raise --causal-lm-long-context-tokens)"
         )
     length = min(cap, max(b.crossing_length for b in reached))
-    ids = _long_ids(tokenizer, length, model.device)
+    ids = natural_ids(tokenizer, length, model.device)
     kind = cache_kind(model, ids)
     if kind != "kv":
         held = "a recurrent/state-space cache (cache_params)" if kind == "recurrent" else "no past_key_values"
@@ -446,7 +435,7 @@ def assert_long_prefill_consistent(
     ends = sorted(rng.randrange(length * k // 3 + 2, length * (k + 1) // 3) for k in range(_SAMPLED_PREFIXES))
     segments = _prefill_segments(length)
     positions = _prefill_positions(length, segments, ends, rng)
-    ids = _long_ids(tokenizer, length, model.device)
+    ids = natural_ids(tokenizer, length, model.device)
     full, _ = _scores_at(model, ids, positions)
     tolerance, widened = _state_tolerance(model, tolerance, length)
     result = CheckResult("long prefill", tolerance=tolerance)

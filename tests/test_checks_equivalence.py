@@ -1,0 +1,117 @@
+"""The equivalent-paths engine: drawn combinations of batch size, lengths, left padding and cache chunks, each row
+against the row alone, a failure shrunk to the smallest case. Judged by what it catches that no named invariant
+does, by the cases it reports, and by writing nothing."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import broken
+import pytest
+import torch
+from conftest import failure_of
+
+import pytest_causal_lm as clm
+
+# The named invariants that compare batches, padding and cached paths: a serving kernel that drops the padding
+# mask only for cached steps of batches over 8 rows passes every one of them.
+NAMED = (
+    clm.assert_padding_invariant,
+    clm.assert_batch_independent,
+    clm.assert_kv_cache_parity,
+    clm.assert_static_cache_matches,
+    clm.assert_greedy_parity,
+    clm.assert_continuation_matches,
+    clm.assert_assisted_decoding_matches,
+    clm.assert_beam_search_consistent,
+    clm.assert_sampling_consistent,
+    clm.assert_packed_sequences_consistent,
+    clm.assert_long_prefill_consistent,
+    clm.assert_attention_implementations_agree,
+    clm.assert_prefix_causal,
+)
+SMALLEST_BATCHED_DECODE = (
+    "equivalent paths: row 0 of the smallest failing case (9 rows of 1, 1, 1, 1, 1, 1, 1, 1, 2 tokens, left-padded "
+    "to 2, fed through the cache in chunks starting at [0, 1]) scores unlike the row alone from position 0"
+)
+
+
+def _drawn(model, tokenizer, *, tolerance: clm.Tolerance) -> clm.CheckResult:
+    return clm.assert_equivalent_paths_agree(model, tokenizer, examples=25, tolerance=tolerance)
+
+
+def test_healthy_tiny_checkpoints_agree_over_drawn_cases(
+    healthy: clm.CausalLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = clm.assert_equivalent_paths_agree(healthy.model, healthy.tokenizer, examples=25)
+    assert 0 < result.greatest_difference < 1e-4, str(result)
+    found = re.search(
+        r"(\d+) drawn cases agree: up to 16 rows of up to 48 tokens, padded batch and padded batch "
+        r"through the cache",
+        str(result),
+    )
+    assert found and int(found[1]) >= 25, str(result)
+    assert list(tmp_path.iterdir()) == []  # hypothesis's caches went to a temporary directory
+
+
+def test_a_serving_kernel_only_the_engine_catches(llama_path: Path) -> None:
+    model, tokenizer = broken.batched_decode_drops_padding(llama_path)
+    for check in NAMED:
+        check(model, tokenizer)  # passes: none of them cached steps of a padded batch over 8 rows
+    message = failure_of(_drawn, (model, tokenizer), torch.float32)
+    assert message.startswith(SMALLEST_BATCHED_DECODE), message
+    assert re.search(r"first departing module\s+: model.layers.0.self_attn \(LlamaAttention\)", message)
+    assert re.search(r"drawn\s+: \d+ cases, shrunk to this one \(hypothesis, seeded, no database\)", message)
+    again = failure_of(_drawn, (model, tokenizer), torch.float32)
+    assert again == message  # seeded: the same draws, the same smallest case
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_serving_kernel_fails_in_half_precision_too(llama_path: Path, dtype: torch.dtype) -> None:
+    built = broken.batched_decode_drops_padding(llama_path)
+    message = failure_of(_drawn, built, dtype)
+    assert message.startswith(SMALLEST_BATCHED_DECODE), message
+
+
+@pytest.mark.parametrize(
+    ("name", "smallest"),
+    [
+        # every batch over 8 rows, no cache needed
+        ("large_batch_drops_padding", "9 rows of 1, 1, 1, 1, 1, 1, 1, 1, 2 tokens, left-padded to 2, one forward"),
+        (
+            "decode_ignores_padding",
+            "2 rows of 1, 2 tokens, left-padded to 2, fed through the cache in chunks starting at [0, 1]",
+        ),
+        (
+            "positions_restart_with_cache",
+            "1 row of 2 tokens, no padding, fed through the cache in chunks starting at [0, 1]",
+        ),
+    ],
+)
+def test_other_bugs_shrink_to_their_smallest_case(llama_path: Path, name: str, smallest: str) -> None:
+    message = failure_of(_drawn, getattr(broken, name)(llama_path), torch.float32)
+    assert f"smallest failing case ({smallest})" in message, message
+
+
+def test_the_engine_is_opt_in(pytester: pytest.Pytester, qwen3_path: Path, llama_path: Path) -> None:
+    model, tokenizer = broken.load_healthy(llama_path)
+    with pytest.raises(pytest.skip.Exception, match=r"opt-in, --causal-lm-equivalence-examples=N"):
+        clm.assert_equivalent_paths_agree(model, tokenizer)
+    checkpoint = f"--causal-lm-checkpoint={qwen3_path}"
+    off = pytester.runpytest(checkpoint, "--causal-lm-suite=only", "-k", "equivalent_paths", "-rs")
+    off.assert_outcomes(skipped=1)
+    off.stdout.fnmatch_lines(["*equivalent paths are opt-in: pass --causal-lm-equivalence-examples=N*"])
+    report = pytester.path / "report.md"
+    on = pytester.runpytest(
+        checkpoint,
+        "--causal-lm-suite=only",
+        "-k",
+        "equivalent_paths",
+        "--causal-lm-equivalence-examples=10",
+        f"--causal-lm-report={report}",
+    )
+    on.assert_outcomes(passed=1)
+    assert "drawn cases agree" in report.read_text()
+    assert not (pytester.path / ".hypothesis").exists()
