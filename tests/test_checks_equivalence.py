@@ -13,6 +13,7 @@ import torch
 from conftest import failure_of
 
 import pytest_causal_lm as clm
+from pytest_causal_lm.tiny import materialize
 
 # The named invariants that compare batches, padding and cached paths: a serving kernel that drops the padding
 # mask only for cached steps of batches over 8 rows passes every one of them.
@@ -93,6 +94,29 @@ def test_the_serving_kernel_fails_in_half_precision_too(llama_path: Path, dtype:
 def test_other_bugs_shrink_to_their_smallest_case(llama_path: Path, name: str, smallest: str) -> None:
     message = failure_of(_drawn, getattr(broken, name)(llama_path), torch.float32)
     assert f"smallest failing case ({smallest})" in message, message
+
+
+@pytest.mark.parametrize(
+    ("model_type", "expected"),
+    [
+        # transformers' RWKV answers a batch of one-token rows (what every cached decoding step of a batch feeds)
+        # with scores of shape (batch, batch, vocab)
+        (
+            "rwkv",
+            "equivalent paths: 2 rows of 1, 1 tokens, no padding, one forward gave scores of shape (2, 2, 384) "
+            "for 2 rows of 1 tokens",
+        ),
+        # the engine passes position_ids as generate does, counted from 0 (the known RoBERTa discrepancy)
+        ("roberta", "likely cause           : the forward's default positions are not the ones generate passes"),
+        # a decoder whose forward takes no position_ids (the known BART-family padding discrepancy)
+        ("bart", "likely cause           : the forward takes no position_ids: left padding moves the row's tokens on"),
+    ],
+)
+def test_failures_on_transformers_architectures_name_their_cause(model_type: str, expected: str) -> None:
+    model, tokenizer = broken.load_healthy(materialize(f"tiny:{model_type}"))
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_equivalent_paths_agree(model, tokenizer, examples=20)
+    assert expected in str(caught.value), str(caught.value)
 
 
 def test_the_engine_is_opt_in(pytester: pytest.Pytester, qwen3_path: Path, llama_path: Path) -> None:

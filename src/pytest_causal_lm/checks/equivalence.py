@@ -28,7 +28,9 @@ from ._common import (
     cache_kind,
     cache_kwargs,
     check_scores,
+    default_positions_differ,
     error_failure,
+    failure,
     mismatch_failure,
     natural_ids,
     pad_id,
@@ -69,6 +71,10 @@ class Case:
         return f"{rows}, {padded}, {how}"
 
 
+class _WrongShape(Exception):
+    """A path returned scores for another number of rows or positions than it was given."""
+
+
 @dataclass
 class _Engine:
     """The model, the text stream rows are cut from, and what the drawn cases measured."""
@@ -99,6 +105,8 @@ class _Engine:
         """``(row, mismatch)`` of the first row of ``case`` that scores unlike it does alone, or None."""
         scores = _run(self, case)()
         self.compared += 1
+        if tuple(scores.shape[:2]) != (len(case.rows), case.width):
+            raise _WrongShape(f"scores of shape {tuple(scores.shape)} for {len(case.rows)} rows of {case.width} tokens")
         for index, row in enumerate(case.rows):
             mismatch = check_scores(
                 self.result, self.scores_alone(row), scores[index, case.width - row[1] :], self.tolerance
@@ -215,6 +223,17 @@ def assert_equivalent_paths_agree(
     raise AssertionError(f"equivalent paths: {smallest.describe()} failed once and then agreed: not deterministic")
 
 
+def _likely_cause(engine: _Engine, row: tuple[int, int], pad: int) -> list[tuple[str, str]]:
+    """Positions, the usual cause of a row scoring unlike itself alone: the engine passes ``position_ids`` as
+    ``generate`` does, and a forward that takes none cannot skip the padding."""
+    if "position_ids" not in inspect.signature(engine.model.forward).parameters:
+        if pad:
+            return [("likely cause", "the forward takes no position_ids: left padding moves the row's tokens on")]
+        return []
+    differ = default_positions_differ(engine.model, _ids(engine.row_ids(row), engine.model.device), engine.tolerance)
+    return [("likely cause", differ)] if differ else []
+
+
 @contextlib.contextmanager
 def _hypothesis_writes_nowhere() -> Iterator[None]:
     """hypothesis caches what it collects (constants of local modules) under ``.hypothesis/`` in the working
@@ -242,6 +261,8 @@ def _report(engine: _Engine, case: Case) -> None:
     __tracebackhide__ = True
     try:
         found = engine.first_mismatch(case)
+    except _WrongShape as exc:
+        raise failure(f"equivalent paths: {case.describe()} gave {exc}", engine.model, []) from None
     except Exception as exc:
         raise error_failure(exc, engine.model, f"equivalent paths: {case.describe()}") from exc
     if found is None:
@@ -266,6 +287,7 @@ def _report(engine: _Engine, case: Case) -> None:
             ("row", text_of(engine.tokenizer, engine.row_ids(row))),
             ("padding", f"{pad} pad tokens on the left"),
             ("drawn", f"{engine.compared} cases, shrunk to this one (hypothesis, seeded, no database)"),
+            *_likely_cause(engine, row, pad),
         ],
         mismatch,
         engine.tolerance,
