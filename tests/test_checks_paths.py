@@ -152,8 +152,8 @@ def test_long_prefill_length_option_and_defaults(llama_path: Path, monkeypatch: 
 
 
 def test_long_prefill_widens_atol_only_for_a_state_carried_along_the_sequence(llama_path: Path) -> None:
-    # the chunked gated-delta scan starts its blocks elsewhere in one forward and in chunks: float32 rounding
-    # of the state grows along the sequence (8.5e-5 at 512 tokens here, over the table's 1e-4 for qwen4_exp)
+    # one forward runs the chunked gated-delta scan, the cached pass another split of it: float32 rounding of the
+    # state (8.5e-5 at 512 tokens here, 1.3e-4 on qwen4_exp, over the table's 1e-4)
     model, tokenizer = broken.load_healthy(materialize("tiny:qwen3_next"))
     try:
         clm.assert_kv_cache_parity(model, tokenizer)
@@ -164,10 +164,10 @@ def test_long_prefill_widens_atol_only_for_a_state_carried_along_the_sequence(ll
             clm.assert_long_prefill_consistent(model, tokenizer)
         return
     result = clm.assert_long_prefill_consistent(model, tokenizer)
-    assert "atol x2.8 for a recurrent/linear-attention state's rounding over 512 tokens" in str(result)
-    assert 1e-5 < result.greatest_difference < 1e-4 * 2.83
+    assert "atol + 0.0003 for the rounding of a recurrent/linear-attention state" in str(result)
+    assert 1e-5 < result.greatest_difference < 1e-4 + 3e-4
     model, tokenizer = broken.load_healthy(llama_path)
-    assert "rounding over" not in str(clm.assert_long_prefill_consistent(model, tokenizer))
+    assert "rounding of a recurrent" not in str(clm.assert_long_prefill_consistent(model, tokenizer))
 
 
 def test_long_prefill_stops_below_a_rope_type_that_switches_per_call(llama_path: Path) -> None:

@@ -37,7 +37,6 @@ from ._common import (
     CheckResult,
     cache_kind,
     cache_kwargs,
-    carries_state,
     check_scores,
     failure,
     kl_per_position,
@@ -45,6 +44,7 @@ from ._common import (
     natural_ids,
     resolve_tolerance,
     returned_cache,
+    state_rounding_tolerance,
     text_of,
     token,
 )
@@ -349,7 +349,6 @@ _SHORTEST_PREFILL = 256
 _SAMPLED_POSITIONS = 24
 _SAMPLED_PREFIXES = 3
 _SINGLE_STEPS = 3
-_STATE_ROUNDING_LENGTH = 64
 
 
 def default_prefill_tokens(model: Any) -> tuple[int, str | None]:
@@ -384,19 +383,6 @@ def _prefill_cap(model: Any, wanted: int) -> tuple[int, str | None]:
         if any(f"RoPE {kind} " in boundary.name for kind in _PER_CALL_ROPE):
             caps.append((boundary.position, boundary.name))
     return min(caps, key=lambda cap: cap[0])
-
-
-def _state_tolerance(model: Any, tolerance: Tolerance, length: int) -> tuple[Tolerance, str | None]:
-    """A model that carries a recurrent or linear-attention state rounds it at every token, and one forward and
-    a chunked pass split the sequence differently (the chunked scan's blocks start elsewhere): that rounding
-    grows along the sequence like a random walk, so ``atol`` grows with the square root of the length past 64
-    tokens. Measured in float32 at 512 tokens: 8.5e-5 on tiny Qwen3-Next and 1.3e-4 on tiny qwen4_exp, against
-    the table's 1e-4; attention-only models stay at 4e-6 (tiny) to 6e-5 (SmolLM2, 1024 tokens)."""
-    if not carries_state(model) or length <= _STATE_ROUNDING_LENGTH:
-        return tolerance, None
-    factor = (length / _STATE_ROUNDING_LENGTH) ** 0.5
-    widened = dataclasses.replace(tolerance, atol=tolerance.atol * factor)
-    return widened, f"atol x{factor:.2g} for a recurrent/linear-attention state's rounding over {length} tokens"
 
 
 def _prefill_segments(length: int) -> list[tuple[int, int]]:
@@ -437,7 +423,7 @@ def assert_long_prefill_consistent(
     positions = _prefill_positions(length, segments, ends, rng)
     ids = natural_ids(tokenizer, length, model.device)
     full, _ = _scores_at(model, ids, positions)
-    tolerance, widened = _state_tolerance(model, tolerance, length)
+    tolerance, widened = state_rounding_tolerance(model, tolerance)
     result = CheckResult("long prefill", tolerance=tolerance)
     result.note(
         f"{length} tokens in one forward{f' (capped by {capped_by})' if capped_by else ''}; prefixes of {ends} "

@@ -37,6 +37,7 @@ from ._common import (
     padded_rows,
     resolve_tolerance,
     returned_cache,
+    state_rounding_tolerance,
     text_of,
 )
 from ._localise import Replay, Side
@@ -194,8 +195,10 @@ def assert_equivalent_paths_agree(
     from hypothesis import HealthCheck, Phase, Verbosity, find, settings
     from hypothesis.errors import NoSuchExample
 
-    tolerance = resolve_tolerance(model, tolerance)
+    tolerance, widened = state_rounding_tolerance(model, resolve_tolerance(model, tolerance))
     result = CheckResult("equivalent paths", tolerance=tolerance)
+    if widened:
+        result.note(widened)
     stream = natural_ids(tokenizer, 4 * max_tokens, model.device)[0].tolist()
     engine = _Engine(model, tokenizer, stream, tolerance, result)
     cached = cache_kind(model, _ids(stream[:2], model.device)) == "kv"
