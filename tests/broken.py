@@ -20,6 +20,13 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states.repeat_interleave(groups, dim=1) if groups > 1 else states
 
 
+def _register(**kernels: Any) -> None:
+    """Register each custom attention kernel under its name, with sdpa's mask."""
+    for name, function in kernels.items():
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, sdpa_mask)
+
+
 def _leaky_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A custom kernel with an off-by-one causal mask: position i also sees position i+1."""
     groups = query.shape[1] // key.shape[1]
@@ -38,9 +45,7 @@ def _always_dropout_attention(module, query, key, value, attention_mask, scaling
     return out.transpose(1, 2).contiguous(), None
 
 
-for _name, _function in (("leaky_causal", _leaky_attention), ("always_dropout", _always_dropout_attention)):
-    AttentionInterface.register(_name, _function)
-    AttentionMaskInterface.register(_name, sdpa_mask)
+_register(leaky_causal=_leaky_attention, always_dropout=_always_dropout_attention)
 
 
 def _require_internal(model: Any, method: str, parameter: str | None = None) -> None:
@@ -161,12 +166,7 @@ def _decode_ignores_padding_attention(module, query, key, value, attention_mask,
     return out.transpose(1, 2).contiguous(), None
 
 
-for _name, _function in (
-    ("no_padding_mask", _no_padding_mask_attention),
-    ("decode_ignores_padding", _decode_ignores_padding_attention),
-):
-    AttentionInterface.register(_name, _function)
-    AttentionMaskInterface.register(_name, sdpa_mask)
+_register(no_padding_mask=_no_padding_mask_attention, decode_ignores_padding=_decode_ignores_padding_attention)
 
 
 def _sdpa(query, key, value, attention_mask, scaling):
@@ -200,12 +200,10 @@ def _large_batch_in_bfloat16_attention(module, query, key, value, attention_mask
     return _sdpa(query, key, value, attention_mask, scaling)
 
 
-for _name, _function in (
-    ("large_batch_drops_padding", _large_batch_drops_padding_attention),
-    ("large_batch_in_bfloat16", _large_batch_in_bfloat16_attention),
-):
-    AttentionInterface.register(_name, _function)
-    AttentionMaskInterface.register(_name, sdpa_mask)
+_register(
+    large_batch_drops_padding=_large_batch_drops_padding_attention,
+    large_batch_in_bfloat16=_large_batch_in_bfloat16_attention,
+)
 
 
 def _tiled_prefill_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -251,12 +249,7 @@ def _split_keys_decode_attention(module, query, key, value, attention_mask, scal
     return out.transpose(1, 2).contiguous(), None
 
 
-for _name, _function in (
-    ("tiled_prefill", _tiled_prefill_attention),
-    ("split_keys_decode", _split_keys_decode_attention),
-):
-    AttentionInterface.register(_name, _function)
-    AttentionMaskInterface.register(_name, sdpa_mask)
+_register(tiled_prefill=_tiled_prefill_attention, split_keys_decode=_split_keys_decode_attention)
 
 
 def _batched_decode_drops_padding_attention(
@@ -269,8 +262,7 @@ def _batched_decode_drops_padding_attention(
     return _sdpa(query, key, value, attention_mask, scaling)
 
 
-AttentionInterface.register("batched_decode_drops_padding", _batched_decode_drops_padding_attention)
-AttentionMaskInterface.register("batched_decode_drops_padding", sdpa_mask)
+_register(batched_decode_drops_padding=_batched_decode_drops_padding_attention)
 
 
 def batched_decode_drops_padding(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
@@ -453,8 +445,7 @@ def _sdpa_without_scale(module, query, key, value, attention_mask, scaling=None,
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register("sdpa_without_scale", _sdpa_without_scale)
-AttentionMaskInterface.register("sdpa_without_scale", sdpa_mask)
+_register(sdpa_without_scale=_sdpa_without_scale)
 
 
 def sdpa_forgets_the_scale(granite_path: Any) -> tuple[Any, Any]:
