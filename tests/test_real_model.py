@@ -130,12 +130,15 @@ def test_built_in_suite_passes_on_smollm2_in_half_precision(
         f"--causal-lm-dtype={dtype}",
         "--causal-lm-suite=only",
         "-v",
-        # float16 matmuls are slow on CPU: 512 tokens here (1024 passes too, measured in docs/cost.md)
-        LONG_PREFILL if dtype == "bfloat16" else "--causal-lm-long-prefill-tokens=512",
+        # 512 tokens in bfloat16, for the project's test time (1024 passes too: docs/cost.md); float16 matmuls are
+        # slow on CPU, so its run keeps the default: off above 10M parameters
+        *(["--causal-lm-long-prefill-tokens=512"] if dtype == "bfloat16" else []),
     )
     # in half precision dtype parity runs too
+    prefill_off = int(dtype == "float16")
     result.assert_outcomes(
-        passed=TRAINED + FLOAT32_SKIPS, skipped=SKIPPED_BY_DEFAULT - FLOAT32_SKIPS - RANDOM_WEIGHT_SKIPS
+        passed=TRAINED + FLOAT32_SKIPS - prefill_off,
+        skipped=SKIPPED_BY_DEFAULT - FLOAT32_SKIPS - RANDOM_WEIGHT_SKIPS + prefill_off,
     )
     result.stdout.fnmatch_lines([f"*test_dtype_parity?SmolLM2-135M-Instruct-cpu-{dtype}? PASSED*"])
     tolerances = {
