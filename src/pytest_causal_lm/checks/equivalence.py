@@ -47,6 +47,7 @@ __all__ = ["CACHED", "PADDED", "Case", "assert_equivalent_paths_agree"]
 PADDED = "padded batch"
 CACHED = "padded batch through the cache"
 MAX_ROWS = 16
+DEFAULT_EXAMPLES = 25  # for a direct call; the suite draws --causal-lm-equivalence-examples
 MAX_TOKENS = 48
 _MAX_CUTS = 3
 
@@ -180,7 +181,7 @@ def assert_equivalent_paths_agree(
     model: Any,
     tokenizer: Any,
     *,
-    examples: int = 0,
+    examples: int = DEFAULT_EXAMPLES,
     max_rows: int = MAX_ROWS,
     max_tokens: int = MAX_TOKENS,
     seed: int = 0,
@@ -188,10 +189,10 @@ def assert_equivalent_paths_agree(
 ) -> CheckResult:
     """Every row of ``examples`` drawn cases (1 to ``max_rows`` rows of 1 to ``max_tokens`` tokens of natural
     text, left-padded, in one forward or fed through the cache in up to 3 chunks) scores as it does alone; a
-    failing case is shrunk to the smallest one hypothesis finds, then reported. ``examples=0``: off."""
+    failing case is shrunk to the smallest one hypothesis finds, then reported. ``examples=0`` skips."""
     __tracebackhide__ = True
     if examples <= 0:
-        pytest.skip("equivalent paths: opt-in, --causal-lm-equivalence-examples=N draws N cases")
+        pytest.skip("equivalent paths: no cases to draw (examples=0; --causal-lm-equivalence-examples=N draws N)")
     from hypothesis import HealthCheck, Phase, Verbosity, find, settings
     from hypothesis.errors import NoSuchExample
 
