@@ -123,7 +123,9 @@ def test_the_engine_is_opt_in(pytester: pytest.Pytester, qwen3_path: Path, llama
     model, tokenizer = broken.load_healthy(llama_path)
     with pytest.raises(pytest.skip.Exception, match=r"no cases to draw \(examples=0; --causal-lm-equivalence-examples"):
         clm.assert_equivalent_paths_agree(model, tokenizer, examples=0)
-    assert re.search(r"\d\d drawn cases agree", str(clm.assert_equivalent_paths_agree(model, tokenizer)))  # 25 by default
+    assert re.search(
+        r"\d\d drawn cases agree", str(clm.assert_equivalent_paths_agree(model, tokenizer))
+    )  # 25 by default
     checkpoint = f"--causal-lm-checkpoint={qwen3_path}"
     off = pytester.runpytest(checkpoint, "--causal-lm-suite=only", "-k", "equivalent_paths", "-rs")
     off.assert_outcomes(skipped=1)
