@@ -133,10 +133,13 @@ def _run(engine: _Engine, case: Case) -> Any:
     import torch
 
     inputs, model = _inputs(engine, case), engine.model
-    if case.path == PADDED:
-        return lambda: model(**inputs).logits.float()
     edges = [0, *case.cuts, case.width]
 
+    @torch.no_grad()
+    def padded() -> Any:
+        return model(**inputs).logits.float()
+
+    @torch.no_grad()
     def chunked() -> Any:
         cache, pieces = None, []
         for start, stop in itertools.pairwise(edges):
@@ -148,7 +151,7 @@ def _run(engine: _Engine, case: Case) -> Any:
             pieces.append(out.logits.float())
         return torch.cat(pieces, dim=1)
 
-    return chunked
+    return padded if case.path == PADDED else chunked
 
 
 def _cases(stream_length: int, max_rows: int, max_tokens: int, cached: bool) -> Any:
