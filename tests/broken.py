@@ -27,6 +27,12 @@ def _register(**kernels: Any) -> None:
         AttentionMaskInterface.register(name, sdpa_mask)
 
 
+def _under_kernel(path: Any, kernel: str, dtype: Any) -> tuple[Any, Any]:
+    """The healthy checkpoint run by a registered custom attention kernel, in ``dtype``."""
+    model, tokenizer = load_healthy(path, attn_implementation=kernel)
+    return model.to(dtype), tokenizer
+
+
 def _leaky_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A custom kernel with an off-by-one causal mask: position i also sees position i+1."""
     groups = query.shape[1] // key.shape[1]
@@ -266,23 +272,19 @@ _register(batched_decode_drops_padding=_batched_decode_drops_padding_attention)
 
 
 def batched_decode_drops_padding(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
-    model, tokenizer = load_healthy(path, attn_implementation="batched_decode_drops_padding")
-    return model.to(dtype), tokenizer
+    return _under_kernel(path, "batched_decode_drops_padding", dtype)
 
 
 def tiled_prefill_offset_forgotten(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
-    model, tokenizer = load_healthy(path, attn_implementation="tiled_prefill")
-    return model.to(dtype), tokenizer
+    return _under_kernel(path, "tiled_prefill", dtype)
 
 
 def split_keys_decode_without_rescale(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
-    model, tokenizer = load_healthy(path, attn_implementation="split_keys_decode")
-    return model.to(dtype), tokenizer
+    return _under_kernel(path, "split_keys_decode", dtype)
 
 
 def large_batch_drops_padding(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
-    model, tokenizer = load_healthy(path, attn_implementation="large_batch_drops_padding")
-    return model.to(dtype), tokenizer
+    return _under_kernel(path, "large_batch_drops_padding", dtype)
 
 
 def large_batch_in_bfloat16(path: Any) -> tuple[Any, Any]:
