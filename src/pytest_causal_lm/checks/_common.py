@@ -349,6 +349,11 @@ def forward_logits(model: Any, input_ids: Any, **kwargs: Any) -> Any:
         return model(input_ids=input_ids, **kwargs).logits.float()
 
 
+def names_position_ids(model: Any) -> bool:
+    """Whether ``model.forward`` names ``position_ids``: ``generate`` passes them only then."""
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
 def uses_position_ids(model: Any, input_ids: Any, **kwargs: Any) -> bool:
     """Whether the forward reads ``position_ids``, probed by calling it (``forward(**kwargs)`` hides what a custom
     model uses): stretched, not shifted, since rotary embeddings see only relative positions."""

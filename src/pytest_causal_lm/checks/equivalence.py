@@ -12,7 +12,6 @@ usual format. Seeded, with no example database, so a run is repeatable and write
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import random
 import tempfile
@@ -32,6 +31,7 @@ from ._common import (
     error_failure,
     failure,
     mismatch_failure,
+    names_position_ids,
     natural_ids,
     pad_id,
     padded_rows,
@@ -123,7 +123,7 @@ def _inputs(engine: _Engine, case: Case) -> dict[str, Any]:
         [engine.row_ids(row) for row in case.rows], engine.model.device, pad_id(engine.model, engine.tokenizer)
     )
     inputs = {"input_ids": ids, "attention_mask": mask}
-    if "position_ids" in inspect.signature(engine.model.forward).parameters:  # as generate passes them
+    if names_position_ids(engine.model):  # as generate passes them
         inputs["position_ids"] = positions
     return inputs
 
@@ -233,7 +233,7 @@ def assert_equivalent_paths_agree(
 def _likely_cause(engine: _Engine, row: tuple[int, int], pad: int) -> list[tuple[str, str]]:
     """Positions, the usual cause of a row scoring unlike itself alone: the engine passes ``position_ids`` as
     ``generate`` does, and a forward that takes none cannot skip the padding."""
-    if "position_ids" not in inspect.signature(engine.model.forward).parameters:
+    if not names_position_ids(engine.model):
         if pad:
             return [("likely cause", "the forward takes no position_ids: left padding moves the row's tokens on")]
         return []

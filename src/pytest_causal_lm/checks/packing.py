@@ -15,7 +15,6 @@ Three rows of several sequences each, every sequence compared with the sequence 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from ._common import (
     first_line,
     forward_logits,
     mismatch_failure,
+    names_position_ids,
     resolve_tolerance,
     text_of,
     uses_position_ids,
@@ -118,7 +118,7 @@ _NOT_PROMISED = {
 def _skip_reason(model: Any, ids: list[int]) -> str | None:
     # Named in the signature, or read when passed through **kwargs: a forward that names them and ignores them is
     # a bug the comparison shows, not a design to skip.
-    named = "position_ids" in inspect.signature(model.forward).parameters
+    named = names_position_ids(model)
     if not named and not uses_position_ids(model, _tensor(model, [ids])):
         return (
             f"{type(model).__name__}.forward takes no position_ids: packed sequences cannot restart their "
