@@ -459,15 +459,18 @@ def main(checkpoint: str, long_prefill: int = 0) -> float:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model, _ = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, output_loading_info=True)
     model.eval()
-    probes(model, tokenizer, checkpoint)
-    path_probes(model, tokenizer)
-    checkpoint_probes(model, tokenizer)
-    training_probes(model, tokenizer)
-    beam_probes(model, tokenizer)
-    sampling_probes(model, tokenizer)
-    packing_probes(model, tokenizer)
+    sections = [probes, path_probes, checkpoint_probes, training_probes, beam_probes, sampling_probes, packing_probes]
+    timed = [("load", time.perf_counter() - start)]
+    for section in sections:
+        began = time.perf_counter()
+        section(model, tokenizer, checkpoint) if section is probes else section(model, tokenizer)
+        timed.append((section.__name__, time.perf_counter() - began))
     if long_prefill:
+        began = time.perf_counter()
         long_prefill_probes(model, tokenizer, long_prefill)
+        timed.append(("long_prefill_probes", time.perf_counter() - began))
+    # each section's time on stderr, to set against the suite's --durations
+    print(", ".join(f"{name} {seconds:.2f} s" for name, seconds in timed), file=sys.stderr)
     return time.perf_counter() - start
 
 

@@ -271,6 +271,56 @@ def _batched_decode_drops_padding_attention(
 _register(batched_decode_drops_padding=_batched_decode_drops_padding_attention)
 
 
+def _key_padding_vector_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A kernel that takes padding as one vector over the keys per row (as flash-attn's ``key_padding_mask`` and
+    many serving kernels do), read from the mask's last query, and applies causality itself: right for padded
+    batches and cached steps, wrong for a packed row, whose last query sees its own sequence only."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    q_len, k_len = query.shape[2], key.shape[2]
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(diagonal=k_len - q_len)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, :, -1:, :].bool()
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # a query with no key (a pad) sees them all, as torch's fix
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def long_keys_sdpa_drops_padding(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """An sdpa path that switches past 256 keys to a memory-efficient kernel taking no mask (causal only), so
+    left padding is ignored there: right for short batches and for one long row."""
+    if key.shape[2] > 256:
+        return _no_padding_mask_attention(module, query, key, value, None, scaling=scaling)
+    return _sdpa(query, key, value, attention_mask, scaling)
+
+
+_register(key_padding_vector=_key_padding_vector_attention)
+
+
+def packed_rows_read_as_padding(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    return _under_kernel(path, "key_padding_vector", dtype)
+
+
+def positions_filled_in_for_left_padding(path: Any) -> tuple[Any, Any]:
+    """A port's forward that fills in missing ``position_ids`` from the attention mask as if every batch were
+    left-padded (each row's positions start after its pads): right for generate's batches, wrong for a batch
+    padded on the right, as ``tokenizer(texts, padding=True)`` pads by default, whose rows start at minus their
+    padding (clamped to 0)."""
+    model, tokenizer = load_healthy(path)
+    original = model.forward
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            width = attention_mask.shape[1]
+            pads = width - attention_mask.sum(-1, keepdim=True)
+            position_ids = (torch.arange(width, device=attention_mask.device)[None] - pads).clamp(min=0)
+            position_ids = position_ids[:, width - input_ids.shape[1] :] if input_ids is not None else position_ids
+        return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    model.forward = forward
+    return model, tokenizer
+
+
 def batched_decode_drops_padding(path: Any, dtype: Any = torch.float32) -> tuple[Any, Any]:
     return _under_kernel(path, "batched_decode_drops_padding", dtype)
 

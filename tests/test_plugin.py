@@ -52,7 +52,7 @@ def test_plugin_import_and_help_leave_torch_unimported(tmp_path: Path) -> None:
     code = (
         "import sys, pytest, pytest_causal_lm, pytest_causal_lm.plugin\n"
         "assert pytest.main(['--help', '-p', 'no:cacheprovider']) == 0\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'tokenizers', 'hypothesis') if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
     )
     # from an empty directory: this project's own conftest imports torch on purpose

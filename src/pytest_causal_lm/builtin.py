@@ -505,7 +505,7 @@ _BUILT_IN = (
         "equivalent paths",
         "eqv",
         "equivalence",
-        "every row of N drawn cases (1-16 rows of 1-48 tokens of natural text, left-padded, in one forward or fed through the cache in up to 3 chunks) scores as it does alone; hypothesis (seeded, no database) shrinks a failing case to the smallest it finds before it is reported; N from `--causal-lm-equivalence-examples`",
+        "every row of N drawn cases (1-16 rows of natural text, up to 512 tokens in float32 where forwards are cheap, left-padded in one forward or fed through the cache in chunks then single steps, right-padded with the mask alone, or packed in one row by restarting position_ids, under each attention implementation that runs here) scores as it does alone under the same implementation; hypothesis (seeded, no database) shrinks a failing case to the smallest it finds before it is reported; N from `--causal-lm-equivalence-examples` (needs the `equivalence` extra)",
         helper="assert_equivalent_paths_agree",
         run=_equivalent_paths,
         fixtures=("causal_lm_settings",),

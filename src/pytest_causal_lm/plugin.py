@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from .checks.equivalence import hypothesis_missing
 from .output import failure_context
 from .registry import invariant_for_test, invariants, show_registry_frames
 from .registry import markers as invariant_markers
@@ -68,6 +69,8 @@ def pytest_configure(config: pytest.Config) -> None:
             f"--causal-lm-known-limitations: no invariant {', '.join(sorted(unknown))}; "
             f"choose from {', '.join(i.key for i in invariants())}"
         )
+    if settings.equivalence_examples and hypothesis_missing():
+        raise pytest.UsageError(f"--causal-lm-equivalence-examples: {hypothesis_missing()}")
     if settings.checkpoint:
         _require_named_devices(settings)
     elif settings.require_checkpoint:

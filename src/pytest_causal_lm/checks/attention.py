@@ -32,7 +32,7 @@ from ._common import (
 from ._generation import GreedyRun, compare_continuations, generate_scored
 from ._localise import Replay, Side
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "assert_attention_implementations_agree"]
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "assert_attention_implementations_agree", "runnable_implementations"]
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -58,6 +58,23 @@ def _switch(model: Any, name: str) -> str | None:
             raise error_failure(exc, model, f"switching to the {name} attention implementation") from None
         return words[:160]
     return None
+
+
+def runnable_implementations(model: Any) -> tuple[list[str], list[str]]:
+    """The attention implementations ``model`` runs here, the loaded one first, and why each other one does not.
+    The loaded one is restored."""
+    loaded = model.config._attn_implementation
+    runnable, passed_over = [], []
+    try:
+        for name in dict.fromkeys((loaded, "eager", *ATTENTION_IMPLEMENTATIONS)):
+            why = _switch(model, name)
+            if why:
+                passed_over.append(f"{name} ({why})")
+            else:
+                runnable.append(name)
+    finally:
+        model.set_attn_implementation(loaded)
+    return runnable, passed_over
 
 
 def _kernel_unavailable(exc: BaseException) -> str | None:

@@ -60,6 +60,7 @@ __all__ = [
     "default_context_budget",
     "default_prefill_tokens",
     "position_encoding",
+    "promised_length",
 ]
 
 
@@ -365,7 +366,7 @@ def default_prefill_tokens(model: Any) -> tuple[int, str | None]:
     )
 
 
-def _prefill_cap(model: Any, wanted: int) -> tuple[int, str | None]:
+def promised_length(model: Any, wanted: int) -> tuple[int, str | None]:
     """``wanted``, capped where one forward and chunks are promised to agree: ``max_position_embeddings``, a
     learned position table's rows past its offset (RoBERTa's start at padding_idx + 1), and a RoPE type that
     picks its frequencies by each call's length (the long-context invariant checks that switch)."""
@@ -414,7 +415,7 @@ def assert_long_prefill_consistent(
     wanted, off = (tokens, "--causal-lm-long-prefill-tokens=0") if tokens is not None else default_prefill_tokens(model)
     if not wanted:
         pytest.skip(f"long prefill: {off}")
-    length, capped_by = _prefill_cap(model, wanted)
+    length, capped_by = promised_length(model, wanted)
     if length < _SHORTEST_PREFILL:
         pytest.skip(f"long prefill: {capped_by} leaves no long prompt ({_SHORTEST_PREFILL}+ tokens)")
     rng = random.Random(seed)

@@ -39,7 +39,7 @@ from ._common import (
 )
 from ._localise import Replay, Side
 
-__all__ = ["assert_packed_sequences_consistent"]
+__all__ = ["assert_packed_sequences_consistent", "packing_unpromised"]
 
 # Two short continuations of DEFAULT_TEXTS[0] for the shared-prefix mask.
 CONTINUATIONS = (" I am fine, thank you.", " Woof! Where is my ball?")
@@ -130,6 +130,24 @@ def _skip_reason(model: Any, ids: list[int]) -> str | None:
             "position_ids nor a 4D mask can reset between packed sequences"
         )
     return None
+
+
+def packing_unpromised(model: Any, ids: list[int]) -> str | None:
+    """Why transformers does not promise the padding-free format (sequences packed by restarting
+    ``position_ids``) for ``model``, or None where it does: ``ids`` cut in two and packed, and masking_utils'
+    packed-sequence detection must run in the forward. An error in that forward is left for the caller's own
+    packed rows to report."""
+    reason = _skip_reason(model, ids)
+    if reason:
+        return reason
+    half = len(ids) // 2
+    kwargs = {"position_ids": _tensor(model, [[*range(half), *range(len(ids) - half)]]), "use_cache": False}
+    with _mask_paths() as seen:
+        try:
+            forward_logits(model, _tensor(model, [ids]), **kwargs)
+        except Exception:
+            return None
+    return None if seen.packing_detected else _NOT_PROMISED[False]
 
 
 def _window(model: Any) -> int | None:
