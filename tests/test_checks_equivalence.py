@@ -9,6 +9,7 @@ import importlib.metadata
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import broken
 import pytest
@@ -237,3 +238,26 @@ def test_hypothesis_is_an_extra_not_a_dependency() -> None:
     requirements = importlib.metadata.requires("pytest-causal-lm") or []
     drawn = [r for r in requirements if r.startswith("hypothesis")]
     assert drawn and all('extra == "equivalence"' in r or 'extra == "dev"' in r for r in drawn), drawn
+
+
+def test_a_packed_row_stays_within_the_length_the_model_promises() -> None:
+    # restarting position_ids does not lift the context: GPT-Neo's causal-mask buffer has max_position_embeddings
+    # rows, and a longer packed row raised "The size of tensor a (512) must match" before the budget was capped
+    from hypothesis import find, settings
+    from hypothesis.errors import NoSuchExample
+
+    from pytest_causal_lm.checks import equivalence
+
+    model, tokenizer = broken.load_healthy(materialize("tiny:gpt_neo"))
+    result = clm.assert_equivalent_paths_agree(model, tokenizer, examples=10, max_tokens=200)
+    assert "packed row (up to 512 tokens)" in str(result), str(result)
+    engine = SimpleNamespace(paths=[equivalence.PACKED], implementations=[""], pack_budget=512)
+    cases = equivalence._cases(800, 16, 200, engine)
+    fast = settings(max_examples=300, database=None)
+
+    def total(case: equivalence.Case) -> int:
+        return sum(n for _, n in case.rows)
+
+    with pytest.raises(NoSuchExample):
+        find(cases, lambda case: total(case) > 512, settings=fast)
+    assert total(find(cases, lambda case: total(case) > 400, settings=fast)) <= 512  # the cap binds, not a row

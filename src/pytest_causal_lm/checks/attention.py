@@ -57,6 +57,9 @@ def _switch(model: Any, name: str) -> str | None:
         if words is None:
             raise error_failure(exc, model, f"switching to the {name} attention implementation") from None
         return words[:160]
+    kept = model.config._attn_implementation
+    if kept != name:  # a model outside AttentionInterface logs a warning and keeps what it loaded with
+        return f"{type(model).__name__} keeps {kept}: it cannot switch its attention implementation after loading"
     return None
 
 
