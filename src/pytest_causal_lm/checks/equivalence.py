@@ -69,8 +69,8 @@ HALF_ROW_TOKENS = 128
 SHORT_ROW_TOKENS = 48
 _MAX_CUTS = 3
 _DECODE_STEPS = 3
-# A packed row holds the drawn rows that fit in this many times the longest row allowed, and in the model's
-# promised length: restarting positions does not lift it (GPT-Neo's causal-mask buffer has 512 rows).
+# A packed row holds every drawn row, each cut to its share of this many times the longest row allowed, capped by
+# the model's promised length: restarting positions does not lift it (GPT-Neo's causal-mask buffer has 512 rows).
 _PACK_BUDGET = 4
 
 
@@ -259,9 +259,9 @@ def _cases(stream_length: int, max_rows: int, max_tokens: int, engine: _Engine) 
     def with_path(drawn: tuple[tuple[tuple[int, int], ...], str, str]) -> Any:
         rows, path, attention = drawn
         width = max(length for _, length in rows)
-        if path == PACKED:
-            fitting = itertools.accumulate(length for _, length in rows)
-            rows = rows[: max(1, sum(1 for total in fitting if total <= engine.pack_budget))]
+        if path == PACKED:  # every row packed, each cut to its share of the budget
+            share = max(1, engine.pack_budget // len(rows))
+            rows = tuple((start, min(length, share)) for start, length in rows)
         if path != CACHED or width < 2:
             return st.just(Case(rows, path, attention=attention))
         # a chunked prefill, then single-token steps as generate takes them
