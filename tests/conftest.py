@@ -65,6 +65,20 @@ def llama_path(tiny_cache: Path) -> Path:
     return materialize("tiny:llama")
 
 
+@pytest.fixture(scope="session")
+def gpt_neo_path(tiny_cache: Path) -> Path:
+    """A model outside AttentionInterface, with a 512-row causal-mask buffer. The tiny recipe is verified on the
+    pinned transformers; older 5.x releases do not map ``num_hidden_layers`` onto GPT-Neo's ``num_layers``."""
+    import transformers
+
+    from pytest_causal_lm.tiny import TinyBuildError
+
+    try:
+        return materialize("tiny:gpt_neo")
+    except TinyBuildError as exc:
+        pytest.skip(f"transformers {transformers.__version__} cannot build the tiny GPT-Neo: {str(exc)[:120]}")
+
+
 @pytest.fixture(scope="session", params=["qwen3", "llama"])
 def tiny_name(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -240,7 +240,7 @@ def test_hypothesis_is_an_extra_not_a_dependency() -> None:
     assert drawn and all('extra == "equivalence"' in r or 'extra == "dev"' in r for r in drawn), drawn
 
 
-def test_a_packed_row_stays_within_the_length_the_model_promises() -> None:
+def test_a_packed_row_stays_within_the_length_the_model_promises(gpt_neo_path: Path) -> None:
     # restarting position_ids does not lift the context: GPT-Neo's causal-mask buffer has max_position_embeddings
     # rows, and a longer packed row raised "The size of tensor a (512) must match" before the budget was capped
     from hypothesis import Phase, find, settings
@@ -248,7 +248,7 @@ def test_a_packed_row_stays_within_the_length_the_model_promises() -> None:
 
     from pytest_causal_lm.checks import equivalence
 
-    model, tokenizer = broken.load_healthy(materialize("tiny:gpt_neo"))
+    model, tokenizer = broken.load_healthy(gpt_neo_path)
     result = clm.assert_equivalent_paths_agree(model, tokenizer, examples=10, max_tokens=200)
     assert "packed row (up to 512 tokens)" in str(result), str(result)
     engine = SimpleNamespace(paths=[equivalence.PACKED], implementations=[""], pack_budget=512)

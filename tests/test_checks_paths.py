@@ -234,10 +234,10 @@ def test_attention_implementations_catch_a_kernel_that_forgets_the_scale(granite
     assert model.config._attn_implementation == "sdpa_without_scale"  # switched back after the check
 
 
-def test_a_model_that_cannot_switch_implementations_is_not_compared_with_itself() -> None:
+def test_a_model_that_cannot_switch_implementations_is_not_compared_with_itself(gpt_neo_path: Path) -> None:
     # GPT-Neo predates AttentionInterface: set_attn_implementation("sdpa") logs a warning and keeps eager, so a
     # comparison that trusted the call compared eager with eager and passed
-    model, tokenizer = broken.load_healthy(materialize("tiny:gpt_neo"))
+    model, tokenizer = broken.load_healthy(gpt_neo_path)
     with pytest.raises(pytest.skip.Exception) as skipped:
         clm.assert_attention_implementations_agree(model, tokenizer)
     assert "only eager can run here" in str(skipped.value)
