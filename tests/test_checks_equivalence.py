@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import broken
 import pytest
 import torch
-from conftest import failure_of
+from conftest import failure_of, in_dtype
 
 import pytest_causal_lm as clm
 from pytest_causal_lm.tiny import materialize
@@ -262,3 +262,19 @@ def test_a_packed_row_stays_within_the_length_the_model_promises(gpt_neo_path: P
         find(cases, lambda case: total(case) > 512, settings=fast)
     assert total(find(cases, lambda case: total(case) > 400, settings=fast)) <= 512  # the cap binds, not a row
     assert len(find(cases, lambda case: len(case.rows) == 16, settings=fast).rows) == 16  # every row packed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_right_padding_and_long_sdpa_bugs_fail_in_half_precision_too(
+    llama_path: Path, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    message = failure_of(_drawn, broken.positions_filled_in_for_left_padding(llama_path), dtype)
+    assert "smallest failing case (2 rows of 2, 3 tokens, right-padded to 3, one forward" in message, message
+    # half precision draws rows of up to 128 tokens by default: past the 256 keys, the rows must be asked for
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", broken.long_keys_sdpa_drops_padding)
+    model, tokenizer, tolerance = in_dtype(dtype, broken.load_healthy(llama_path, attn_implementation="eager"))
+    with pytest.raises(AssertionError) as caught:
+        clm.assert_equivalent_paths_agree(model, tokenizer, tolerance=tolerance, max_tokens=300)
+    assert "(2 rows of 1, 257 tokens, left-padded to 257, one forward, under sdpa attention)" in str(caught.value)
