@@ -329,6 +329,13 @@ def encode(tokenizer: Any, text: str, device: Any) -> Any:
     return tokenizer(text, return_tensors="pt")["input_ids"].to(device)
 
 
+def id_tensor(rows: Sequence[Sequence[int]], device: Any) -> Any:
+    """Rows of token ids (all of one length) as a long tensor on ``device``."""
+    import torch
+
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
 def natural_ids(tokenizer: Any, length: int, device: Any) -> Any:
     """``(1, length)`` ids of natural text: the prompt texts, repeated."""
     import torch

@@ -8,7 +8,8 @@ that forgets the attention scale, a soft-cap, a sliding window or the padding ma
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,12 @@ from ._common import (
 from ._generation import GreedyRun, compare_continuations, generate_scored
 from ._localise import Replay, Side
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "assert_attention_implementations_agree", "runnable_implementations"]
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "assert_attention_implementations_agree",
+    "implementation",
+    "runnable_implementations",
+]
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -91,16 +97,25 @@ def _kernel_unavailable(exc: BaseException) -> str | None:
     return None
 
 
+@contextmanager
+def implementation(model: Any, name: str) -> Iterator[None]:
+    """The block under the ``name`` attention implementation ("": the loaded one), the loaded one restored after."""
+    loaded = model.config._attn_implementation
+    if name:
+        model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        if name:
+            model.set_attn_implementation(loaded)
+
+
 def _under(model: Any, name: str, **inputs: Any) -> Any:
     """A forward of ``inputs`` with the ``name`` attention implementation, replayable; the loaded one is restored."""
 
     def run() -> Any:
-        loaded = model.config._attn_implementation
-        model.set_attn_implementation(name)
-        try:
+        with implementation(model, name):
             return model(**inputs)
-        finally:
-            model.set_attn_implementation(loaded)
 
     return run
 

@@ -31,6 +31,7 @@ from ._common import (
     default_positions_differ,
     error_failure,
     failure,
+    id_tensor,
     mismatch_failure,
     names_position_ids,
     natural_ids,
@@ -42,7 +43,7 @@ from ._common import (
     text_of,
 )
 from ._localise import Replay, Side
-from .attention import runnable_implementations
+from .attention import implementation, runnable_implementations
 from .context import default_prefill_tokens, promised_length
 from .packing import packing_unpromised
 
@@ -184,8 +185,8 @@ def _inputs(engine: _Engine, case: Case) -> dict[str, Any]:
     if case.path == PACKED:
         positions = [p for ids in rows for p in range(len(ids))]
         return {
-            "input_ids": _ids([token for ids in rows for token in ids], device),
-            "position_ids": _ids(positions, device),
+            "input_ids": id_tensor([[token for ids in rows for token in ids]], device),
+            "position_ids": id_tensor([positions], device),
             "use_cache": False,
         }
     side = "right" if case.path == RIGHT_PADDED else "left"
@@ -196,27 +197,14 @@ def _inputs(engine: _Engine, case: Case) -> dict[str, Any]:
     return inputs
 
 
-@contextlib.contextmanager
-def _attention(model: Any, name: str) -> Iterator[None]:
-    """The block under the ``name`` attention implementation ("": the loaded one), restored after."""
-    loaded = model.config._attn_implementation
-    if name:
-        model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        if name:
-            model.set_attn_implementation(loaded)
-
-
 def _alone(engine: _Engine, row: tuple[int, int], attention: str) -> Any:
     """The row's forward of its own, replayable."""
     import torch
 
     @torch.no_grad()
     def run() -> Any:
-        with _attention(engine.model, attention):
-            return engine.model(input_ids=_ids(engine.row_ids(row), engine.model.device)).logits[0].float()
+        with implementation(engine.model, attention):
+            return engine.model(input_ids=id_tensor([engine.row_ids(row)], engine.model.device)).logits[0].float()
 
     return run
 
@@ -242,7 +230,7 @@ def _run(engine: _Engine, case: Case) -> Any:
 
     @torch.no_grad()
     def run() -> Any:
-        with _attention(model, case.attention):
+        with implementation(model, case.attention):
             return chunked() if case.path == CACHED else model(**inputs).logits.float()
 
     return run
@@ -371,7 +359,7 @@ def _find(cases: Any, engine: _Engine, examples: int, seed: int) -> Case:
 def _drawn_paths(model: Any, stream: list[int], result: CheckResult) -> tuple[list[str], list[str]]:
     """The paths and attention implementations this model is promised to agree on, each left out with a note."""
     paths = [PADDED, RIGHT_PADDED]
-    if cache_kind(model, _ids(stream[:2], model.device)) == "kv":
+    if cache_kind(model, id_tensor([stream[:2]], model.device)) == "kv":
         paths += [CACHED, CACHED]  # twice the draws: its cuts make the most combinations, and the most bugs
     else:
         result.note(f"{CACHED} not drawn: no key/value cache to cut")
@@ -396,7 +384,9 @@ def _likely_cause(engine: _Engine, case: Case, index: int) -> list[tuple[str, st
         if offset and case.path != RIGHT_PADDED:
             return [("likely cause", "the forward takes no position_ids: left padding moves the row's tokens on")]
         return []
-    differ = default_positions_differ(engine.model, _ids(engine.row_ids(row), engine.model.device), engine.tolerance)
+    differ = default_positions_differ(
+        engine.model, id_tensor([engine.row_ids(row)], engine.model.device), engine.tolerance
+    )
     return [("likely cause", differ)] if differ else []
 
 
@@ -434,13 +424,6 @@ def _no_local_constants(providers: Any) -> tuple[Any, Any]:
 
     empty = Constants()
     return (lambda: empty), type(providers.CONSTANTS_CACHE)(1024)
-
-
-def _ids(ids: list[int], device: Any) -> Any:
-    """``(1, len)`` ids on ``device``."""
-    import torch
-
-    return torch.tensor([ids], device=device)
 
 
 def _report(engine: _Engine, case: Case) -> None:

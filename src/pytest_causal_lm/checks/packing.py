@@ -31,6 +31,7 @@ from ._common import (
     error_failure,
     first_line,
     forward_logits,
+    id_tensor,
     mismatch_failure,
     names_position_ids,
     resolve_tolerance,
@@ -119,7 +120,7 @@ def _skip_reason(model: Any, ids: list[int]) -> str | None:
     # Named in the signature, or read when passed through **kwargs: a forward that names them and ignores them is
     # a bug the comparison shows, not a design to skip.
     named = names_position_ids(model)
-    if not named and not uses_position_ids(model, _tensor(model, [ids])):
+    if not named and not uses_position_ids(model, id_tensor([ids], model.device)):
         return (
             f"{type(model).__name__}.forward takes no position_ids: packed sequences cannot restart their "
             "positions, and a continuation cannot follow a shared prefix"
@@ -141,10 +142,10 @@ def packing_unpromised(model: Any, ids: list[int]) -> str | None:
     if reason:
         return reason
     half = len(ids) // 2
-    kwargs = {"position_ids": _tensor(model, [[*range(half), *range(len(ids) - half)]]), "use_cache": False}
+    kwargs = {"position_ids": id_tensor([[*range(half), *range(len(ids) - half)]], model.device), "use_cache": False}
     with _mask_paths() as seen:
         try:
-            forward_logits(model, _tensor(model, [ids]), **kwargs)
+            forward_logits(model, id_tensor([ids], model.device), **kwargs)
         except Exception:
             return None
     return None if seen.packing_detected else _NOT_PROMISED[False]
@@ -239,12 +240,6 @@ def _four_d(
             result.note("a 4D block-causal mask and a prefix shared by two continuations under one 4D mask")
 
 
-def _tensor(model: Any, rows: list[list[int]]) -> Any:
-    import torch
-
-    return torch.tensor(rows, dtype=torch.long, device=model.device)
-
-
 def _packed_layout(model: Any, rows: list[list[int]], texts: Sequence[str]) -> _Layout:
     """Two rows packing every sequence in two orders, so each sequence sits at the start and after others."""
     orders = [list(range(len(rows))), [len(rows) - 1, *range(len(rows) - 1)]]
@@ -257,7 +252,11 @@ def _packed_layout(model: Any, rows: list[list[int]], texts: Sequence[str]) -> _
         ]
         ids.append([t for k in order for t in rows[k]])
         positions.append([p for k in order for p in range(len(rows[k]))])
-    kwargs = {"input_ids": _tensor(model, ids), "position_ids": _tensor(model, positions), "use_cache": False}
+    kwargs = {
+        "input_ids": id_tensor(ids, model.device),
+        "position_ids": id_tensor(positions, model.device),
+        "use_cache": False,
+    }
     return _Layout(f"packed by position_ids ({_PACKING_FORMAT})", segments, kwargs)
 
 
@@ -280,8 +279,8 @@ def _block_causal(model: Any, rows: list[list[int]], texts: Sequence[str]) -> _L
     starts = [sum(len(r) for r in rows[:k]) for k in range(len(rows))]
     owner = [k for k, row in enumerate(rows) for _ in row]
     kwargs = {
-        "input_ids": _tensor(model, [[t for row in rows for t in row]]),
-        "position_ids": _tensor(model, [[p for row in rows for p in range(len(row))]]),
+        "input_ids": id_tensor([[t for row in rows for t in row]], model.device),
+        "position_ids": id_tensor([[p for row in rows for p in range(len(row))]], model.device),
         "attention_mask": _four_d_mask(model, owner),
         "use_cache": False,
     }
@@ -296,9 +295,9 @@ def _shared_prefix(model: Any, prefix: list[int], tails: list[list[int]]) -> _La
     starts = [len(prefix) + sum(len(t) for t in tails[:i]) for i in range(len(tails))]
     owner = [0] * len(prefix) + [i + 1 for i, tail in enumerate(tails) for _ in tail]
     kwargs = {
-        "input_ids": _tensor(model, [prefix + [t for tail in tails for t in tail]]),
-        "position_ids": _tensor(
-            model, [list(range(len(prefix))) + [len(prefix) + p for t in tails for p in range(len(t))]]
+        "input_ids": id_tensor([prefix + [t for tail in tails for t in tail]], model.device),
+        "position_ids": id_tensor(
+            [list(range(len(prefix))) + [len(prefix) + p for t in tails for p in range(len(t))]], model.device
         ),
         "attention_mask": _four_d_mask(model, owner, shared=0),
         "use_cache": False,
@@ -345,7 +344,10 @@ def _departure(model: Any, layout: _Layout, logits: Any, alone: dict, result: Ch
 def _alone_kwargs(model: Any, ids: list[int]) -> dict[str, Any]:
     """``ids`` alone at positions 0..n-1, as the packed layouts place them (a model whose default positions start
     elsewhere, RoBERTa's padding_idx + 1, is compared like with like)."""
-    return {"input_ids": _tensor(model, [ids]), "position_ids": _tensor(model, [list(range(len(ids)))])}
+    return {
+        "input_ids": id_tensor([ids], model.device),
+        "position_ids": id_tensor([list(range(len(ids)))], model.device),
+    }
 
 
 def _alone(model: Any, ids: list[int]) -> Any:
