@@ -5,7 +5,7 @@ A 36-layer model in bfloat16 carries rounding noise of tenths of a logit, and a
 per-dtype tolerance either flags that noise or hides real bugs on small models.
 So the scores of a few prompts are computed twice on the same weights: in the
 run dtype and in the next wider one (float32 for half precision, float64 for
-float32; the weights are upcast in place, which is exact, and cast back after).
+float32; the weights are upcast, which is exact, and the original tensors put back after).
 The greatest difference is the target's noise floor, and comparisons in the run
 dtype allow a multiple of it, never less than the table.
 """
@@ -85,7 +85,7 @@ def room_for(model: Any, dtype: Any) -> tuple[bool, str]:
     if len(devices) > 1 or devices & {"disk", "meta"}:
         return False, f"the weights are spread over {sorted(map(str, devices))} by device_map"
     target = torch.empty((), dtype=dtype).element_size()
-    extra = sum(p.numel() * max(target - p.element_size(), 0) for p in model.parameters())
+    extra = sum(p.numel() * target for p in model.parameters())  # the cast copy, next to the kept originals
     free = _bytes_free(model.device)
     cost = f"{extra / 1e9:.2f} GB more while it runs"
     if free is not None and extra * 1.2 > free:
@@ -95,13 +95,26 @@ def room_for(model: Any, dtype: Any) -> tuple[bool, str]:
 
 @contextmanager
 def weights_in(model: Any, dtype: Any) -> Iterator[None]:
-    """Cast the weights to ``dtype`` for the block and back after (bfloat16/float16 -> float32 -> back is exact)."""
-    original = model.dtype
+    """Cast the weights to ``dtype`` for the block, then put the original tensors back.
+
+    Casting back would not restore them: float32 buffers computed at load (RoPE's ``inv_freq``) lose bits in a
+    half-precision round trip, which moved SmolLM2's float32 scores by 0.095 for the rest of the session. Putting
+    the tensors back is exact, and saves a pass over the weights.
+    """
+    kept = [
+        (store, name, tensor, tensor.data)
+        for module in model.modules()
+        for store in (module._parameters, module._buffers)
+        for name, tensor in store.items()
+        if tensor is not None
+    ]
     model.to(dtype)
     try:
         yield
     finally:
-        model.to(original)
+        for store, name, tensor, data in kept:
+            tensor.data = data  # the object may be the one cast in place (parameters) or replaced (buffers)
+            store[name] = tensor
 
 
 def _scores(model: Any, tokenizer: Any, texts: Sequence[str]) -> list[Any]:
