@@ -163,9 +163,25 @@ def probes(model, tokenizer, checkpoint):
         assert torch.allclose(batch_last[row], first[row][0, -1], atol=1e-4)
         along = torch.cat([prompt, batch_generated[row : row + 1]], 1)
         assert logits(model, along)[0, prompt.shape[1] - 1 : -1].argmax(-1).tolist() == batch_generated[row].tolist()
+    # ... and a left-padded batch of 16: the prompts and 13 random rows of 2 to the longest prompt's length
+    ordinary = torch.tensor(sorted(set(range(high)) - set(tokenizer.all_special_ids)))
+    longest = max(prompt.shape[1] for prompt in encode)
+    lengths = [2 + (longest - 2) * index // 12 for index in range(13)]
+    rows = [prompt[0].tolist() for prompt in encode] + [
+        ordinary[torch.randint(0, len(ordinary), (n,))].tolist() for n in lengths
+    ]
+    for row in rows[3:]:
+        logits(model, torch.tensor([row]), position_ids=torch.arange(len(row))[None])
+    width = max(map(len, rows))
+    big = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    big_mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    logits(model, big, attention_mask=big_mask, position_ids=(big_mask.cumsum(-1) - 1).clamp(min=0))
     for _ in range(2):
         other = torch.randint(0, high, encode[0].shape, generator=g)
         assert torch.allclose(logits(model, torch.cat([encode[0], other]))[0], first[0][0], atol=1e-4)
+    others = torch.randint(0, high, (16, encode[0].shape[1]), generator=g)
+    others[8] = encode[0][0]
+    assert torch.allclose(logits(model, others)[8], first[0][0], atol=1e-4)
     # tokenizer and chat statics: round trip, what encode adds, markers, generation prompt, turn terminator
     for text in CORPUS:
         assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text

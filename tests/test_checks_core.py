@@ -145,3 +145,16 @@ def test_vocab_alignment_accepts_spare_input_embedding_rows_but_not_missing_ones
     model.set_input_embeddings(torch.nn.Embedding(380, model.config.hidden_size))
     with pytest.raises(AssertionError, match=r"input embedding rows\s+: 380 < config.vocab_size 384"):
         clm.assert_vocab_alignment(model, tokenizer)
+
+
+def test_the_cache_kind_is_measured_once_per_model_and_again_after_its_forward_changes(tiny_path) -> None:
+    """Six checks ask for it; each asking used to cost a forward."""
+    from pytest_causal_lm.checks._common import cache_kind
+
+    model, _ = broken.load_healthy(tiny_path)
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    ids = torch.tensor([[5, 6, 7]])
+    assert cache_kind(model, ids) == cache_kind(model, ids) == "kv" and len(calls) == 1
+    model.forward = lambda *args, **kwargs: type(model).forward(model, *args, **{**kwargs, "use_cache": False})
+    assert cache_kind(model, ids) is None  # a port that stops returning its cache is seen
