@@ -54,10 +54,33 @@ def test_plugin_import_and_help_leave_torch_unimported(tmp_path: Path) -> None:
         "assert pytest.main(['--help', '-p', 'no:cacheprovider']) == 0\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'tokenizers', 'hypothesis') if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
+        "families = sorted(m for m in sys.modules if m.startswith('pytest_causal_lm.checks.') and '._' not in m)\n"
+        "print('FAMILIES', families)\n"
     )
     # from an empty directory: this project's own conftest imports torch on purpose
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "HEAVY []" in result.stdout
+    # nor a check module: pytest re-parses each module a plugin imports on every run without cached bytecode
+    assert "FAMILIES []" in result.stdout, result.stdout
+
+
+def test_each_check_name_is_imported_from_its_module_on_first_use() -> None:
+    """``pytest_causal_lm.checks`` lists where each name lives for run time, and imports them for type checkers:
+    the two must agree, and every name must resolve."""
+    import ast
+    import importlib
+
+    from pytest_causal_lm import checks
+
+    tree = ast.parse(Path(checks.__file__).read_text(encoding="utf-8"))
+    guarded = next(node for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test))
+    imported = {
+        alias.name: node.module for node in guarded.body if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
+    assert imported == checks._HOMES
+    for name, module in imported.items():
+        assert getattr(checks, name) is getattr(importlib.import_module(f"pytest_causal_lm.checks.{module}"), name)
+    assert set(checks.__all__) <= set(dir(checks))
 
 
 def test_without_a_checkpoint_fixture_tests_skip_with_a_reason_and_no_suite_is_collected(

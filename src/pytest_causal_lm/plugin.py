@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from .checks.equivalence import hypothesis_missing
 from .output import failure_context
 from .registry import invariant_for_test, invariants, show_registry_frames
 from .registry import markers as invariant_markers
@@ -69,8 +68,8 @@ def pytest_configure(config: pytest.Config) -> None:
             f"--causal-lm-known-limitations: no invariant {', '.join(sorted(unknown))}; "
             f"choose from {', '.join(i.key for i in invariants())}"
         )
-    if settings.equivalence_examples and hypothesis_missing():
-        raise pytest.UsageError(f"--causal-lm-equivalence-examples: {hypothesis_missing()}")
+    if settings.equivalence_examples:
+        _require_hypothesis()
     if settings.checkpoint:
         _require_named_devices(settings)
     elif settings.require_checkpoint:
@@ -81,6 +80,14 @@ def pytest_configure(config: pytest.Config) -> None:
     elif settings.checkpoint and settings.suite == "on" and str(SUITE_DIR) not in config.args:
         config.args.append(str(SUITE_DIR))
         session.suite_hidden_under = _hidden_root(config)
+
+
+def _require_hypothesis() -> None:
+    from .checks.equivalence import hypothesis_missing  # here: the engine's module is not imported otherwise
+
+    missing = hypothesis_missing()
+    if missing:
+        raise pytest.UsageError(f"--causal-lm-equivalence-examples: {missing}")
 
 
 def _hidden_root(config: pytest.Config) -> Path | None:

@@ -114,7 +114,7 @@ def register_invariant(invariant: Invariant, *, replace: bool = False) -> Invari
         raise ValueError(f"invariant {invariant.key!r}: column {invariant.column!r} is taken by {clash.key!r}")
     if invariant.key in _REGISTRY and not replace:
         raise ValueError(f"invariant {invariant.key!r} is already registered (pass replace=True to redefine it)")
-    if invariant.run is None and not callable(getattr(checks, invariant.helper, None)):
+    if invariant.run is None and invariant.helper not in checks.__all__:  # by name: importing it waits for a run
         raise ValueError(
             f"invariant {invariant.key!r}: pytest_causal_lm.checks has no helper {invariant.helper!r}; "
             "name one, or give the invariant a run of its own"
