@@ -36,7 +36,10 @@ def test_healthy_checkpoints_give_the_single_process_scores_over_two_processes(t
     result = _tensor_parallel(tiny_path, dtype=dtype)
     if dtype == "float32":
         assert result.greatest_difference < 1e-4
-    assert result.notes == ["2 processes, tp_plan='auto', gloo; reference: the session's single-process model on cpu"]
+    *parted, setup = result.notes  # half precision may part the continuations at a near-tie: said, not failed
+    assert setup == "2 processes, tp_plan='auto', gloo; reference: the session's single-process model on cpu"
+    assert dtype != "float32" or not parted
+    assert all(note.startswith("greedy continuations part at a near-tie") for note in parted), parted
 
 
 @needs_tp_styles
