@@ -146,10 +146,31 @@ def test_a_kernel_reading_packed_rows_as_padding_shrinks_to_a_packed_case(llama_
     assert re.search(r"offset\s+: 0 tokens before it in the packed row", message), message
 
 
-def test_rows_are_long_in_float32_where_forwards_are_cheap_and_short_otherwise(llama_path: Path) -> None:
+def test_rows_are_long_where_forwards_are_cheap_in_every_dtype(llama_path: Path) -> None:
     model, _ = broken.load_healthy(llama_path)
     assert clm.checks.equivalence.default_row_tokens(model) == 512
-    assert clm.checks.equivalence.default_row_tokens(model.to(torch.bfloat16)) == 128
+    assert clm.checks.equivalence.default_row_tokens(model.to(torch.bfloat16)) == 512
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_long_rows_in_half_precision_are_judged_against_a_long_rows_noise_floor(
+    llama_path: Path, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half precision's calibrated tolerance comes from short prompts; rows past 128 tokens round further."""
+    import pytest_causal_lm.precision
+
+    model, tokenizer, tolerance = in_dtype(dtype, broken.load_healthy(llama_path))
+    result = clm.assert_equivalent_paths_agree(model, tokenizer, tolerance=tolerance, examples=20)
+    said = str(result)
+    assert re.search(
+        r"past 128 tokens: atol [0-9.e-]+, 2x the noise floor [0-9.e-]+ \(\w+16 vs float32.* on one 512-token row", said
+    ), said
+    assert result.tolerance.atol >= tolerance.atol and "of up to 512 tokens" in said
+    # where no floor can be measured (no room for float32 weights, a nondeterministic model), rows stay short
+    monkeypatch.setattr(pytest_causal_lm.precision, "measure_noise_floor", lambda *args, **kwargs: None)
+    said = str(clm.assert_equivalent_paths_agree(model, tokenizer, tolerance=tolerance, examples=5))
+    assert "rows of up to 128 tokens: no noise floor of a 512-token row could be measured" in said, said
+    assert "of up to 128 tokens" in said
 
 
 @pytest.mark.parametrize(
@@ -272,9 +293,9 @@ def test_the_right_padding_and_long_sdpa_bugs_fail_in_half_precision_too(
 
     message = failure_of(_drawn, broken.positions_filled_in_for_left_padding(llama_path), dtype)
     assert "smallest failing case (2 rows of 2, 3 tokens, right-padded to 3, one forward" in message, message
-    # half precision draws rows of up to 128 tokens by default: past the 256 keys, the rows must be asked for
+    # by default: rows past 128 tokens in half precision are judged against a long row's noise floor
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", broken.long_keys_sdpa_drops_padding)
     model, tokenizer, tolerance = in_dtype(dtype, broken.load_healthy(llama_path, attn_implementation="eager"))
     with pytest.raises(AssertionError) as caught:
-        clm.assert_equivalent_paths_agree(model, tokenizer, tolerance=tolerance, max_tokens=300)
+        clm.assert_equivalent_paths_agree(model, tokenizer, tolerance=tolerance)
     assert "(2 rows of 1, 257 tokens, left-padded to 257, one forward, under sdpa attention)" in str(caught.value)

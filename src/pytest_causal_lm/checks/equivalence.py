@@ -145,6 +145,7 @@ class _Engine:
     paths: list[str]
     implementations: list[str]  # "" first: the loaded one
     pack_budget: int  # the longest packed row
+    long_tolerance: Tolerance  # for cases longer than HALF_ROW_TOKENS (``_long_row_bound``)
     alone: dict[tuple[tuple[int, int], str], Any] = field(default_factory=dict)
     compared: int = 0
 
@@ -160,6 +161,12 @@ class _Engine:
             self.alone[row, attention] = _alone(self, row, attention)()
         return self.alone[row, attention]
 
+    def tolerance_for(self, case: Case) -> Tolerance:
+        """The bound for ``case``: half precision's short-prompt calibration up to ``HALF_ROW_TOKENS`` tokens in the
+        batch, a long row's noise floor past them."""
+        extent = sum(length for _, length in case.rows) if case.path == PACKED else case.width
+        return self.long_tolerance if extent > HALF_ROW_TOKENS else self.tolerance
+
     def first_mismatch(self, case: Case) -> tuple[int, Any] | None:
         """``(row, mismatch)`` of the first row of ``case`` that scores unlike it does alone, or None."""
         scores = _run(self, case)()
@@ -171,7 +178,8 @@ class _Engine:
         for index, row in enumerate(case.rows):
             at, length = case.offset(index), row[1]
             batch_row = scores[0 if case.path == PACKED else index, at : at + length]
-            mismatch = check_scores(self.result, self.scores_alone(row, case.attention), batch_row, self.tolerance)
+            alone = self.scores_alone(row, case.attention)
+            mismatch = check_scores(self.result, alone, batch_row, self.tolerance_for(case))
             if mismatch:
                 return index, mismatch
         return None
@@ -277,19 +285,38 @@ def _fails(engine: _Engine, case: Case) -> bool:
 
 def default_row_tokens(model: Any) -> int:
     """The longest row drawn by default, capped by the length the model promises (its position table,
-    ``max_position_embeddings``): where forwards are cheap (an accelerator, or up to 10M parameters on CPU),
-    512 tokens in float32 and 128 in half precision; 48 otherwise. Half precision's tolerance is calibrated on
-    short prompts: a 600-token packed row of tiny Llama in bfloat16 rounds one score 2.6x the noise floor away
-    from the row alone; rows of 128 stay under half the tolerance, 0.42x at most over 100 draws on tiny Qwen3 and
-    Llama. Dtype parity's long sequence and the long prefill measure long rows in half precision against their own
-    bounds."""
+    ``max_position_embeddings``): 512 tokens where forwards are cheap (an accelerator, or up to 10M parameters on
+    CPU), 48 otherwise. Half precision's rows past 128 tokens get their own bound (``_long_row_bound``)."""
+    if str(model.device).startswith("cpu") and default_prefill_tokens(model)[0] == 0:
+        return promised_length(model, SHORT_ROW_TOKENS)[0]
+    return promised_length(model, LONG_ROW_TOKENS)[0]
+
+
+def _long_row_bound(
+    model: Any, tokenizer: Any, row: list[int], tolerance: Tolerance
+) -> tuple[Tolerance, int, str | None]:
+    """The tolerance for cases longer than ``HALF_ROW_TOKENS``, the longest row, and the note that says how.
+
+    Half precision's tolerance is calibrated on short prompts, and its rounding grows with the keys a score sums
+    over: a 600-token packed row of tiny Llama in bfloat16 rounded one score 2.6x that floor away from the row
+    alone, while rows of 128 stayed under 0.42x the bound over 100 draws. Rows longer than ``HALF_ROW_TOKENS``
+    are judged against the noise floor of one row as long as the longest drawn (the run dtype against float32 on
+    the same weights), shorter ones keep the short-prompt bound (a MoE whose routing flips in bfloat16 has a long
+    row's floor in whole logits); where it cannot be measured (no room for float32 weights, a nondeterministic
+    model), rows stay at ``HALF_ROW_TOKENS``."""
     import torch
 
-    if str(model.device).startswith("cpu") and default_prefill_tokens(model)[0] == 0:
-        wanted = SHORT_ROW_TOKENS
-    else:
-        wanted = LONG_ROW_TOKENS if model.dtype in (torch.float32, torch.float64) else HALF_ROW_TOKENS
-    return promised_length(model, wanted)[0]
+    from ..precision import calibrated_tolerance, measure_noise_floor
+
+    if model.dtype not in (torch.float16, torch.bfloat16) or len(row) <= HALF_ROW_TOKENS:
+        return tolerance, len(row), None
+    noise = measure_noise_floor(model, tokenizer, [text_of(tokenizer, row)])
+    if noise is None or noise.value == float("inf"):
+        note = f"rows of up to {HALF_ROW_TOKENS} tokens: no noise floor of a {len(row)}-token row could be measured"
+        return tolerance, HALF_ROW_TOKENS, note
+    bound = calibrated_tolerance(tolerance, noise)
+    note = f"past {HALF_ROW_TOKENS} tokens: atol {bound.atol:.3g}, {noise.factor:g}x the {noise} on one {len(row)}-token row"
+    return bound, len(row), note
 
 
 def assert_equivalent_paths_agree(
@@ -316,13 +343,16 @@ def assert_equivalent_paths_agree(
     from hypothesis.errors import NoSuchExample
 
     tolerance, widened = state_rounding_tolerance(model, resolve_tolerance(model, tolerance))
+    wanted = max_tokens or default_row_tokens(model)
+    stream = natural_ids(tokenizer, 4 * wanted, model.device)[0].tolist()
+    long_tolerance, max_tokens, bounded = _long_row_bound(model, tokenizer, stream[:wanted], tolerance)
     result = CheckResult("equivalent paths", tolerance=tolerance)
-    if widened:
-        result.note(widened)
-    max_tokens = max_tokens or default_row_tokens(model)
-    stream = natural_ids(tokenizer, 4 * max_tokens, model.device)[0].tolist()
+    for note in (widened, bounded):
+        if note:
+            result.note(note)
     pack_budget = promised_length(model, _PACK_BUDGET * max_tokens)[0]
-    engine = _Engine(model, tokenizer, stream, tolerance, result, *_drawn_paths(model, stream, result), pack_budget)
+    paths, implementations = _drawn_paths(model, stream, result)
+    engine = _Engine(model, tokenizer, stream, tolerance, result, paths, implementations, pack_budget, long_tolerance)
     try:
         with _hypothesis_isolated():
             smallest = _find(_cases(len(stream), max_rows, max_tokens, engine), engine, examples, seed)
@@ -385,7 +415,7 @@ def _likely_cause(engine: _Engine, case: Case, index: int) -> list[tuple[str, st
             return [("likely cause", "the forward takes no position_ids: left padding moves the row's tokens on")]
         return []
     differ = default_positions_differ(
-        engine.model, id_tensor([engine.row_ids(row)], engine.model.device), engine.tolerance
+        engine.model, id_tensor([engine.row_ids(row)], engine.model.device), engine.tolerance_for(case)
     )
     return [("likely cause", differ)] if differ else []
 
@@ -465,6 +495,6 @@ def _report(engine: _Engine, case: Case) -> None:
             *_likely_cause(engine, case, index),
         ],
         mismatch,
-        engine.tolerance,
+        engine.tolerance_for(case),
         replay=replay,
     )
