@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import in_dtype as _in
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import pytest_causal_lm as clm
 from pytest_causal_lm.checkpoint_files import stored_dtype
@@ -357,3 +357,16 @@ def test_the_stored_dtype_of_a_gguf_is_its_file_type_or_else_its_tensors_type(
     writer.write_tensors_to_file()
     writer.close()
     assert stored_dtype(str(tmp_path), "model.gguf") == "float16"
+
+
+def test_the_noise_floor_leaves_a_bfloat16_load_with_the_float32_tensors_it_loaded(qwen3_path: Path) -> None:
+    """from_pretrained(dtype=bfloat16) keeps RoPE's inv_freq in float32; measuring the floor casts the model to
+    float32 and back, and a plain cast back turned inv_freq into bfloat16, unlike any fresh load."""
+    model = AutoModelForCausalLM.from_pretrained(qwen3_path, dtype=torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_path)
+    before = {name: tensor.clone() for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+    assert any(tensor.dtype == torch.float32 for tensor in before.values())  # the case this is about
+    assert clm.measure_noise_floor(model, tokenizer) is not None
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    changed = [n for n, t in before.items() if t.dtype != after[n].dtype or not torch.equal(t, after[n])]
+    assert not changed, changed

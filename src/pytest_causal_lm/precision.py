@@ -5,7 +5,7 @@ A 36-layer model in bfloat16 carries rounding noise of tenths of a logit, and a
 per-dtype tolerance either flags that noise or hides real bugs on small models.
 So the scores of a few prompts are computed twice on the same weights: in the
 run dtype and in the next wider one (float32 for half precision, float64 for
-float32; the weights are upcast, which is exact, and the original tensors put back after).
+float32; the weights are upcast, which is exact, and cast back to their own dtypes after).
 The greatest difference is the target's noise floor, and comparisons in the run
 dtype allow a multiple of it, never less than the table.
 """
@@ -85,7 +85,10 @@ def room_for(model: Any, dtype: Any) -> tuple[bool, str]:
     if len(devices) > 1 or devices & {"disk", "meta"}:
         return False, f"the weights are spread over {sorted(map(str, devices))} by device_map"
     target = torch.empty((), dtype=dtype).element_size()
-    extra = sum(p.numel() * target for p in model.parameters())  # the cast copy, next to the kept originals
+    # a widened weight costs the difference; a narrowed one is kept next to its cast copy (``weights_in``)
+    extra = sum(
+        p.numel() * (target if _narrowed(p, dtype) else max(target - p.element_size(), 0)) for p in model.parameters()
+    )
     free = _bytes_free(model.device)
     cost = f"{extra / 1e9:.2f} GB more while it runs"
     if free is not None and extra * 1.2 > free:
@@ -93,27 +96,42 @@ def room_for(model: Any, dtype: Any) -> tuple[bool, str]:
     return True, cost
 
 
+def _tensors(model: Any) -> Iterator[tuple[dict[str, Any], str, Any]]:
+    """Every parameter and buffer as ``(the module's store, its name, the tensor)``."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            yield from ((store, name, tensor) for name, tensor in store.items() if tensor is not None)
+
+
+def _narrowed(tensor: Any, dtype: Any) -> bool:
+    """Whether casting ``tensor`` to ``dtype`` may lose bits (a float of as many bytes or more, another dtype)."""
+    import torch
+
+    width = torch.empty((), dtype=dtype).element_size()
+    return tensor.is_floating_point() and tensor.dtype != dtype and tensor.element_size() >= width
+
+
 @contextmanager
 def weights_in(model: Any, dtype: Any) -> Iterator[None]:
-    """Cast the weights to ``dtype`` for the block, then put the original tensors back.
+    """Cast the weights to ``dtype`` for the block, then give each tensor back its own dtype and values.
 
-    Casting back would not restore them: float32 buffers computed at load (RoPE's ``inv_freq``) lose bits in a
-    half-precision round trip, which moved SmolLM2's float32 scores by 0.095 for the rest of the session. Putting
-    the tensors back is exact, and saves a pass over the weights.
+    A plain cast back would not: the float32 tensors of a half-precision model (RoPE's ``inv_freq``, modules kept
+    in float32) came back in half precision, and a float32 model's values that half precision cannot hold
+    (``inv_freq`` again) lost bits, which moved SmolLM2's float32 scores by 0.095 for the rest of the session.
+    Tensors the cast narrows are kept and put back; widened ones are cast back to their own dtype, which is exact
+    and needs no memory beyond the cast's own.
     """
     kept = [
-        (store, name, tensor, tensor.data)
-        for module in model.modules()
-        for store in (module._parameters, module._buffers)
-        for name, tensor in store.items()
-        if tensor is not None
+        (store, name, tensor, tensor.dtype, tensor.data if _narrowed(tensor, dtype) else None)
+        for store, name, tensor in _tensors(model)
     ]
     model.to(dtype)
     try:
         yield
     finally:
-        for store, name, tensor, data in kept:
-            tensor.data = data  # the object may be the one cast in place (parameters) or replaced (buffers)
+        for store, name, tensor, original, data in kept:
+            # parameters are cast in place, buffers replaced: put back the object, then its values
+            tensor.data = data if data is not None else tensor.data.to(original)
             store[name] = tensor
 
 
