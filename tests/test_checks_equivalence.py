@@ -73,8 +73,12 @@ def test_a_serving_kernel_only_the_engine_catches(llama_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_serving_kernel_fails_in_half_precision_too(llama_path: Path, dtype: torch.dtype) -> None:
-    built = broken.batched_decode_drops_padding(llama_path)
-    message = failure_of(_drawn, built, dtype)
+    def drawn_short(model, tokenizer, *, tolerance: clm.Tolerance) -> clm.CheckResult:
+        # its bug is in rows of 1-2 tokens: 128-token rows keep CPU float16 fast (the long-row default is proven
+        # in half precision by the long-key sdpa bug below)
+        return clm.assert_equivalent_paths_agree(model, tokenizer, tolerance=tolerance, max_tokens=128)
+
+    message = failure_of(drawn_short, broken.batched_decode_drops_padding(llama_path), dtype)
     assert message.startswith(SMALLEST_BATCHED_DECODE), message
 
 
